@@ -289,17 +289,20 @@ class GenerateConfig(Section):
     def engine_config(self) -> Section:
         return {"hf": self.hf, "openai": self.openai, "vllm": self.vllm}[self.engine]
 
-    @model_validator(mode="after")
-    def _check(self) -> "GenerateConfig":
+    @field_validator("engine")
+    @classmethod
+    def _registered(cls, v: str) -> str:
         from distill.teachers import ENGINES
 
+        if v not in ENGINES:
+            hint = difflib.get_close_matches(v, ENGINES, n=1)
+            raise ValueError(f"unknown engine {v!r}; registered: {', '.join(sorted(ENGINES))}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "GenerateConfig":
         problems = []
-        if self.engine not in ENGINES:
-            hint = difflib.get_close_matches(self.engine, ENGINES, n=1)
-            problems.append(
-                f"generate.engine: unknown engine {self.engine!r}; registered: "
-                f"{', '.join(sorted(ENGINES))}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            )
         if self.sampling.temperature == 0 and self.n_samples > 1:
             problems.append(
                 f"generate.n_samples={self.n_samples} with generate.sampling.temperature=0 gives "

@@ -1,0 +1,39 @@
+"""`distill run`: validate, ingest the source, then run each configured stage in order."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from distill.config import RunConfig
+from distill.progress import format_counter
+from distill.raypool import connect
+from distill.sources import ingest
+from distill.stages import stage_runner
+
+
+def save_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def run_pipeline(cfg: RunConfig) -> Path:
+    start = time.monotonic()
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(cfg, run_dir)
+    print(f"distill: run directory {run_dir.resolve()}; stages: source, {', '.join(cfg.run.stages)}", flush=True)
+
+    src = ingest(cfg.source, run_dir / "source")
+    state = "unchanged, reused" if src.skipped else f"{src.rows} rows read"
+    print(f"source: {src.valid} questions ({state}); {src.bad} quarantined ({format_counter(src.reasons)})", flush=True)
+
+    print(f"ray: {connect(cfg.ray)}", flush=True)
+    for stage in cfg.run.stages:
+        stage_runner(stage)(cfg, run_dir)
+
+    print(f"distill: finished in {time.monotonic() - start:.1f}s; outputs under {run_dir}", flush=True)
+    return run_dir

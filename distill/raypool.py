@@ -1,0 +1,111 @@
+"""Ray plumbing shared by the stages: connecting, and a pool of replica actors that survives
+dead workers.
+
+The same code runs on a laptop and on a cluster: `connect()` joins the cluster named in the
+config or in `RAY_ADDRESS` (which `ray job submit` sets), and otherwise starts an embedded
+single-machine cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from typing import Any, Callable, Iterable, Iterator
+
+from distill.config import RaySection
+
+log = logging.getLogger("distill.ray")
+
+
+def connect(cfg: RaySection) -> str:
+    """Initialise Ray once per process; returns "cluster ADDRESS" or "embedded"."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"cluster {address}"
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    return "embedded"
+
+
+class ShardFailed(RuntimeError):
+    pass
+
+
+class ReplicaPool:
+    """`replicas` copies of an actor class; `map_unordered` feeds them work and yields results.
+
+    A work item whose actor dies (process killed, node lost) or whose call raises is retried on
+    a fresh actor up to `max_retries` times; the dead actor is replaced. Results come back in
+    completion order, each exactly once. Two items are kept queued per actor so that the next
+    one starts the moment the previous finishes (one extra item of memory per replica).
+    """
+
+    def __init__(self, actor_cls: Any, args: tuple, *, replicas: int, options: dict, max_retries: int,
+                 describe: Callable[[Any], str] = repr):
+        self._cls, self._args, self._options = actor_cls, args, options
+        self._max_retries, self._describe = max_retries, describe
+        self.actors = [self._spawn() for _ in range(replicas)]
+        self.retries: Counter = Counter()
+
+    def _spawn(self):
+        return self._cls.options(**self._options).remote(*self._args)
+
+    def _replace(self, i: int, dead) -> None:
+        import ray
+
+        if self.actors[i] is dead:  # several in-flight calls fail for one death: replace once
+            ray.kill(dead, no_restart=True)
+            self.actors[i] = self._spawn()
+
+    def map_unordered(self, method: str, items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = list(items)[::-1]
+        inflight: dict[Any, tuple[int, Any, Any]] = {}
+        attempts: Counter = Counter()
+        load = Counter()
+        while pending or inflight:
+            for i in range(len(self.actors)):
+                while pending and load[i] < depth:
+                    item = pending.pop()
+                    actor = self.actors[i]
+                    inflight[getattr(actor, method).remote(item)] = (i, actor, item)
+                    load[i] += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                i, actor, item = inflight.pop(ref)
+                load[i] -= 1
+                try:
+                    result = ray.get(ref)
+                except (RayActorError, RayTaskError) as e:  # RayActorError covers died / unavailable
+                    actor_lost = not isinstance(e, RayTaskError)
+                    cause = "replica_died" if actor_lost else "task_error"
+                    self.retries[cause] += 1
+                    attempts[id(item)] += 1
+                    log.warning("%s failed (%s, attempt %d/%d): %s", self._describe(item), cause,
+                                attempts[id(item)], self._max_retries + 1, str(e).splitlines()[0][:300])
+                    if attempts[id(item)] > self._max_retries:
+                        raise ShardFailed(f"{self._describe(item)} failed {attempts[id(item)]} times; last error:\n{e}") from e
+                    if actor_lost:
+                        self._replace(i, actor)
+                    pending.append(item)
+                    continue
+                yield result
+
+    def call_all(self, method: str) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(a, method).remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []

@@ -1,0 +1,253 @@
+"""Seed questions from local JSONL / Parquet / saved datasets or the Hugging Face Hub.
+
+Every input row becomes `{id, problem, answer, source}` or a quarantined record with its
+location (`file:line`) and a reason. The run fails only when the malformed share exceeds the
+configured error budget, and even then the quarantine is written first so it can be inspected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from distill.config import SourceConfig, fingerprint, output_fields
+from distill.curate.answers import ANSWER_EXTRACTORS
+from distill.store import Manifest, ShardStore, reason_code
+
+SOURCE_SCHEMA = pa.schema(
+    [("key", pa.string()), ("id", pa.string()), ("problem", pa.string()),
+     ("answer", pa.string()), ("source", pa.string())]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [("key", pa.string()), ("location", pa.string()), ("reason", pa.string()), ("raw", pa.string())]
+)
+_RAW_LIMIT = 2000  # quarantined raw text is cut here: enough to see the problem, bounded size
+_SHARD_ROWS = 10_000
+
+
+class SourceError(RuntimeError):
+    pass
+
+
+@dataclass
+class Row:
+    location: str  # "path:line" or "dataset[split]:row N"
+    value: Any  # a dict, or an error string when the row could not be decoded at all
+    raw: str = ""
+
+
+@dataclass
+class IngestSummary:
+    rows: int = 0
+    valid: int = 0
+    bad: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    skipped: bool = False
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Row(where, f"undecodable: bytes that are not UTF-8 at byte {e.start}", raw[:_RAW_LIMIT].decode("utf-8", "replace"))
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield Row(where, f"invalid_json: {e.msg} at column {e.colno}", text)
+                continue
+            yield Row(where, value if isinstance(value, dict) else f"not_an_object: got JSON {type(value).__name__}", text)
+
+
+def _read_table_rows(name: str, rows: Iterator[dict]) -> Iterator[Row]:
+    for i, row in enumerate(rows, start=1):
+        yield Row(f"{name}:row {i}", row, "")
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
+    for file in files:
+        pf = pq.ParquetFile(file)
+        offset = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for i, row in enumerate(batch.to_pylist(), start=offset + 1):
+                yield Row(f"{file}:row {i}", row, "")
+            offset += batch.num_rows
+
+
+def _hf_split(ds, split: str, where: str):
+    from datasets import DatasetDict
+
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise SourceError(f"source.split: {where} has no split {split!r}; available: {', '.join(ds)}")
+        return ds[split]
+    return ds
+
+
+def detect_format(cfg: SourceConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    p = Path(cfg.path)
+    if p.is_file():
+        if p.suffix in (".jsonl", ".json"):
+            return "jsonl"
+        if p.suffix == ".parquet":
+            return "parquet"
+        raise SourceError(f"source.path: cannot tell the format of {p}; set source.format (jsonl | parquet)")
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+            return "hf_disk"
+        if any(p.glob("**/*.parquet")):
+            return "parquet"
+        return "hub"  # `datasets.load_dataset` reads local directories of csv/json too
+    if p.suffix in (".jsonl", ".json", ".parquet") or cfg.path.startswith((".", "/")):
+        raise SourceError(f"source.path: {cfg.path!r} does not exist (relative paths are relative to the working directory)")
+    return "hub"
+
+
+def read_rows(cfg: SourceConfig) -> tuple[Iterator[Row], str, str]:
+    """(rows, content fingerprint, default source name) for the configured input."""
+    fmt = detect_format(cfg)
+    path = Path(cfg.path)
+    if fmt == "jsonl":
+        return _read_jsonl(path), _hash_files([path]), path.stem
+    if fmt == "parquet":
+        files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
+        return _read_parquet(path), _hash_files(files), path.stem
+    import datasets
+
+    if fmt == "hf_disk":
+        ds = _hf_split(datasets.load_from_disk(str(path)), cfg.split, str(path))
+        where = f"{path}[{cfg.split}]"
+    else:
+        try:
+            ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split)
+        except Exception as e:  # offline, no such dataset, no such split: say which key
+            raise SourceError(f"source.path: could not load Hub dataset {cfg.path!r} (split {cfg.split!r}): {e}") from e
+        where = f"{cfg.path}[{cfg.split}]"
+    name = cfg.path.rstrip("/").split("/")[-1]
+    return _read_table_rows(where, iter(ds)), ds._fingerprint, name
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def question_id(problem: str) -> str:
+    return "q-" + hashlib.sha256(problem.encode()).hexdigest()[:16]
+
+
+def normalise_row(row: dict, cfg: SourceConfig, default_source: str) -> tuple[dict | None, str | None]:
+    """A source row -> `{id, problem, answer, source}`, or (None, "code: detail"). Pure."""
+    cols = cfg.columns
+    if cols.problem not in row:
+        return None, f"missing_problem: no column {cols.problem!r}"
+    problem = row[cols.problem]
+    if problem is None or (isinstance(problem, str) and not problem.strip()):
+        return None, "empty_problem: problem is empty"
+    if not isinstance(problem, str):
+        return None, f"bad_type: problem has type {type(problem).__name__}, expected a string"
+    answer = None
+    if cols.answer is not None:
+        if cols.answer not in row:
+            return None, f"missing_answer: no column {cols.answer!r}"
+        raw = row[cols.answer]
+        if isinstance(raw, bool) or not (raw is None or isinstance(raw, (str, int, float))):
+            return None, f"bad_type: answer has type {type(raw).__name__}, expected a string or number"
+        if raw is not None:
+            answer = ANSWER_EXTRACTORS[cfg.answer_extract](str(raw))
+            if answer is None:
+                return None, f"no_answer: no final answer in column {cols.answer!r} (answer_extract={cfg.answer_extract})"
+    qid = row.get(cols.id) if cols.id is not None else None
+    if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (str, int))):
+        return None, f"bad_type: id has type {type(qid).__name__}, expected a string or integer"
+    qid = str(qid) if qid is not None and str(qid).strip() else question_id(problem)
+    source = row.get("source") if isinstance(row.get("source"), str) else default_source
+    return {"key": qid, "id": qid, "problem": problem, "answer": answer, "source": source}, None
+
+
+# --------------------------------------------------------------------------- the ingest step
+
+
+def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
+    """Read, validate and write the questions to `out` (skipped when already done for this input).
+
+    Unlike the expensive stages, a changed source is re-ingested rather than refused: the step is
+    cheap and deterministic, and downstream stages key their records by question id, so they
+    reuse everything that still applies.
+    """
+    rows, content_hash, default_source = read_rows(cfg)
+    settings = output_fields(cfg)
+    fp = fingerprint([settings, content_hash])
+    old = Manifest.read(out)
+    if old is not None and old.fingerprint == fp and old.status == "complete":
+        return IngestSummary(rows=old.counts.get("rows", 0), valid=old.counts["records"],
+                             bad=old.counts["rejected"], reasons=Counter(old.counts["rejected_by_reason"]), skipped=True)
+    if out.exists():
+        shutil.rmtree(out)
+    store = ShardStore(out, stage="source", fingerprint=fp, settings=settings, schema=SOURCE_SCHEMA,
+                       rejected_schema=QUARANTINE_SCHEMA, inputs={cfg.path: content_hash}).open()
+
+    summary, good, bad, first_seen = IngestSummary(), [], [], {}
+    for row in rows:
+        if cfg.limit is not None and summary.valid >= cfg.limit:
+            break
+        summary.rows += 1
+        rec, reason = (None, row.value) if isinstance(row.value, str) else normalise_row(row.value, cfg, default_source)
+        if rec is not None and rec["id"] in first_seen:
+            rec, reason = None, f"duplicate_id: {rec['id']!r} first seen at {first_seen[rec['id']]}"
+        if rec is None:
+            summary.bad += 1
+            summary.reasons[reason_code(reason)] += 1
+            raw = row.raw or json.dumps(row.value, default=str, ensure_ascii=False)
+            bad.append({"key": row.location, "location": row.location, "reason": reason, "raw": raw[:_RAW_LIMIT]})
+            continue
+        first_seen[rec["id"]] = row.location
+        good.append(rec)
+        summary.valid += 1
+
+    for i in range(0, max(len(good), 1), _SHARD_ROWS):
+        store.commit(i // _SHARD_ROWS, good[i : i + _SHARD_ROWS], bad if i == 0 else [])
+    store.manifest.counts = {"rows": summary.rows}
+    if summary.rows and summary.bad / summary.rows > cfg.max_bad_fraction:
+        store.finish({"rows": summary.rows}, status="failed")
+        first = bad[0]
+        raise SourceError(
+            f"source: {summary.bad} of {summary.rows} input rows are malformed "
+            f"({summary.bad / summary.rows:.1%} > source.max_bad_fraction={cfg.max_bad_fraction:g}); "
+            f"they are quarantined in {out / 'rejected'}. First: {first['location']}: {first['reason']}"
+        )
+    if summary.valid == 0:
+        store.finish({"rows": summary.rows}, status="failed")
+        raise SourceError(f"source: no valid questions in {cfg.path!r}")
+    manifest = store.finish({"rows": summary.rows})
+    manifest.counts["rows"] = summary.rows
+    manifest.write(out)
+    return summary

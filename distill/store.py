@@ -1,0 +1,227 @@
+"""Sharded Parquet datasets with a manifest: the contract between stages.
+
+A stage's output directory looks like
+
+    generate/
+      _manifest.json          stage, fingerprint of the settings that shape the output, the
+                              settings themselves, input fingerprints, counts, status
+      part-00000.parquet      committed shards (written as .tmp/…, fsynced, then renamed)
+      part-00001.parquet
+      rejected/part-00001.parquet   records the stage refused, with a `reason` column
+      .tmp/                   shards being written; anything here after a crash is garbage
+
+The rename of `part-N.parquet` is the commit point of shard N. Its rejected twin is renamed
+first, so a crash between the two renames leaves an orphan rejected file, which `open()`
+deletes: a shard's accepted and rejected records are committed together or not at all.
+Which work is done is read from the shards themselves (their `key` column), never from the
+manifest, so a `kill -9` at any moment loses at most the shards in flight and duplicates
+nothing. Everything loads with `datasets.load_dataset("parquet", data_dir=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+REJECTED = "rejected"
+_PART = re.compile(r"^part-(\d{5,})\.parquet$")
+
+
+def reason_code(reason: str) -> str:
+    """Rejection reasons are written "code: detail"; counts and funnels group by the code."""
+    return reason.split(":", 1)[0].strip()
+
+
+class StaleOutputError(RuntimeError):
+    """The directory holds output made with settings that would make it wrong for this config."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(table: pa.Table, dest: Path, tmp_dir: Path) -> None:
+    """Write `table` to `dest` so that `dest` either does not exist or is complete."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{dest.name}.{os.getpid()}"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    # Makes the rename itself durable: without it a power loss can forget a committed shard.
+    _fsync_dir(dest.parent)
+
+
+def diff_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested settings dicts, by dotted key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += diff_settings(old.get(k, "<unset>"), new.get(k, "<unset>"), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+@dataclass
+class Manifest:
+    stage: str
+    fingerprint: str
+    settings: dict
+    inputs: dict[str, str] = field(default_factory=dict)
+    status: str = "running"  # running | complete | failed
+    counts: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    updated: float = 0.0
+
+    @classmethod
+    def read(cls, root: Path) -> "Manifest | None":
+        path = root / MANIFEST
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+    def write(self, root: Path) -> None:
+        self.updated = time.time()
+        atomic_write_text(root / MANIFEST, json.dumps(self.__dict__, indent=2, sort_keys=True, default=str))
+
+
+class ShardStore:
+    """One stage's output directory. Not safe for two writers at once: one driver owns it."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        stage: str,
+        fingerprint: str,
+        settings: dict,
+        schema: pa.Schema,
+        rejected_schema: pa.Schema,
+        inputs: dict[str, str] | None = None,
+    ):
+        self.root = Path(root)
+        self.stage = stage
+        self.schema = schema
+        self.rejected_schema = rejected_schema
+        self.manifest = Manifest(stage, fingerprint, settings, dict(inputs or {}))
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self) -> "ShardStore":
+        """Create the directory, or check that what is there was made with the same settings."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / REJECTED).mkdir(exist_ok=True)
+        old = Manifest.read(self.root)
+        if old is not None and old.fingerprint != self.manifest.fingerprint and self.shard_names():
+            changes = diff_settings(old.settings, self.manifest.settings) or ["(settings hash differs)"]
+            raise StaleOutputError(
+                f"{self.root} holds {self.stage} output made with different settings:\n"
+                + "".join(f"    {c}\n" for c in changes)
+                + "  Its shards would be wrong for this config. To proceed, either revert the change,\n"
+                f"  or write to a new run directory (run.dir=...), or delete {self.root} to redo the stage."
+            )
+        shutil.rmtree(self.root / ".tmp", ignore_errors=True)
+        committed = set(self.shard_names())
+        for orphan in (self.root / REJECTED).glob("part-*.parquet"):
+            if orphan.name not in committed:
+                orphan.unlink()
+        self.manifest.status = "running"
+        self.manifest.write(self.root)
+        return self
+
+    # ------------------------------------------------------------------ reading
+
+    def shard_names(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if _PART.match(p.name))
+
+    def rejected_paths(self) -> list[Path]:
+        return sorted((self.root / REJECTED).glob("part-*.parquet"))
+
+    def read_column(self, column: str, *, rejected: bool = False) -> list:
+        paths = self.rejected_paths() if rejected else [self.root / n for n in self.shard_names()]
+        values: list = []
+        for p in paths:
+            values.extend(pq.read_table(p, columns=[column]).column(column).to_pylist())
+        return values
+
+    def done_keys(self) -> set[str]:
+        """Keys of every record committed so far, accepted or rejected."""
+        return set(self.read_column("key")) | set(self.read_column("key", rejected=True))
+
+    def next_index(self) -> int:
+        names = self.shard_names()
+        return int(_PART.match(names[-1]).group(1)) + 1 if names else 0
+
+    # ------------------------------------------------------------------ writing
+
+    def commit(self, index: int, records: list[dict], rejected: list[dict] = ()) -> str:
+        """Commit shard `index` atomically: its rejected records first, then the shard."""
+        name = f"part-{index:05d}.parquet"
+        if (self.root / name).exists():
+            raise FileExistsError(f"{self.root / name} is already committed")
+        tmp = self.root / ".tmp"
+        if rejected:
+            table = pa.Table.from_pylist(list(rejected), schema=self.rejected_schema)
+            write_parquet_atomic(table, self.root / REJECTED / name, tmp)
+        write_parquet_atomic(pa.Table.from_pylist(list(records), schema=self.schema), self.root / name, tmp)
+        return name
+
+    def finish(self, summary: dict | None = None, status: str = "complete") -> Manifest:
+        self.manifest.counts = self.counts()
+        self.manifest.summary = summary or {}
+        self.manifest.status = status
+        self.manifest.write(self.root)
+        shutil.rmtree(self.root / ".tmp", ignore_errors=True)
+        return self.manifest
+
+    def counts(self) -> dict[str, Any]:
+        rows = sum(pq.ParquetFile(self.root / n).metadata.num_rows for n in self.shard_names())
+        reasons = Counter(map(reason_code, self.read_column("reason", rejected=True)))
+        return {"shards": len(self.shard_names()), "records": rows,
+                "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+
+
+def read_records(root: str | os.PathLike, columns: Iterable[str] | None = None, *, rejected: bool = False) -> list[dict]:
+    """All records of a stage directory (or its rejected/ part), in shard order."""
+    root = Path(root) / (REJECTED if rejected else "")
+    paths = sorted(p for p in root.glob("part-*.parquet"))
+    cols = list(columns) if columns is not None else None
+    out: list[dict] = []
+    for p in paths:
+        out.extend(pq.read_table(p, columns=cols).to_pylist())
+    return out
+
+
+def require_complete(root: str | os.PathLike, what_to_run: str) -> Manifest:
+    """The manifest of a finished upstream stage, or an error naming the command to run."""
+    m = Manifest.read(Path(root))
+    if m is None or m.status != "complete":
+        state = "missing" if m is None else f"not complete (status {m.status!r})"
+        raise RuntimeError(f"{root} is {state}; run `{what_to_run}` first")
+    return m

@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests use the real benchmark and seed data in ../shared/data (never copied)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+GSM8K_TRAIN = DATA / "train" / "gsm8k_train.jsonl"
+
+# Single-node test clusters bind to loopback with this set (see DESIGN.md, "Network").
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_train() -> Path:
+    if not GSM8K_TRAIN.exists():
+        pytest.fail(f"{GSM8K_TRAIN} is missing: the tests read ../shared/data beside the repository")
+    return GSM8K_TRAIN
+
+
+def distill_cmd(*args: str) -> list[str]:
+    """The `distill` console script of the interpreter running the tests."""
+    return [sys.executable, "-m", "distill.cli", *args]
