@@ -14,6 +14,10 @@ GSM8K_TRAIN = DATA / "train" / "gsm8k_train.jsonl"
 
 # Single-node test clusters bind to loopback with this set (see DESIGN.md, "Network").
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# No hub is reachable from tests; offline mode makes a Hub lookup fail at once instead of
+# retrying the network for ~20 s. Set before `datasets` / `huggingface_hub` are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -108,9 +108,7 @@ def test_saved_hf_dataset_and_hub_loader_path(tmp_path, gsm8k_train):
     assert s.valid == 12
 
 
-def test_unreachable_hub_id_names_the_key(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_unreachable_hub_id_names_the_key(tmp_path):
     with pytest.raises(SourceError, match="source.path: could not load Hub dataset 'nobody/nothing-here'"):
         ingest(SourceConfig(path="nobody/nothing-here"), tmp_path / "s")
     with pytest.raises(SourceError, match="does not exist"):

@@ -26,7 +26,14 @@ class TeacherReplica:
     """One engine in one Ray actor. `run` is a plain function of a work unit."""
 
     def __init__(self, cfg: RunConfig):
+        import faulthandler
+        import sys
+
         from distill.teachers import build_engine
+
+        # A native crash (segfault in a kernel, OOM-killed thread) otherwise leaves only Ray's
+        # "worker died"; this puts the Python stack in the worker's log.
+        faulthandler.enable(file=sys.stderr, all_threads=True)
 
         gen = cfg.generate
         self.engine = build_engine(gen.engine, gen.engine_config())
@@ -76,11 +83,12 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
         "generated_this_run": bar.samples, "rejected_this_run": dict(rejected), "seconds": round(bar.elapsed, 2),
         "samples_per_s": round(bar.samples / max(bar.elapsed, 1e-9), 3),
         "tokens_per_s": round(bar.tokens / max(bar.elapsed, 1e-9), 1),
-        "shard_retries": dict(pool.retries) if pool else {}, "engine": dict(stats),
+        "shard_retries": dict(pool.retries) if pool else {},
+        "engine": {k: int(v) if float(v).is_integer() else round(v, 3) for k, v in stats.items()},
     }
     manifest = store.finish(summary)
     c = manifest.counts
-    engine_retries = {k: v for k, v in stats.items() if k.startswith("retries")}
+    engine_retries = {k: v for k, v in summary["engine"].items() if k.startswith("retries")}
     print(f"generate: done. {c['records']} samples in {c['shards']} shards, {c['rejected']} rejected "
           f"({format_counter(c['rejected_by_reason'])}); this run: {bar.samples} samples in "
           f"{bar.elapsed:.1f}s = {summary['samples_per_s']} samples/s, {summary['tokens_per_s']} tok/s; "

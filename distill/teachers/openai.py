@@ -27,6 +27,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
@@ -117,15 +118,12 @@ def parse_chat_completion(raw: bytes | str) -> tuple[Completion, bool]:
     usage = body.get("usage")
     had_usage = isinstance(usage, dict)
     usage = usage if had_usage else {}
-    return (
-        Completion(
-            text=text,
-            finish_reason=finish_reason(choices[0].get("finish_reason")),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-        ),
-        had_usage,
-    )
+    try:
+        tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (TypeError, ValueError):
+        raise MalformedResponse(f"usage is not a pair of token counts: {usage}") from None
+    finish = finish_reason(choices[0].get("finish_reason"))
+    return Completion(text, finish, *tokens), had_usage
 
 
 def retry_after_s(header: str | None, now: float | None = None) -> float | None:
@@ -192,6 +190,44 @@ def redact(text: str, secret: str | None) -> str:
 # --------------------------------------------------------------------------- the engine
 
 
+class _Runtime:
+    """The private event loop on a daemon thread, and the HTTP session that lives on it.
+
+    Apart from the engine so that a finalizer can close it without keeping the engine alive:
+    an engine dropped without close() (a Ray actor torn down at shutdown) still closes its
+    connections, instead of leaving "Unclosed client session" warnings behind.
+    """
+
+    def __init__(self, concurrency: int):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="openai-engine",
+                                       daemon=True)
+        self.thread.start()
+        self.slots, self.session = self.run(self._open(concurrency))
+
+    @staticmethod
+    async def _open(concurrency: int) -> tuple[asyncio.Semaphore, aiohttp.ClientSession]:
+        # No pool limit: the semaphore bounds connections, and a request waiting for a pooled
+        # connection would spend its timeout_s waiting.
+        return asyncio.Semaphore(concurrency), aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0))
+
+    def run(self, coro):
+        """Run `coro` on the loop and wait for it, from any thread that is not the loop's."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt: stop the requests still in flight
+            raise
+
+    def close(self) -> None:
+        self.run(self.session.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
 class OpenAIEngine:
     """`TeacherEngine` over POST {base_url}/chat/completions."""
 
@@ -212,11 +248,10 @@ class OpenAIEngine:
         self._rng = random.Random()
         self._unlogged: Counter[str] = Counter()
         self._last_warning = -float("inf")
+        self._warned_setup = False
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._runtime: _Runtime | None = None
+        self._finalizer: weakref.finalize | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -227,29 +262,17 @@ class OpenAIEngine:
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
         if not requests:
             return []
-        future = asyncio.run_coroutine_threadsafe(self._generate(requests, params), self._ensure_loop())
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt: stop the requests still in flight
-            raise
+        return self._ensure_runtime().run(self._generate(requests, params))
 
     def stats(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._stats.copy().items()}
 
     def close(self) -> None:
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
-            loop, thread = self._loop, self._thread
-        if loop is None:
-            return
-        if self._session is not None:
-            asyncio.run_coroutine_threadsafe(self._session.close(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
+            finalizer = self._finalizer
+        if finalizer is not None:
+            finalizer()  # closes the runtime at most once, whoever calls first
 
     def __enter__(self) -> OpenAIEngine:
         return self
@@ -259,24 +282,16 @@ class OpenAIEngine:
 
     # ----------------------------------------------------------------------- internals
 
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+    def _ensure_runtime(self) -> _Runtime:
         with self._lock:
             if self._closed:
                 raise RuntimeError("OpenAIEngine.generate called after close()")
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(
-                    target=self._loop.run_forever, name="openai-engine", daemon=True
-                )
-                self._thread.start()
-            return self._loop
+            if self._runtime is None:
+                self._runtime = _Runtime(self.cfg.concurrency)
+                self._finalizer = weakref.finalize(self, self._runtime.close)
+            return self._runtime
 
     async def _generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
-        if self._session is None:
-            self._slots = asyncio.Semaphore(self.cfg.concurrency)
-            # No pool limit: the semaphore bounds connections, and a request waiting for a
-            # pooled connection would spend its timeout_s waiting.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         tasks = [asyncio.ensure_future(self._request(r, params)) for r in requests]
         try:
             return list(await asyncio.gather(*tasks))
@@ -302,15 +317,15 @@ class OpenAIEngine:
         body = chat_body(self.cfg.model, messages, params, seed)
         for attempt in itertools.count():
             try:
-                async with self._slots:
+                async with self._runtime.slots:
                     return await self._post(body)
             except _Transient as t:
                 if attempt == self.cfg.max_retries:
                     raise OpenAIEngineError(
-                        f"chat completion failed {attempt + 1} times, last: {t.cause}: {t.detail} "
-                        f"(server {self.cfg.base_url}); the shard will be retried. If this "
-                        "persists, check the server or raise generate.openai.max_retries / "
-                        "timeout_s"
+                        f"chat completion still failing after max_retries={attempt} retries, "
+                        f"last: {t.cause}: {t.detail} "
+                        f"(server {self.cfg.base_url}); if this persists, check the server or "
+                        "raise generate.openai.max_retries / timeout_s"
                     ) from None
                 self._stats[f"retries_{t.cause}"] += 1
                 self._note_retry(t)
@@ -321,7 +336,7 @@ class OpenAIEngine:
     async def _post(self, body: dict) -> Completion | str:
         self._stats["http_requests"] += 1
         try:
-            async with self._session.post(
+            async with self._runtime.session.post(
                 self._url, json=body, headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
             ) as resp:
@@ -353,6 +368,12 @@ class OpenAIEngine:
         if status == 408:
             raise _Transient("timeout", f"http_408: {message}", retry_after)
         if status in REJECT_STATUSES:
+            if status in (401, 403, 404) and not self._warned_setup:
+                # These reject one prompt like a 400 does, but usually mean every prompt will be.
+                self._warned_setup = True
+                log.warning("%s answered http_%d (%s); if every prompt gets this, check "
+                            "generate.openai.model, base_url and the key in $%s",
+                            self.cfg.base_url, status, message, self.cfg.api_key_env)
             return f"http_{status}: {message}"
         raise OpenAIEngineError(
             f"unexpected http_{status} from {self._url}: {message}; is generate.openai.base_url "

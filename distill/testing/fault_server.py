@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -111,9 +112,9 @@ def _error(status: int, message: str, type_: str, code: str | None = None, **hea
     return web.json_response(body, status=status, headers=headers)
 
 
-def _last_user_message(messages: list) -> str:
+def _last_user_message(messages: list[dict]) -> str:
     for m in reversed(messages):
-        if isinstance(m, dict) and m.get("role") == "user":
+        if m.get("role") == "user":
             return str(m.get("content", ""))
     return ""
 
@@ -250,6 +251,8 @@ class FaultServer:
         try:
             body = await request.json()
             messages = body["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise TypeError("messages must be a list of objects")
             seed = body.get("seed")
             max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
             stop = body.get("stop") or ()
@@ -354,14 +357,15 @@ def main(argv: list[str] | None = None) -> None:
     plan = FaultPlan.uniform(args.fail_rate, seed=args.seed, rate_slow=args.slow_rate,
                              slow_s=args.slow_s, reject_marker=args.reject_marker or None)
     api_key = os.environ[args.api_key_env] if args.api_key_env else None
+    # SIGTERM too (docker stop, supervisors), and SIGINT explicitly: a shell starts background
+    # jobs with SIGINT ignored, which would leave Ctrl-C's KeyboardInterrupt unarmed.
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
     with FaultServer(args.host, args.port, plan, args.latency_s, args.tokens_per_s,
                      args.model, api_key) as server:
         print(f"serving {server.base_url} (model {args.model!r}); Ctrl-C to stop", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        stopping.wait()
         print(f"requests={server.requests} completions={sum(server.completions.values())} "
               f"faults={dict(server.faults)} rejections={dict(server.rejections)}")
 

