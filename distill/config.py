@@ -201,6 +201,10 @@ class OpenAIEngineConfig(Section):
     model: str = ""
     """Model name the server expects in requests."""
 
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """Extra fields for every request body, for server-specific sampling settings, e.g.
+    `{top_k: 20, chat_template_kwargs: {enable_thinking: true}}` (vLLM, SGLang)."""
+
     api_key_env: str | None = "OPENAI_API_KEY"
     """Environment variable holding the API key (never logged or written). Unset: no key."""
 

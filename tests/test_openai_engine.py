@@ -78,6 +78,8 @@ def test_chat_body_is_one_sample_and_omits_unset_fields():
                     "temperature": 0.6, "top_p": 0.95, "max_tokens": 77, "n": 1, "seed": 5,
                     "stop": ["###"]}
     bare = chat_body("m", [], SamplingParams(), seed=None)
+    extra = chat_body("m", [], params, seed=1, extra={"top_k": 20, "seed": 99, "chat_template_kwargs": {"x": 1}})
+    assert extra["top_k"] == 20 and extra["seed"] == 1 and extra["chat_template_kwargs"] == {"x": 1}
     assert "seed" not in bare and "stop" not in bare
 
 

@@ -66,9 +66,12 @@ class _Transient(Exception):
 # --------------------------------------------------------------------------- pure helpers
 
 
-def chat_body(model: str, messages: list[Message], params: SamplingParams, seed: int | None) -> dict:
-    """The JSON body of one single-sample chat completion request."""
-    body = {
+def chat_body(model: str, messages: list[Message], params: SamplingParams, seed: int | None,
+              extra: dict | None = None) -> dict:
+    """The JSON body of one single-sample chat completion request. `extra` (server-specific
+    fields such as top_k or chat_template_kwargs) is merged first so it cannot override the
+    fields the stage controls."""
+    body = {**(extra or {}),
         "model": model,
         "messages": messages,
         "temperature": params.temperature,
@@ -314,7 +317,7 @@ class OpenAIEngine:
     async def _sample(self, messages: list[Message], params: SamplingParams, seed: int | None):
         """A `Completion`, or the rejection reason (str); raises once retries run out."""
         self._stats["samples"] += 1
-        body = chat_body(self.cfg.model, messages, params, seed)
+        body = chat_body(self.cfg.model, messages, params, seed, self.cfg.extra_body)
         for attempt in itertools.count():
             try:
                 async with self._runtime.slots:

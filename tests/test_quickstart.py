@@ -1,0 +1,42 @@
+"""The README's first command, minus the install: `distill run configs/quickstart.yaml`, end to
+end on the real SmolLM2 model and the real GSM8K seeds, then again to show it resumes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+
+import pytest
+import yaml
+
+from conftest import REPO, distill_cmd
+from distill.store import Manifest, read_records
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
+    cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    run_dir = tmp_path / "quickstart"
+    args = ["run", "configs/quickstart.yaml", f"run.dir={run_dir}", "run.progress=false"]
+    first = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+
+    n_q, n_s = cfg["source"]["limit"], cfg["generate"]["n_samples"]
+    recs = read_records(run_dir / "generate")
+    assert Counter(Counter((r["id"], r["sample_idx"]) for r in recs).values()) == Counter({1: n_q * n_s})
+    assert {r["teacher"] for r in recs} == {"hf:smollm2-135m-instruct"}
+    assert all(r["n_tokens"] > 0 and r["completion"] for r in recs)
+    assert {r["finish_reason"] for r in recs} <= {"stop", "length"}
+    lengths = [r["n_tokens"] for r in recs if r["finish_reason"] == "length"]
+    assert all(n == cfg["generate"]["sampling"]["max_new_tokens"] for n in lengths)
+    m = Manifest.read(run_dir / "generate")
+    assert m.status == "complete" and m.counts["records"] == n_q * n_s
+    assert "generate: done." in first.stdout and "samples/s" in first.stdout
+    assert (run_dir / "config.yaml").exists()
+
+    second = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "source: 32 questions (unchanged, reused)" in second.stdout
+    assert f"0 to generate in 0 shards ({n_q * n_s} already done)" in second.stdout
+    assert len(read_records(run_dir / "generate")) == n_q * n_s
