@@ -88,6 +88,13 @@ def plan_units(
             for i, j in enumerate(range(0, len(tasks), shard_size))]
 
 
+def changed_questions(existing: list[dict], questions: list[dict]) -> list[str]:
+    """Ids whose problem text differs between stored samples and the current source: samples
+    keyed by such an id answer a question that is no longer the one asked."""
+    current = {q["id"]: q["problem"] for q in questions}
+    return sorted({r["id"] for r in existing if r["id"] in current and current[r["id"]] != r["problem"]})
+
+
 def build_messages(problem: str, prompt: PromptConfig) -> list[Message]:
     messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
     # str.replace, not str.format: problems are full of LaTeX braces.

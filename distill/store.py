@@ -170,6 +170,11 @@ class ShardStore:
             values.extend(pq.read_table(p, columns=[column]).column(column).to_pylist())
         return values
 
+    def read_columns(self, columns: tuple[str, ...] = ("id", "problem")) -> list[dict]:
+        """Selected columns of every committed record, accepted and rejected."""
+        paths = [self.root / n for n in self.shard_names()] + self.rejected_paths()
+        return [row for p in paths for row in pq.read_table(p, columns=list(columns)).to_pylist()]
+
     def done_keys(self) -> set[str]:
         """Keys of every record committed so far, accepted or rejected."""
         return set(self.read_column("key")) | set(self.read_column("key", rejected=True))

@@ -117,6 +117,14 @@ def test_generate_with_faults_then_more_samples_then_refuse_changed_settings(tmp
         assert server.requests == before
         assert len(read_records(tmp_path / "run" / "generate")) == 96
 
+        # A question whose text changed under the same id is refused too.
+        rows = [json.loads(line) for line in source.read_text().splitlines()]
+        rows[3]["problem"] += " (edited)"
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = run_distill(cfg, "generate.n_samples=4", check=False)
+        assert out.returncode == 1 and "problem text has changed" in out.stderr and rows[3]["id"] in out.stderr
+        assert server.requests == before
+
 
 def _committed(run_dir: Path) -> int:
     return len(list((run_dir / "generate").glob("part-*.parquet")))

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from distill.config import RunConfig
 from distill.generation import (
-    GEN_REJECTED_SCHEMA, GENERATED_SCHEMA, UnitResult, WorkUnit, generation_settings, plan_units, run_unit,
+    GEN_REJECTED_SCHEMA, GENERATED_SCHEMA, UnitResult, WorkUnit, changed_questions, generation_settings, plan_units,
+    run_unit,
     sampling_params, settings_hash, teacher_name,
 )
 from distill.progress import Progress, format_counter
 from distill.raypool import ReplicaPool
-from distill.store import Manifest, ShardStore, read_records, reason_code, require_complete
+from distill.store import Manifest, ShardStore, StaleOutputError, read_records, reason_code, require_complete
 
 log = logging.getLogger("distill.generate")
 
@@ -57,6 +58,11 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     store = ShardStore(run_dir / "generate", stage="generate", fingerprint=params_hash,
                        settings=generation_settings(gen), schema=GENERATED_SCHEMA,
                        rejected_schema=GEN_REJECTED_SCHEMA, inputs={"source": source.fingerprint}).open()
+    changed = changed_questions(store.read_columns(), questions)
+    if changed:
+        raise StaleOutputError(
+            f"{store.root} holds samples for {len(changed)} question ids whose problem text has changed in "
+            f"the source (e.g. {changed[0]!r}). Give changed questions new ids, or write to a new run.dir.")
     units = plan_units(questions, n_samples=gen.n_samples, params_hash=params_hash, done=store.done_keys(),
                        shard_size=gen.shard_size, first_index=store.next_index(), base_seed=gen.sampling.seed)
     planned = sum(len(u.tasks) for u in units)
