@@ -23,11 +23,10 @@ from distill.config import HFEngineConfig
 from distill.teachers.base import Completion, Request, Result, SamplingParams
 from distill.teachers.models import (
     PACKAGED_MODELS,
+    admit,
     load_error_hint,
     prompt_limit,
-    render_prompts,
     resolve_model,
-    too_long_reason,
 )
 
 if TYPE_CHECKING:
@@ -231,15 +230,11 @@ class HFEngine:
         )
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
-        results = [Result() for _ in requests]
+        """`request.n` completions per accepted request (`params.n` is not read; see vllm.py)."""
         limit = prompt_limit(self.context, params.max_new_tokens, self.cfg.max_prompt_tokens)
-        sequences = []
-        for i, (request, prompt) in enumerate(zip(requests, render_prompts(self.tokenizer, [r.messages for r in requests]))):
-            if reason := too_long_reason(len(prompt), limit):
-                results[i].rejected = reason
-                self._stats["rejected"] += 1
-            else:
-                sequences += [Sequence(i, prompt, request.seed)] * request.n
+        results, accepted = admit(self.tokenizer, requests, limit)
+        self._stats["rejected"] += len(requests) - len(accepted)
+        sequences = [Sequence(i, prompt, requests[i].seed) for i, prompt in accepted for _ in range(requests[i].n)]
 
         started = time.perf_counter()
         for batch in plan_batches([len(s.prompt) for s in sequences], self.cfg.batch_size):

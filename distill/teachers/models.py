@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.teachers.base import Message
+from distill.teachers.base import Message, Request, Result
 
 DEFAULT_CACHE_DIR = Path("~/.cache/distill/models")
 
@@ -187,3 +187,19 @@ def too_long_reason(n_tokens: int, limit: int | None) -> str | None:
     if limit is None or n_tokens <= limit:
         return None
     return f"prompt_too_long: {n_tokens} tokens > limit {limit}"
+
+
+def admit(tokenizer, requests: list[Request], limit: int | None) -> tuple[list[Result], list[tuple[int, list[int]]]]:
+    """Render every request; over-long ones get their rejection now, without failing the call.
+
+    Returns one `Result` per request (rejections filled in, the rest for the engine to fill)
+    and the accepted requests as (index, prompt token ids).
+    """
+    results = [Result() for _ in requests]
+    accepted = []
+    for i, prompt in enumerate(render_prompts(tokenizer, [r.messages for r in requests])):
+        if reason := too_long_reason(len(prompt), limit):
+            results[i].rejected = reason
+        else:
+            accepted.append((i, prompt))
+    return results, accepted
