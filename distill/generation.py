@@ -103,7 +103,7 @@ def build_messages(problem: str, prompt: PromptConfig) -> list[Message]:
 
 def sampling_params(gen: GenerateConfig) -> SamplingParams:
     s = gen.sampling
-    return SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                           seed=s.seed, stop=tuple(s.stop))
 
 

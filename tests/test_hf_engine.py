@@ -36,6 +36,7 @@ from distill.teachers.models import (
 pytestmark = pytest.mark.slow
 
 NAME = "smollm2-135m-instruct"
+DIRNAME = f"{NAME}-{models.PACKAGED_MODELS[NAME].version}"  # the cache is keyed by package version
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
 
 
@@ -89,7 +90,7 @@ def test_second_resolve_is_instant_and_complete(model_dir, cache_dir):
     started = time.perf_counter()
     again = resolve_model(NAME, cache_dir)
     assert time.perf_counter() - started < 0.05
-    assert again == model_dir == str(cache_dir / NAME)
+    assert again == model_dir == str(cache_dir / DIRNAME)
     files = {p.name for p in Path(model_dir).iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= files
     assert not list(cache_dir.glob(f".{NAME}.tmp-*"))  # the temporary directory was renamed away
@@ -138,9 +139,9 @@ def test_waiting_resolver_uses_the_other_process_conversion(tmp_path, monkeypatc
         waiter.start()
         time.sleep(0.5)
         assert waiter.is_alive(), "the second resolver did not wait for the lock"
-        (tmp_path / NAME).mkdir()  # ... and finishes: its rename makes the directory appear
+        (tmp_path / DIRNAME).mkdir()  # ... and finishes: its rename makes the directory appear
     waiter.join(timeout=30)
-    assert got["path"] == str(tmp_path / NAME)
+    assert got["path"] == str(tmp_path / DIRNAME)
 
 
 def test_failed_conversion_leaves_nothing_and_stale_temp_dirs_are_cleared(tmp_path, monkeypatch):

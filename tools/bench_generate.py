@@ -34,7 +34,7 @@ def bench_hf(problems: list[str], max_new_tokens: int, batch_size: int) -> list[
     from distill.teachers.hf import HFEngine
 
     requests = [Request([{"role": "user", "content": p}], n=1, seed=i) for i, p in enumerate(problems)]
-    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     rows = []
     engine = HFEngine(HFEngineConfig(batch_size=batch_size))
     engine.generate(requests[:2], params)  # warm-up: first-call allocations, thread pools
@@ -71,7 +71,7 @@ def bench_openai(n: int, latency: float, concurrency: int, max_new_tokens: int) 
     from distill.testing.fault_server import FaultServer
 
     problems = [f"bench question {i}" for i in range(n)]
-    params = SamplingParams(n=1, temperature=0.7, max_new_tokens=max_new_tokens)
+    params = SamplingParams(temperature=0.7, max_new_tokens=max_new_tokens)
     rows = []
 
     def row(label, samples, tokens, dt):

@@ -16,9 +16,8 @@ Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What every engine understands. `n` is per request; the stage decides sample indices."""
+    """What every engine understands. How many samples is per `Request` (`Request.n`)."""
 
-    n: int = 1
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 512

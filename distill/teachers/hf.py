@@ -230,7 +230,7 @@ class HFEngine:
         )
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
-        """`request.n` completions per accepted request (`params.n` is not read; see vllm.py)."""
+        """`request.n` completions per accepted request."""
         limit = prompt_limit(self.context, params.max_new_tokens, self.cfg.max_prompt_tokens)
         results, accepted = admit(self.tokenizer, requests, limit)
         self._stats["rejected"] += len(requests) - len(accepted)

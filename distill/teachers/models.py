@@ -62,7 +62,8 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> str:
         return str(local)
     if name_or_path not in PACKAGED_MODELS:
         return name_or_path  # a Hub id: transformers resolves it (see `load_error_hint`)
-    target = (cache_dir or DEFAULT_CACHE_DIR).expanduser() / name_or_path
+    # Keyed by package version: upgrading the package must not keep serving an old conversion.
+    target = (cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"{name_or_path}-{PACKAGED_MODELS[name_or_path].version}"
     # The directory only ever appears by rename of a finished conversion, so its existence means
     # complete; this check is what makes every call after the first cost nothing.
     if target.is_dir():

@@ -70,8 +70,8 @@ class VLLMEngine:
         )
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
-        """`request.n` completions per accepted request; `params.n` is not read (the stage sends
-        one request per sample, each with its own seed, and sets both to 1)."""
+        """`request.n` completions per accepted request (the stage sends one request per
+        sample, each with its own seed)."""
         results, accepted = admit(self.tokenizer, requests, prompt_limit(self.max_model_len, params.max_new_tokens, None))
         self._stats["rejected"] += len(requests) - len(accepted)
         accepted = [(i, prompt) for i, prompt in accepted if requests[i].n > 0]  # vLLM refuses n=0
