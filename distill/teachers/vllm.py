@@ -50,6 +50,10 @@ class VLLMEngine:
             dtype=cfg.dtype,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.max_model_len,
+            # The replica actor already holds its GPUs through Ray (generate.gpus_per_replica), so
+            # tensor-parallel workers must be local processes on those GPUs: vLLM's Ray executor
+            # would ask Ray for GPUs again and wait forever for the ones this actor holds.
+            distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
         )
         self.load_s = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
