@@ -207,3 +207,55 @@ def test_a_killed_replica_is_replaced_and_its_shard_retried(tmp_path, gsm8k_trai
         assert_exactly_once(tmp_path / "run", questions, 2)
         m = Manifest.read(tmp_path / "run" / "generate")
         assert m.summary["shard_retries"].get("replica_died", 0) >= 1, m.summary
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_with_ray_address_the_same_command_runs_on_an_existing_cluster(tmp_path, gsm8k_train):
+    """`ray job submit` and `RAY_ADDRESS=...` both mean: join that cluster, do not start one."""
+    source = seeds_file(tmp_path, gsm8k_train, 8)
+    questions = [json.loads(line) for line in source.read_text().splitlines()]
+    port = _free_port()
+    # Ray 2.60 enables token auth for `ray start` clusters; every process must then say so.
+    ray_env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # --block keeps the head in the foreground of its own process group, so the test can stop
+    # exactly this cluster (`ray stop` would stop every Ray cluster of the user on the machine).
+    head = subprocess.Popen(
+        [str(Path(os.sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ray_env)
+    try:
+        started = []
+        for line in head.stdout:  # wait until the head is up; its log says so
+            started.append(line)
+            if "Ray runtime started" in line:
+                break
+        assert any("Ray runtime started" in line for line in started), "".join(started)
+        with FaultServer(latency_s=0.05) as server:
+            cfg = write_config(tmp_path, server, source, shard_size=4, replicas=1)
+            env = {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+            driver = subprocess.Popen(distill_cmd("generate", str(cfg), "generate.openai.concurrency=1"),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            seen_under_head = False
+            while driver.poll() is None:
+                if _replica_pids(head.pid):
+                    seen_under_head = True  # the replica is a worker of the existing cluster
+                time.sleep(0.05)
+            out = driver.communicate()[0]
+            assert driver.returncode == 0, out
+        assert f"ray: cluster 127.0.0.1:{port}" in out, out
+        assert seen_under_head, "the replica did not run on the existing cluster"
+        assert_exactly_once(tmp_path / "run", questions, 2)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
