@@ -69,8 +69,9 @@ class RunSection(Section):
 
 class RaySection(Section):
     address: str | None = None
-    """Ray cluster to use. Unset: `RAY_ADDRESS` if the environment has it (`ray job submit`
-    sets it), else an embedded single-machine cluster started by `ray.init()`."""
+    """Ray cluster to join: `HOST:PORT`, or `auto` for the one `ray start` runs on this machine.
+    Unset: `RAY_ADDRESS` if the environment has it (`ray job submit` sets it), else a new
+    embedded single-machine cluster that lives as long as the command."""
 
     num_cpus: int | None = None
     """CPUs the embedded cluster may use (unset: all). Ignored when joining a cluster."""

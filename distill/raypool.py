@@ -28,7 +28,10 @@ def connect(cfg: RaySection) -> str:
     if address:
         ray.init(address=address, log_to_driver=True)
         return f"cluster {address}"
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    # address="local", not None: with None, Ray joins whatever cluster a past `ray start` on this
+    # machine recorded in /tmp/ray, and hangs for minutes if that cluster is gone. Joining a
+    # running cluster is what `ray.address: auto` is for.
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
     return "embedded"
 
 

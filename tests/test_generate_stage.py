@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -226,8 +228,12 @@ def test_with_ray_address_the_same_command_runs_on_an_existing_cluster(tmp_path,
     ray_env = {**os.environ, "RAY_AUTH_MODE": "token"}
     # --block keeps the head in the foreground of its own process group, so the test can stop
     # exactly this cluster (`ray stop` would stop every Ray cluster of the user on the machine).
+    # Its own temp dir (short: Ray's socket paths must fit in 107 bytes), so the address file
+    # that `ray start` leaves behind cannot steer any other test's or user's `ray.init`.
+    temp_dir = tempfile.mkdtemp(prefix="dray-", dir="/tmp")
     head = subprocess.Popen(
         [str(Path(os.sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         f"--temp-dir={temp_dir}",
          "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ray_env)
     try:
@@ -259,3 +265,4 @@ def test_with_ray_address_the_same_command_runs_on_an_existing_cluster(tmp_path,
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -34,6 +34,10 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     assert m.status == "complete" and m.counts["records"] == n_q * n_s
     assert "generate: done." in first.stdout and "samples/s" in first.stdout
     assert (run_dir / "config.yaml").exists()
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(run_dir / "generate" / "part-*.parquet"), split="train")
+    assert ds.num_rows == n_q * n_s and set(ds.column_names) >= {"id", "sample_idx", "completion", "reasoning", "n_tokens"}
 
     second = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
