@@ -101,11 +101,6 @@ class ReplicaPool:
                     continue
                 yield result
 
-    def call_all(self, method: str) -> list[Any]:
-        import ray
-
-        return ray.get([getattr(a, method).remote() for a in self.actors])
-
     def shutdown(self) -> None:
         import ray
 

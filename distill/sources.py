@@ -208,7 +208,7 @@ def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
     fp = fingerprint([settings, content_hash])
     old = Manifest.read(out)
     if old is not None and old.fingerprint == fp and old.status == "complete":
-        return IngestSummary(rows=old.counts.get("rows", 0), valid=old.counts["records"],
+        return IngestSummary(rows=old.summary["rows"], valid=old.counts["records"],
                              bad=old.counts["rejected"], reasons=Counter(old.counts["rejected_by_reason"]), skipped=True)
     if out.exists():
         shutil.rmtree(out)
@@ -235,7 +235,6 @@ def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
 
     for i in range(0, max(len(good), 1), _SHARD_ROWS):
         store.commit(i // _SHARD_ROWS, good[i : i + _SHARD_ROWS], bad if i == 0 else [])
-    store.manifest.counts = {"rows": summary.rows}
     if summary.rows and summary.bad / summary.rows > cfg.max_bad_fraction:
         store.finish({"rows": summary.rows}, status="failed")
         first = bad[0]
@@ -247,7 +246,5 @@ def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
     if summary.valid == 0:
         store.finish({"rows": summary.rows}, status="failed")
         raise SourceError(f"source: no valid questions in {cfg.path!r}")
-    manifest = store.finish({"rows": summary.rows})
-    manifest.counts["rows"] = summary.rows
-    manifest.write(out)
+    store.finish({"rows": summary.rows})
     return summary

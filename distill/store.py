@@ -163,21 +163,14 @@ class ShardStore:
     def rejected_paths(self) -> list[Path]:
         return sorted((self.root / REJECTED).glob("part-*.parquet"))
 
-    def read_column(self, column: str, *, rejected: bool = False) -> list:
-        paths = self.rejected_paths() if rejected else [self.root / n for n in self.shard_names()]
-        values: list = []
-        for p in paths:
-            values.extend(pq.read_table(p, columns=[column]).column(column).to_pylist())
-        return values
-
-    def read_columns(self, columns: tuple[str, ...] = ("id", "problem")) -> list[dict]:
-        """Selected columns of every committed record, accepted and rejected."""
-        paths = [self.root / n for n in self.shard_names()] + self.rejected_paths()
+    def read_columns(self, columns: tuple[str, ...], *, accepted: bool = True, rejected: bool = True) -> list[dict]:
+        """Selected columns of committed records: accepted shards, rejected ones, or both."""
+        paths = ([self.root / n for n in self.shard_names()] if accepted else []) + (self.rejected_paths() if rejected else [])
         return [row for p in paths for row in pq.read_table(p, columns=list(columns)).to_pylist()]
 
     def done_keys(self) -> set[str]:
         """Keys of every record committed so far, accepted or rejected."""
-        return set(self.read_column("key")) | set(self.read_column("key", rejected=True))
+        return {r["key"] for r in self.read_columns(("key",))}
 
     def next_index(self) -> int:
         names = self.shard_names()
@@ -207,7 +200,7 @@ class ShardStore:
 
     def counts(self) -> dict[str, Any]:
         rows = sum(pq.ParquetFile(self.root / n).metadata.num_rows for n in self.shard_names())
-        reasons = Counter(map(reason_code, self.read_column("reason", rejected=True)))
+        reasons = Counter(reason_code(r["reason"]) for r in self.read_columns(("reason",), accepted=False))
         return {"shards": len(self.shard_names()), "records": rows,
                 "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
 

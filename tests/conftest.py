@@ -43,3 +43,12 @@ def gsm8k_train() -> Path:
 def distill_cmd(*args: str) -> list[str]:
     """The `distill` console script of the interpreter running the tests."""
     return [sys.executable, "-m", "distill.cli", *args]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for servers and Ray heads tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

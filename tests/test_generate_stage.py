@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import distill_cmd
+from conftest import distill_cmd, free_port
 from distill.generation import build_messages
 from distill.config import PromptConfig
 from distill.store import Manifest, read_records
@@ -211,19 +212,11 @@ def test_a_killed_replica_is_replaced_and_its_shard_retried(tmp_path, gsm8k_trai
         assert m.summary["shard_retries"].get("replica_died", 0) >= 1, m.summary
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_with_ray_address_the_same_command_runs_on_an_existing_cluster(tmp_path, gsm8k_train):
     """`ray job submit` and `RAY_ADDRESS=...` both mean: join that cluster, do not start one."""
     source = seeds_file(tmp_path, gsm8k_train, 8)
     questions = [json.loads(line) for line in source.read_text().splitlines()]
-    port = _free_port()
+    port = free_port()
     # Ray 2.60 enables token auth for `ray start` clusters; every process must then say so.
     ray_env = {**os.environ, "RAY_AUTH_MODE": "token"}
     # --block keeps the head in the foreground of its own process group, so the test can stop
@@ -232,7 +225,7 @@ def test_with_ray_address_the_same_command_runs_on_an_existing_cluster(tmp_path,
     # that `ray start` leaves behind cannot steer any other test's or user's `ray.init`.
     temp_dir = tempfile.mkdtemp(prefix="dray-", dir="/tmp")
     head = subprocess.Popen(
-        [str(Path(os.sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          f"--temp-dir={temp_dir}",
          "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ray_env)

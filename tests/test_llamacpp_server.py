@@ -5,7 +5,6 @@ source, ~9 minutes here; .ci/run installs it). Skipped when it is not installed.
 from __future__ import annotations
 
 import importlib.util
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from conftest import free_port
 from distill.config import OpenAIEngineConfig
 from distill.teachers.base import Request, SamplingParams
 from distill.teachers.models import packaged_gguf_path
@@ -24,15 +24,9 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     # A file, not a pipe: llama.cpp logs a lot at start-up and blocks once a pipe buffer fills.
     log = open(tmp_path_factory.mktemp("llamacpp") / "server.log", "w+")
     proc = subprocess.Popen(

@@ -58,7 +58,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     store = ShardStore(run_dir / "generate", stage="generate", fingerprint=params_hash,
                        settings=generation_settings(gen), schema=GENERATED_SCHEMA,
                        rejected_schema=GEN_REJECTED_SCHEMA, inputs={"source": source.fingerprint}).open()
-    changed = changed_questions(store.read_columns(), questions)
+    changed = changed_questions(store.read_columns(("id", "problem")), questions)
     if changed:
         raise StaleOutputError(
             f"{store.root} holds samples for {len(changed)} question ids whose problem text has changed in "
