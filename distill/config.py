@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from distill.section import Section
 
 STAGES = ("generate",)
 """Stages `distill run` knows, in pipeline order. Later issues append curate, train, export, eval."""
@@ -33,9 +34,6 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
-    _volatile: ClassVar[frozenset[str]] = frozenset()
 
 
 # --------------------------------------------------------------------------- run-wide sections
