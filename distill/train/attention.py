@@ -1,0 +1,113 @@
+"""Attention for packed rows: samples side by side in one row never attend to each other.
+
+Registered with transformers' AttentionInterface as "distill_packed", so an unmodified
+transformers model runs it (model code stays free of packing). Two paths, chosen per call:
+
+- CUDA with fp16/bf16 and flash-attn installed: `flash_attn_varlen_func` over the flattened
+  row with `cu_seqlens`, which skips the masked blocks entirely (cost ~ sum of segment
+  lengths squared, not seq_len squared).
+- otherwise (CPU, fp32, no flash-attn): SDPA with a block-diagonal causal mask built from the
+  segments. The mask is [B, 1, T, T] booleans, rebuilt per layer: T^2 bytes per row (64 MiB at
+  T=8192), small next to the attention it restricts, and only on machines that are not the
+  training target anyway.
+
+Segments come from `cu_seq_lens_q` (what `forward_loss` passes through the model's kwargs) or,
+when a caller gives only position ids, from where the positions restart. No mask function is
+registered under this name, so transformers hands the attention its 2D mask untouched (None in
+training) instead of materialising a mask of its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+NAME = "distill_packed"
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _use_flash(query) -> bool:
+    import torch
+
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+
+
+def segment_ids(batch: int, length: int, *, cu_seqlens=None, position_ids=None, device=None):
+    """[B, T] segment index of every token, from cu_seqlens over the flattened B*T tokens or,
+    failing that, from position ids (a new segment wherever the position does not go up by 1)."""
+    import torch
+
+    if cu_seqlens is not None:
+        flat = torch.arange(batch * length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+        return torch.searchsorted(cu_seqlens, flat, right=True).view(batch, length)
+    if position_ids is not None:
+        pos = position_ids.expand(batch, -1)
+        step = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
+        return (step != 1).cumsum(-1)
+    return torch.zeros(batch, length, dtype=torch.long, device=device)
+
+
+def block_causal_mask(segments):
+    """[B, 1, T, T] bool, True where query i may attend key j: same segment and j <= i."""
+    import torch
+
+    t = segments.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & causal)[:, None]
+
+
+def _cu_from_segments(segments):
+    import torch
+
+    flat = (segments + torch.arange(segments.shape[0], device=segments.device)[:, None] * segments.shape[1]).flatten()
+    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1) != 0).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """transformers attention signature: query [B, H, T, D], key/value [B, Hkv, T, D];
+    returns ([B, T, H, D], None)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, h, t, d = query.shape
+    if key.shape[2] != t:
+        raise NotImplementedError(
+            f"{NAME} attention is for training forward passes (no KV cache); "
+            "load the model with packed=False to generate"
+        )
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise NotImplementedError(f"{NAME} attention takes packed rows, not padding masks; load with packed=False")
+    cu = kwargs.get("cu_seq_lens_q")
+    if _use_flash(query):
+        from flash_attn import flash_attn_varlen_func
+
+        if cu is None:
+            cu = _cu_from_segments(segment_ids(b, t, position_ids=kwargs.get("position_ids"), device=query.device))
+        max_len = kwargs.get("max_length_q") or int(torch.diff(cu).max())
+        # flash-attn wants [total_tokens, heads, dim] and handles fewer kv heads (GQA) itself.
+        q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
+        out = flash_attn_varlen_func(q, k, v, cu.to(torch.int32), cu.to(torch.int32), max_len, max_len,
+                                     dropout_p=dropout, softmax_scale=scaling, causal=True)
+        return out.view(b, t, h, d), None
+
+    mask = block_causal_mask(segment_ids(b, t, cu_seqlens=cu, position_ids=kwargs.get("position_ids"),
+                                         device=query.device))
+    groups = h // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> str:
+    """Register "distill_packed" with transformers (idempotent); returns the name to pass as
+    `attn_implementation`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, packed_attention_forward)
+    return NAME

@@ -1,0 +1,392 @@
+"""SFT data: chat-template tokenisation with assistant-only labels, and the token cache.
+
+A conversation is rendered with the student's own chat template, tokenised once, and stored
+with its SHIFTED labels: `labels[t]` is the token to predict after reading `input_ids[:t+1]`
+when that token belongs to an assistant turn (its content and end-of-turn marker), else -100.
+Shifting here, not in the loss, is what lets packing put samples side by side: a sample's last
+position is always -100, so no row ever asks the model to predict the next sample's first token.
+
+Which tokens are assistant tokens is read from the rendered text itself: each assistant
+message's content is located in the template's output and the tokens whose character spans
+overlap it (plus the end-of-turn marker right after it) are targets. This works for any
+template that copies the content verbatim (ChatML, Llama 3, Mistral, ...) without relying on
+`{% generation %}` markers, which few shipped templates carry. A template that rewrites the
+content (e.g. one that moves `<think>` blocks) is reported per row as `template_mismatch`.
+
+The cache is a directory of Parquet shards plus `_manifest.json`, named by a hash of the
+tokenizer, the chat template, the data content and `max_len`: a changed input gets a new
+directory, an unchanged one is reused as is. Over-long samples are dropped and counted, never
+cut (a cut chain of thought teaches the model to stop mid-thought); malformed rows go to
+`rejected/` with their `file:line` and a reason, as every other stage does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+TOKENIZE_VERSION = 1
+"""Bumped when the tokenisation or masking rules change, so older caches are not reused."""
+
+_SHARD_SAMPLES = 4096
+_ENCODE_BATCH = 512  # conversations per tokenizer call: the Rust tokenizer batches in parallel
+_RAW_LIMIT = 2000  # quarantined raw text is cut here: enough to see the problem, bounded size
+_SENTINEL = "\x00distill-sentinel\x00"
+
+SAMPLE_SCHEMA = pa.schema(
+    [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32()),
+     ("n_targets", pa.int32()), ("location", pa.string())]
+)
+REJECTED_SCHEMA = pa.schema([("location", pa.string()), ("reason", pa.string()), ("raw", pa.string())])
+
+
+class MalformedConversation(ValueError):
+    """A row that cannot become a training sample; `str(e)` is "code: detail"."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_messages(messages: Any) -> list[dict]:
+    """`messages` as a clean list of {role, content}, or MalformedConversation. Pure.
+
+    Only the first message may be a system prompt, and there must be an assistant turn (a
+    conversation without one has nothing to learn). Extra keys are dropped, so the rendering
+    (and the cache key) depends on role and content only.
+    """
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise MalformedConversation(f"bad_messages: a string that is not JSON ({e.msg})") from None
+    if messages is None:
+        raise MalformedConversation("no_messages: the row has no messages")
+    if not isinstance(messages, (list, tuple)):
+        raise MalformedConversation(f"bad_messages: expected a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise MalformedConversation("no_messages: the message list is empty")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise MalformedConversation(f"bad_message: message {i} is not an object with 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise MalformedConversation(f"bad_role: message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
+        if role == "system" and i > 0:
+            raise MalformedConversation(f"bad_role: message {i} is a system message; only the first may be")
+        if not isinstance(content, str):
+            raise MalformedConversation(f"bad_message: message {i} content has type {type(content).__name__}, expected a string")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise MalformedConversation("no_assistant: no assistant turn to learn from")
+    return out
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+_EOT_CACHE: dict[str, str] = {}
+
+
+def end_of_turn(tokenizer) -> str:
+    """The text the chat template writes right after an assistant message's content, stripped
+    of whitespace (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3). It is a target: a model
+    that never learns to emit it never stops."""
+    template = tokenizer.chat_template or ""
+    if template not in _EOT_CACHE:
+        probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": _SENTINEL}]
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+        at = text.find(_SENTINEL)
+        _EOT_CACHE[template] = text[at + len(_SENTINEL):].strip() if at >= 0 else ""
+    return _EOT_CACHE[template]
+
+
+def assistant_char_spans(text: str, messages: list[dict], eot: str) -> list[tuple[int, int]]:
+    """[start, end) character spans of each assistant turn (content + end-of-turn marker) in
+    the rendered `text`. Pure. Messages are located in order, so an assistant reply that
+    repeats an earlier user message is found at its own place."""
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        content = m["content"]
+        at, found = text.find(content, cursor), content
+        if at < 0 and content.strip() != content:  # templates that trim (Llama 3)
+            found = content.strip()
+            at = text.find(found, cursor)
+        if at < 0:
+            if m["role"] == "assistant":
+                raise MalformedConversation(
+                    f"template_mismatch: the chat template does not copy assistant message {i} verbatim"
+                )
+            continue  # a template may rewrite a system/user message; it is never a target
+        end = at + len(found)
+        cursor = end
+        if m["role"] == "assistant":
+            if eot and text.startswith(eot, end):
+                end += len(eot)
+            spans.append((at, end))
+    return spans
+
+
+def shifted_labels(input_ids: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """labels[t] = input_ids[t+1] where token t+1 is a target, else -100; the last is -100. Pure."""
+    labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int32)
+    labels[:-1] = np.where(target[1:], input_ids[1:], IGNORE_INDEX)
+    return labels
+
+
+def _encode_rendered(tokenizer, texts: list[str], span_lists: list[list[tuple[int, int]]]):
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    for ids, offsets, spans in zip(enc["input_ids"], enc["offset_mapping"], span_lists):
+        ids = np.asarray(ids, dtype=np.int32)
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        target = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:
+            # Overlap, not containment: a token that BPE merged across the prompt/content
+            # boundary still carries content, and predicting it is what generation needs.
+            target |= (off[:, 1] > a) & (off[:, 0] < b) & (off[:, 1] > off[:, 0])
+        yield ids, shifted_labels(ids, target)
+
+
+def _render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # jinja raise_exception(), e.g. "roles must alternate"
+        raise MalformedConversation(f"template_error: {e}") from None
+    return text, assistant_char_spans(text, messages, end_of_turn(tokenizer))
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """input_ids and SHIFTED labels for one chat: labels[t] is the token to predict after
+    reading input_ids[:t+1] (i.e. input_ids[t+1]) when that token belongs to an assistant turn
+    (content and its end-of-turn token), else -100. The last position is always -100.
+
+    The ids are those of `tokenizer.apply_chat_template(messages)`. Raises
+    MalformedConversation ("code: detail") for rows that cannot be a sample."""
+    text, spans = _render(tokenizer, validate_messages(messages))
+    ids, labels = next(_encode_rendered(tokenizer, [text], [spans]))
+    return ids.tolist(), labels.tolist()
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class TokenCache:
+    """A directory of Parquet shards + _manifest.json (see the module docstring)."""
+
+    path: Path
+    fingerprint: str
+    n_samples: int
+    n_dropped: int
+    """Samples longer than max_len: counted (and listed in rejected/), never cut."""
+    lengths: np.ndarray
+    """int32 [n_samples]: tokens per sample."""
+    n_targets: np.ndarray
+    """int32 [n_samples]: target tokens (labels != -100) per sample: what loss normalisation counts."""
+    n_rejected: int = 0
+    """Malformed rows (no messages, no assistant turn, bad roles, ...), listed in rejected/."""
+    reasons: dict = field(default_factory=dict)
+    """Dropped and rejected rows by reason code."""
+    _ids: np.ndarray | None = field(default=None, repr=False)
+    _labels: np.ndarray | None = field(default=None, repr=False)
+    _offsets: np.ndarray | None = field(default=None, repr=False)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of sample i, int32. The first call loads every shard into memory
+        (8 bytes a token: ~3 GB for 400M tokens, per process); planning needs only `lengths`."""
+        if self._ids is None:
+            self._load_tokens()
+        a, b = self._offsets[i], self._offsets[i + 1]
+        return self._ids[a:b], self._labels[a:b]
+
+    def _load_tokens(self) -> None:
+        ids, labels = [], []
+        for part in _shards(self.path):
+            t = pq.read_table(part, columns=["input_ids", "labels"])
+            ids.append(t.column("input_ids").combine_chunks().flatten().to_numpy())
+            labels.append(t.column("labels").combine_chunks().flatten().to_numpy())
+        self._ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        self._labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+        self._offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        if self._offsets[-1] != len(self._ids):
+            raise RuntimeError(f"{self.path}: shards hold {len(self._ids)} tokens, the lengths say {self._offsets[-1]}")
+
+
+def _shards(path: Path) -> list[Path]:
+    return sorted(path.glob("part-*.parquet"))
+
+
+def load_token_cache(path: Path) -> TokenCache:
+    """Open a complete cache directory written by `build_token_cache` (tokens load lazily)."""
+    from distill.store import Manifest
+
+    path = Path(path)
+    manifest = Manifest.read(path)
+    if manifest is None or manifest.status != "complete":
+        raise FileNotFoundError(f"{path} is not a complete token cache (no complete _manifest.json); rebuild it")
+    lengths, n_targets = [], []
+    for part in _shards(path):
+        t = pq.read_table(part, columns=["length", "n_targets"])
+        lengths.append(t.column("length").to_numpy())
+        n_targets.append(t.column("n_targets").to_numpy())
+    lengths = np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)
+    n_targets = np.concatenate(n_targets).astype(np.int32) if n_targets else np.zeros(0, np.int32)
+    counts = manifest.counts
+    if len(lengths) != counts["samples"]:
+        raise RuntimeError(f"{path}: {len(lengths)} samples in the shards, the manifest says {counts['samples']}")
+    return TokenCache(path=path, fingerprint=manifest.fingerprint, n_samples=len(lengths), n_dropped=counts["dropped"],
+                      lengths=lengths, n_targets=n_targets, n_rejected=counts["rejected"], reasons=counts["by_reason"])
+
+
+def expand_data_files(data_files: list[Path]) -> list[Path]:
+    """Files to read: each file as given, each directory's top-level *.parquet / *.jsonl
+    (so a stage's `rejected/` subdirectory is never read as training data)."""
+    out = []
+    for p in map(Path, data_files):
+        if p.is_dir():
+            found = sorted([*p.glob("*.parquet"), *p.glob("*.jsonl")])
+            if not found:
+                raise FileNotFoundError(f"{p} holds no *.parquet or *.jsonl files")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"training data {p} does not exist")
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides the token ids: vocabulary, merges, normalisation, added tokens, and
+    the chat template. Content-based, so the same tokenizer from a directory or the Hub agrees."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers; slow ones: the vocab
+    h.update((backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update((tokenizer.chat_template or "").encode())
+    return h.hexdigest()[:16]
+
+
+def _iter_rows(files: list[Path]) -> Iterator[Any]:
+    from distill.sources import _read_jsonl, _read_parquet
+
+    for f in files:
+        yield from (_read_parquet(f) if f.suffix == ".parquet" else _read_jsonl(f))
+
+
+def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: int, out_dir: Path,
+                      messages_column: str = "messages") -> TokenCache:
+    """Tokenise once; keyed by hash(tokenizer files + chat template + data content + max_len);
+    reuses a matching cache, rebuilds otherwise. Runs in ONE process before the training workers
+    start (the driver / a Ray task) so no rank tokenises while others wait on a collective.
+
+    The cache is `out_dir/<key>/`; it appears by rename of a finished build, so a killed build
+    leaves nothing that looks complete, and a file lock keeps two builders from racing."""
+    from filelock import FileLock
+    from transformers import AutoTokenizer
+
+    from distill.sources import _hash_files
+    from distill.store import Manifest
+    from distill.teachers.models import resolve_model
+
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len}: a sample needs at least 2 tokens")
+    files = expand_data_files(data_files)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_dir))
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer of {tokenizer_dir!r} has no chat template; SFT data needs one")
+    settings = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": _hash_files(files), "max_len": max_len,
+                "messages_column": messages_column, "version": TOKENIZE_VERSION}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    out_dir = Path(out_dir)
+    target = out_dir / key
+    if (target / "_manifest.json").exists():
+        return load_token_cache(target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir / f".{key}.lock")):
+        if (target / "_manifest.json").exists():  # another builder finished while this one waited
+            return load_token_cache(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=out_dir))
+        try:
+            counts = _tokenize_into(tmp, files, tokenizer, max_len=max_len, messages_column=messages_column)
+            Manifest("tokenize", key, settings, inputs={str(f): settings["data"] for f in files},
+                     status="complete", counts=counts).write(tmp)
+            shutil.rmtree(target, ignore_errors=True)  # a cache dir without manifest: a crashed rename
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return load_token_cache(target)
+
+
+def _tokenize_into(out: Path, files: list[Path], tokenizer, *, max_len: int, messages_column: str) -> dict:
+    samples: list[dict] = []
+    rejected: list[dict] = []
+    reasons: Counter = Counter()
+    stats = {"samples": 0, "dropped": 0, "rejected": 0, "tokens": 0, "target_tokens": 0}
+    shard = 0
+
+    def reject(location: str, reason: str, raw: Any) -> None:
+        reasons[reason.split(":", 1)[0]] += 1
+        text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
+        rejected.append({"location": location, "reason": reason, "raw": text[:_RAW_LIMIT]})
+
+    def flush(force: bool) -> None:
+        nonlocal shard, samples
+        while len(samples) >= _SHARD_SAMPLES or (force and samples):
+            part, samples = samples[:_SHARD_SAMPLES], samples[_SHARD_SAMPLES:]
+            pq.write_table(pa.Table.from_pylist(part, schema=SAMPLE_SCHEMA), out / f"part-{shard:05d}.parquet")
+            shard += 1
+
+    def encode(batch: list[tuple[str, str, list[tuple[int, int]], Any]]) -> None:
+        encoded = _encode_rendered(tokenizer, [b[1] for b in batch], [b[2] for b in batch])
+        for (location, _, _, raw), (ids, labels) in zip(batch, encoded):
+            if len(ids) > max_len:
+                stats["dropped"] += 1
+                reject(location, f"too_long: {len(ids)} tokens > max_len {max_len} (dropped, not cut)", raw)
+                continue
+            n_targets = int((labels != IGNORE_INDEX).sum())
+            stats["samples"] += 1
+            stats["tokens"] += len(ids)
+            stats["target_tokens"] += n_targets
+            samples.append({"input_ids": ids, "labels": labels, "length": len(ids), "n_targets": n_targets,
+                            "location": location})
+        flush(force=False)
+
+    pending = []
+    for row in _iter_rows(files):
+        if isinstance(row.value, str):  # the reader could not decode the line
+            stats["rejected"] += 1
+            reject(row.location, row.value, row.raw)
+            continue
+        raw = row.value.get(messages_column)
+        try:
+            if messages_column not in row.value:
+                raise MalformedConversation(f"no_messages: no column {messages_column!r}")
+            text, spans = _render(tokenizer, validate_messages(raw))
+        except MalformedConversation as e:
+            stats["rejected"] += 1
+            reject(row.location, str(e), row.raw or row.value)
+            continue
+        pending.append((row.location, text, spans, row.raw or raw))
+        if len(pending) >= _ENCODE_BATCH:
+            encode(pending)
+            pending = []
+    if pending:
+        encode(pending)
+    flush(force=True)
+    if rejected:
+        (out / "rejected").mkdir()
+        pq.write_table(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), out / "rejected" / "part-00000.parquet")
+    return {**stats, "by_reason": dict(reasons)}
