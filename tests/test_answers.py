@@ -1,0 +1,172 @@
+"""Final-answer extraction on realistic model outputs and reference solutions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DATA
+
+from distill.curate.answers import (
+    ANSWER_EXTRACTORS,
+    extract_answer,
+    extract_answer_is,
+    extract_boxed,
+    extract_gsm8k,
+    extract_last_number,
+    strip_thousands,
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("So the answer is $\\boxed{5}$.", "5"),
+        ("$\\boxed{5}$.", "5"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("Thus $\\boxed{(1, 2)}$", "(1, 2)"),
+        ("\\boxed{x^{2}}", "x^{2}"),
+        ("\\boxed{\\left\\{ 1, 2 \\right\\}}", "\\left\\{ 1, 2 \\right\\}"),
+        ("first \\boxed{3}, then corrected: \\boxed{4}", "4"),
+        ("\\fbox{12}", "12"),
+        ("\\boxed 5", "5"),
+        ("so we get $\\boxed 7$.", "7"),
+        ("\\boxed{ 42 }", "42"),
+        ("\\boxed {\\dfrac{3}{4}}", "\\dfrac{3}{4}"),
+        ("\\boxed{\\text{(C)}}", "\\text{(C)}"),
+        ("\\boxed{1,000}", "1,000"),  # extract_boxed alone keeps the text; extract_answer strips
+        ("\\boxed{\\{1\\}}", "\\{1\\}"),  # escaped braces do not count for balancing
+    ],
+)
+def test_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no box here, the answer is 5",
+        "\\boxed{\\frac{1}{2}",  # unclosed: a truncated answer
+        "\\boxed{3} and later \\boxed{4",  # the last box is unclosed: no answer, not the earlier box
+        "\\boxed{}",
+        "\\boxed{  }",
+    ],
+)
+def test_boxed_none(text):
+    assert extract_boxed(text) is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Adding them up, the answer is 42.", "42"),
+        ("The answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
+        ("Final answer: 3.5", "3.5"),
+        ("**Final Answer:** $x = 3$", "x = 3"),
+        ("The final answer is 1,234.", "1,234"),
+        ("Answer: (B)", "(B)"),
+        ("I guess the answer is 4. Wait, no.\nThe answer is 6.", "6"),
+        ("The answer is: **12**.", "12"),
+        ("The answer is \\(2\\sqrt{3}\\).", "2\\sqrt{3}"),
+    ],
+)
+def test_answer_is(text, expected):
+    assert extract_answer_is(text) == expected
+
+
+def test_answer_is_not_mid_sentence_answer_word():
+    assert extract_answer_is("We need to answer: how many? 5 of them") is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("She has 3 + 4 = 7 apples.\n#### 7", "7"),
+        ("#### 1,000", "1000"),
+        ("#### -5\n", "-5"),
+        ("no marker", None),
+        ("#### \n", None),
+    ],
+)
+def test_gsm8k(text, expected):
+    assert extract_gsm8k(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Step 1: 3 + 4 = 7\nShe has 12 apples in total", "12"),
+        ("total: -3.25 dollars\n\n", "-3.25"),
+        ("It costs 1,500 or so", "1,500"),
+        ("a ratio of 3/4", "3/4"),
+        ("the first line has 5\nthe last none", None),
+        ("", None),
+    ],
+)
+def test_last_number(text, expected):
+    assert extract_last_number(text) == expected
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("Therefore $\\boxed{1,000}$ dollars.", "1000"),
+        ("The answer is 2,500.", "2500"),
+        ("The answer is 12,5.", "12,5"),  # not a thousands pattern: left for the verifier
+        ("so 3 + 4 = 7\nThe answer is 7. \\boxed{8}", "8"),  # a box wins over the text
+        ("Computing... \\boxed{\\frac{1}{2", None),  # a truncated box is no answer, not "2"
+        ("The total is 15 apples\n#### 15", "15"),
+        ("I think it's 15", "15"),
+        ("", None),
+    ],
+)
+def test_extract_answer(response, expected):
+    assert extract_answer(response) == expected
+
+
+def test_methods_order_and_subset():
+    text = "The answer is 3.\n#### 4"
+    assert extract_answer(text) == "3"
+    assert extract_answer(text, methods=("gsm8k", "answer_is")) == "4"
+    assert extract_answer("the count is 9", methods=("boxed",)) is None
+    with pytest.raises(ValueError, match="unknown extraction method 'box'"):
+        extract_answer("x", methods=("box",))
+
+
+def test_reasoning_only_when_asked_and_response_has_none():
+    reasoning = "Let me compute... so it is \\boxed{17}"
+    assert extract_answer("I ran out of words", reasoning) is None
+    assert extract_answer("nothing here", reasoning, use_reasoning=True) == "17"
+    # The response's own answer wins over the reasoning's.
+    assert extract_answer("\\boxed{18}", reasoning, use_reasoning=True) == "18"
+
+
+def test_strip_thousands_only_plain_numbers():
+    assert strip_thousands("1,234,567.25") == "1234567.25"
+    assert strip_thousands("-12,000") == "-12000"
+    assert strip_thousands("(1,234)") == "(1,234)"
+    assert strip_thousands("1,23") == "1,23"
+
+
+def test_registry_keeps_source_extractors():
+    assert set(ANSWER_EXTRACTORS) >= {"none", "gsm8k", "boxed", "auto"}
+    assert ANSWER_EXTRACTORS["none"]("  7 ") == "7"
+    assert ANSWER_EXTRACTORS["none"]("   ") is None
+    assert ANSWER_EXTRACTORS["auto"]("blah \\boxed{9}") == "9"
+
+
+def test_reference_solutions_roundtrip():
+    """Every MATH-500 solution's last box and every GSM8K solution's `####` give the dataset's
+    own answer column (which was produced from those solutions)."""
+    n_math = n_gsm = 0
+    for line in open(DATA / "benchmarks" / "math500.jsonl"):
+        r = json.loads(line)
+        if "\\boxed" in r["solution"]:
+            assert extract_boxed(r["solution"]).replace(" ", "") == r["answer"].replace(" ", ""), r["id"]
+            n_math += 1
+    for line in open(DATA / "benchmarks" / "gsm8k.jsonl"):
+        r = json.loads(line)
+        assert extract_gsm8k(r["solution"]) == r["answer"], r["id"]
+        assert extract_answer(r["solution"]) == r["answer"], r["id"]
+        n_gsm += 1
+    assert n_math > 450 and n_gsm == 1319
