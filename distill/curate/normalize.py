@@ -43,13 +43,20 @@ _PREFIX_RE = re.compile(r"^[\s*#>_]*(?:" + "|".join(_PREFIXES) + r")[\s*#_]*", r
 _SUFFIX_RE = re.compile(r"[\s*#_]*(?:" + "|".join(_SUFFIXES) + r")[\s*#_]*$", re.IGNORECASE | re.DOTALL)
 
 
+_SUFFIX_HINTS = ("step", "boxed", "answer", "solution", "assistant", "work", "response", "last line")
+_WINDOW = 400  # wrappers are short; searching only the ends keeps long texts cheap
+
+
 def strip_instructions(text: str) -> str:
     """`text` without the instruction prefixes/suffixes prompt templates wrap around a problem.
 
     Stops when stripping would leave nothing (a text that is only "Question:" stays as is).
     """
     while True:
-        out = _SUFFIX_RE.sub("", _PREFIX_RE.sub("", text, count=1), count=1)
+        out = _PREFIX_RE.sub("", text[:_WINDOW], count=1) + text[_WINDOW:]
+        tail = out[-_WINDOW:].lower()
+        if any(h in tail for h in _SUFFIX_HINTS):  # the suffix regex is the costly part
+            out = out[: max(0, len(out) - _WINDOW)] + _SUFFIX_RE.sub("", out[-_WINDOW:], count=1)
         if out == text or not out.strip():
             return text
         text = out
@@ -152,6 +159,8 @@ def strip_latex(text: str) -> str:
     `\\text{..}`/`\\mathrm{..}`/`\\left`/`\\right` dropped (argument kept), spacing commands
     (`\\!`, `\\,`, `\\quad`) removed, `$`, `\\(`, `\\[` delimiters removed, `^{2}` -> `^2`,
     other commands to their name (`\\pi` -> `pi`)."""
+    if "\\" not in text and "{" not in text:  # plain text: only `$` and `%` can need work
+        return text.replace("$", " ").replace("%", " percent ") if ("$" in text or "%" in text) else text
     text = re.sub(r"(?<=\d)(?:\{,\}|\\,|\\!)(?=\d{3}(?!\d))", "", text)  # 1{,}000, 1\,000
     text = text.replace("\\!", "")
     text = _SPACE_COMMANDS.sub(" ", text)
@@ -168,31 +177,46 @@ def strip_latex(text: str) -> str:
 
 # ----------------------------------------------------------------------------- numbers
 
-_UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen " \
-         "fifteen sixteen seventeen eighteen nineteen".split()
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+          "fifteen sixteen seventeen eighteen nineteen").split()
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-_UNIT_VALUE = {w: i for i, w in enumerate(_UNITS)}
-_TENS_VALUE = {w: 20 + 10 * i for i, w in enumerate(_TENS)}
-_NUMBER_WORD_RE = re.compile(
-    r"\b(?:(" + "|".join(_TENS) + r")(?:[- ](" + "|".join(_UNITS[1:10]) + r"))?|("
-    + "|".join(_UNITS) + r"))\b"
-)
-
-
-def _number_word(m: re.Match) -> str:
-    if m.group(3):
-        return str(_UNIT_VALUE[m.group(3)])
-    return str(_TENS_VALUE[m.group(1)] + (_UNIT_VALUE[m.group(2)] if m.group(2) else 0))
+_WORD_VALUE = {w: i for i, w in enumerate(_UNITS)} | {w: 20 + 10 * i for i, w in enumerate(_TENS)}
+_DECIMAL_ZEROS = re.compile(r"(?<![\d.])(\d+)\.(\d*?)0+(?!\d)")
 
 
 def normalize_numbers(text: str) -> str:
-    """Lower-case text with number formatting made canonical: thousands separators removed
-    (`1,000` -> `1000`), trailing decimal zeros dropped (`5.0` -> `5`, `2.50` -> `2.5`),
-    number words 0-99 to digits (`twenty-five` -> `25`). Larger spelled numbers
-    ("two hundred") are left alone."""
-    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)
-    text = re.sub(r"(?<![\d.])(\d+)\.(\d*?)0+(?![\d])", lambda m: m[1] + ("." + m[2] if m[2] else ""), text)
-    return _NUMBER_WORD_RE.sub(_number_word, text)
+    """Number formatting made canonical: thousands separators removed (`1,000` -> `1000`),
+    trailing decimal zeros dropped (`5.0` -> `5`, `2.50` -> `2.5`). Number words are handled
+    on tokens (`number_words_to_digits`)."""
+    if "," in text:
+        text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)
+    if "." in text:
+        text = _DECIMAL_ZEROS.sub(lambda m: m[1] + ("." + m[2] if m[2] else ""), text)
+    return text
+
+
+def number_words_to_digits(tokens: list[str]) -> list[str]:
+    """Lower-case number words 0-99 to digits (`twenty five`, `twenty - five` -> `25`).
+    Larger spelled numbers ("two hundred") are left alone: they are rare in problems and
+    "hundred" alone is ambiguous ("hundreds of")."""
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        value = _WORD_VALUE.get(tokens[i])
+        if value is None:
+            out.append(tokens[i])
+            i += 1
+            continue
+        if value >= 20 and value % 10 == 0:  # "twenty five" / "twenty - five"
+            j = i + 2 if i + 2 < len(tokens) and tokens[i + 1] == "-" else i + 1
+            unit = _WORD_VALUE.get(tokens[j]) if j < len(tokens) else None
+            if unit is not None and 1 <= unit <= 9:
+                out.append(str(value + unit))
+                i = j + 1
+                continue
+        out.append(str(value))
+        i += 1
+    return out
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -207,17 +231,14 @@ def normalize_text(text: str) -> str:
     """The canonical form of a problem text, for exact comparison and n-grams.
 
     Instruction wrappers stripped, NFKC + quote/dash unification, LaTeX rewritten (see
-    `strip_latex`), lower case, number formatting canonical (see `normalize_numbers`), then
-    tokens (numbers, letter runs, and the math symbols `+-*/=<>^()[]|!`) joined by single spaces;
-    other punctuation (`.,;:?'"`) is dropped. Idempotent: normalize_text(normalize_text(t)) ==
+    `strip_latex`), lower case, number formatting canonical (see `normalize_numbers` and
+    `number_words_to_digits`), then tokens (numbers, letter runs, and the math symbols
+    `+-*/=<>^()[]|!`) joined by single spaces; other punctuation (`.,;:?'"`) is dropped. Idempotent: normalize_text(normalize_text(t)) ==
     normalize_text(t).
     """
-    text = strip_latex(strip_instructions(unify_unicode(text))).lower()
-    text = normalize_numbers(text)
-    tokens = []
-    for tok in _TOKEN_RE.findall(text):
-        if tok[0].isalnum() or tok in _KEEP_SYMBOLS:
-            tokens.append(tok)
+    text = normalize_numbers(strip_latex(strip_instructions(unify_unicode(text))).lower())
+    tokens = [t for t in _TOKEN_RE.findall(text) if t[0].isalnum() or t in _KEEP_SYMBOLS]
+    tokens = number_words_to_digits(tokens)
     # `<=` / `>=` / `!=` survive as two tokens; join them back so exact comparison matches the
     # unicode spellings mapped above.
     return re.sub(r"([<>!]) =", r"\1=", " ".join(tokens))
