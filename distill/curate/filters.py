@@ -21,7 +21,8 @@ from typing import Callable, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distill.curate.normalize import word_tokens
+from distill.curate.dedup import jaccard, shingle_set
+from distill.curate.normalize import normalize_text, word_tokens
 from distill.section import Section
 
 # ----------------------------------------------------------------------------- config
@@ -330,27 +331,13 @@ def check_garbage(record: dict, cfg: GarbageFilter) -> str | None:
 # ----------------------------------------------------------------------------- per-question filters
 
 
-def shingles(text: str, n: int) -> frozenset[tuple[str, ...]]:
-    """The set of word n-grams of `text` (normalised words; the whole text if shorter than n)."""
-    words = word_tokens(text)
-    if len(words) <= n:
-        return frozenset([tuple(words)])
-    return frozenset(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-
-
-def jaccard(a: frozenset, b: frozenset) -> float:
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
-
-
 def select_diverse(texts: list[str], lengths: list[int], k: int, shingle: int) -> list[int]:
     """Positions of k texts chosen greedily for diversity: first the shortest, then each time
     the text whose nearest chosen text (Jaccard similarity of word shingles) is farthest. Ties go
     to the shorter text, then the earlier position, so the choice is deterministic."""
     if len(texts) <= k:
         return list(range(len(texts)))
-    sets = [shingles(t, shingle) for t in texts]
+    sets = [shingle_set(normalize_text(t), shingle) for t in texts]
     first = min(range(len(texts)), key=lambda i: (lengths[i], i))
     chosen = [first]
     # Nearest-chosen distance per candidate, updated with each pick: O(k * n) comparisons.
