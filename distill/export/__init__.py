@@ -1,0 +1,1 @@
+"""Exporting trained checkpoints as Hugging Face model directories (`distill export CKPT OUT`)."""

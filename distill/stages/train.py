@@ -1,0 +1,26 @@
+"""Stage `train`: SFT of the student on `train.data.paths` or RUN/sft/, then export.
+
+Writes RUN/train/ (token_cache/, checkpoints/, metrics.jsonl, tensorboard/) and the final
+Hugging Face model to train.export.dir (default RUN/model/). Re-running resumes from the last
+checkpoint; a finished run only re-exports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.config import RunConfig
+
+
+def run(cfg: RunConfig, run_dir: Path) -> Path:
+    from distill.export.hf import export_checkpoint
+    from distill.train.launch import launch, prepare
+
+    train = cfg.train
+    job = prepare(train, run_dir)
+    final = launch(job)
+    out = export_checkpoint(final, train.export.dir or Path(run_dir) / "model",
+                            max_shard_size_mb=train.export.max_shard_size_mb, dtype=train.export.dtype)
+    print(f"train: model written to {out} (from {final}); load it with "
+          f'AutoModelForCausalLM.from_pretrained("{out}")', flush=True)
+    return out

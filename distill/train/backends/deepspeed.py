@@ -1,0 +1,229 @@
+"""The DeepSpeed backend: ZeRO stages 0-3, CPU/NVMe offload (ZeRO-Infinity), bf16 or fp32.
+
+The model stays an unmodified transformers model: it is wrapped in a small module whose
+forward is the project's packed loss (`forward_loss`), and DeepSpeed wraps that. On a machine
+without CUDA, DeepSpeed runs with its CPU accelerator and gloo.
+
+Loss scaling: the loop gives each micro-batch the loss `loss_sum / global_target_tokens`, whose
+sum over micro-batches and ranks is the global mean. DeepSpeed divides every micro-batch's
+gradient by the accumulation steps and averages gradients over ranks; multiplying the loss by
+world * grad_accum before `backward` undoes both, so the step's gradient is exactly that of
+sum-loss / global target tokens (checked against a plain-PyTorch reference in the tests).
+
+Checkpoints are DeepSpeed's own per-rank files (what its ZeRO loaders expect), written with
+`torch.save`. They are read back only through `torch.load(weights_only=True)` with an explicit
+allowlist of the three DeepSpeed classes its optimizer state holds (`_DS_SAFE_GLOBALS`); the
+trainer's own state is JSON (see `distill.train.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from distill.train.backends import StepStats, lr_factor
+
+if TYPE_CHECKING:
+    import torch
+
+    from distill.train.config import TrainConfig
+    from distill.train.packing import PackedBatch
+
+CHECKPOINT_TAG = "ds"
+"""Subdirectory of a checkpoint holding DeepSpeed's files."""
+
+
+def deepspeed_config(cfg: "TrainConfig", *, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config dict for this TrainConfig. Pure (unit-tested without DeepSpeed)."""
+    ds = cfg.deepspeed
+    offloading = ds.offload_optimizer != "none"
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        # Keep every parameter partitioned: the default persistence threshold would keep all of
+        # a tiny model's parameters whole on every rank, so tests would not exercise partitioning.
+        zero["stage3_param_persistence_threshold"] = 0
+    for key, device in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
+        if device == "none":
+            continue
+        # Pinned host memory speeds GPU<->CPU copies; there is nothing to pin for on a CPU run.
+        entry = {"device": device, "pin_memory": precision == "bf16"}
+        if device == "nvme":
+            entry["nvme_path"] = str(ds.nvme_path)
+        zero[key] = entry
+    opt = cfg.optimizer
+    params = {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
+    if not offloading:
+        # torch.optim.AdamW: DeepSpeed's FusedAdam needs a CUDA build. With optimizer offload
+        # DeepSpeed picks DeepSpeedCPUAdam itself (a C++ op built on first use).
+        params["torch_adam"] = True
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": params},
+        "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own step log would be noise
+        "wall_clock_breakdown": False,
+    }
+    if cfg.grad_clip is not None:
+        out["gradient_clipping"] = cfg.grad_clip
+    if precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    return out
+
+
+def _ds_safe_globals() -> list:
+    """DeepSpeed classes its checkpoint files pickle, allowed for torch.load(weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_weights_only(path: str | os.PathLike, *, mmap: bool = False):
+    """torch.load of a DeepSpeed checkpoint file without executing arbitrary pickled code."""
+    import torch
+
+    with torch.serialization.safe_globals(_ds_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _weights_only_engine():
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch engine, loading with weights_only=True instead of full unpickling."""
+
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path)
+
+    return WeightsOnlyCheckpointEngine()
+
+
+def _loss_module(model):
+    import torch
+
+    from distill.train.model import forward_loss
+    from distill.train.packing import PackedBatch
+
+    class PackedLoss(torch.nn.Module):
+        """The student plus its packed loss as one module, so DeepSpeed's forward hooks (ZeRO-3
+        parameter gathering) wrap the whole computation. Parameter names gain `student.`."""
+
+        def __init__(self, student):
+            super().__init__()
+            self.student = student
+
+        def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen: int, n_target_tokens: int):
+            batch = PackedBatch(input_ids, labels, position_ids, cu_seqlens, max_seqlen, n_target_tokens)
+            return forward_loss(self.student, batch)[0]
+
+    return PackedLoss(model)
+
+
+class DeepSpeedBackend:
+    """One rank's DeepSpeed engine. Construct on every rank; `setup` then wraps the model."""
+
+    def __init__(self, cfg: "TrainConfig", *, precision: str):
+        import torch
+
+        self.cfg, self.precision = cfg, precision
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        if self.device.type == "cpu":
+            # DeepSpeed picks its accelerator at import; without this it probes for CUDA and
+            # warns, and some ops then assume a GPU.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        else:
+            torch.cuda.set_device(self.device)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.engine = None
+
+    def setup(self, model, *, total_steps: int) -> None:
+        import deepspeed
+        import torch
+
+        cfg = self.cfg
+        sched = partial(lr_factor, warmup=cfg.schedule.warmup_steps, total=total_steps,
+                        min_ratio=cfg.schedule.min_lr_ratio)
+        wrapped = _loss_module(model)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg, world_size=self.world_size, precision=self.precision),
+            # A partial keeps the schedule's arguments out of LambdaLR's state_dict, so a
+            # resumed run follows the schedule of its own config.
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, sched),
+        )
+        self.engine.checkpoint_engine = _weights_only_engine()
+
+    def _forward(self, batch: "PackedBatch"):
+        b = batch.to(self.device)
+        return self.engine(b.input_ids, b.labels, b.position_ids, b.cu_seqlens, b.max_seqlen, b.n_target_tokens)
+
+    def train_step(self, micro_batches: list["PackedBatch"], global_target_tokens: int) -> StepStats:
+        import torch
+
+        if len(micro_batches) != self.cfg.grad_accum:
+            raise ValueError(f"{len(micro_batches)} micro-batches for grad_accum={self.cfg.grad_accum}")
+        if global_target_tokens <= 0:
+            raise ValueError("the global batch has no target tokens")
+        self.engine.train()
+        lr = self.engine.get_lr()[0]
+        undo = self.world_size * self.cfg.grad_accum
+        local = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            loss = self._forward(batch) / global_target_tokens
+            local += loss.detach().double().cpu()
+            self.engine.backward(loss * undo)
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        # One scalar all-reduce per step for the logged loss (the mean over the global batch).
+        total = local.to(self.device)
+        torch.distributed.all_reduce(total)
+        norm = self.engine.get_global_grad_norm()
+        return StepStats(loss=float(total), grad_norm=float(norm) if norm is not None else float("nan"), lr=lr)
+
+    def any_rank(self, flag: bool) -> bool:
+        import torch
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        import torch
+
+        torch.distributed.barrier()
+
+    def save_checkpoint(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_checkpoint(self, path: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/{CHECKPOINT_TAG}")
+
+    def logits(self, input_ids: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        self.engine.eval()
+        with torch.no_grad():
+            # Calling the inner student directly: under ZeRO-3 its submodules' hooks still
+            # gather each layer's parameters (every rank must make the same call).
+            out = self.engine.module.student(input_ids=input_ids.to(self.device), use_cache=False)
+        return out.logits.float().cpu()
+
+    def close(self) -> None:
+        import torch
+
+        if self.engine is not None:
+            self.engine.destroy()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,141 @@
+"""Starting the training workers: prepare once in the driver, then Ray Train, torchrun or local.
+
+`prepare` runs in ONE process before any worker exists: it resolves the student and the data,
+checks what needs the model's config (seq_len vs context) and the optional metric sinks, and
+tokenises into the token cache, so no rank tokenises while others wait on a collective.
+`launch` then starts `num_workers` ranks of `distill.train.loop.train_worker` with the chosen
+launcher and returns the final checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from distill.config import ConfigError
+from distill.train.config import TrainConfig, check_against_model
+from distill.train.loop import TrainJob
+
+
+def data_files(cfg: TrainConfig, run_dir: Path) -> list[Path]:
+    """The configured data, or the previous stage's output RUN/sft/."""
+    if cfg.data.paths:
+        return list(cfg.data.paths)
+    sft = Path(run_dir) / "sft"
+    if not sft.is_dir():
+        raise ConfigError([f"train.data.paths is empty and {sft} does not exist: run the stages that write it "
+                           "(add them to run.stages) or set train.data.paths to Parquet/JSONL files with a "
+                           "`messages` column"])
+    return [sft]
+
+
+def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
+    """Validate against the model, build (or reuse) the token cache; the job every rank runs."""
+    from transformers import AutoConfig
+
+    from distill.teachers.models import resolve_model
+    from distill.train.data import build_token_cache
+    from distill.train.metrics import check_sinks
+
+    run_dir = Path(run_dir)
+    model_path = resolve_model(cfg.student.model)
+    model_cfg = AutoConfig.from_pretrained(model_path)
+    problems = check_against_model(cfg, getattr(model_cfg, "max_position_embeddings", None), cfg.student.model)
+    problems += check_sinks(cfg.metrics)
+    if problems:
+        raise ConfigError(problems)
+    files = data_files(cfg, run_dir)
+    out_dir = run_dir / "train"
+    cache = build_token_cache(files, model_path, max_len=cfg.seq_len, out_dir=cfg.data.cache_dir or out_dir / "token_cache",
+                              messages_column=cfg.data.messages_column)
+    print(f"train: token cache {cache.path}: {cache.n_samples} samples, {int(cache.lengths.sum())} tokens, "
+          f"{int(cache.n_targets.sum())} targets; {cache.n_dropped} longer than train.seq_len={cfg.seq_len} dropped, "
+          f"{cache.n_rejected} malformed rows rejected", flush=True)
+    if cache.n_samples == 0:
+        raise ConfigError([f"no usable training samples in {', '.join(map(str, files))} (see {cache.path}/rejected/)"])
+    return TrainJob(train=cfg.model_dump(mode="json"), model_path=model_path, cache_path=str(cache.path),
+                    out_dir=str(out_dir), checkpoint_dir=str(cfg.checkpoint.dir or out_dir / "checkpoints"))
+
+
+def launch(job: TrainJob) -> Path:
+    """Run the workers to completion; the final checkpoint directory."""
+    from distill.train.checkpoint import latest_checkpoint
+
+    cfg = job.config()
+    runner = {"ray": _launch_ray, "torchrun": _launch_torchrun, "local": _launch_local}[cfg.launch.launcher]
+    runner(job, cfg)
+    final = latest_checkpoint(Path(job.checkpoint_dir))
+    if final is None:
+        raise RuntimeError(f"training finished without a checkpoint in {job.checkpoint_dir}")
+    return final
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_local(job: TrainJob, cfg: TrainConfig) -> None:
+    from distill.train.loop import local_env, train_worker
+
+    saved = {k: os.environ.get(k) for k in local_env(0)}
+    os.environ.update(local_env(_free_port()))
+    try:
+        outcome = train_worker(job)
+        outcome.backend.close()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def torchrun_command(job_file: Path, num_workers: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_workers}",
+            "-m", "distill.train.torchrun", "--job", str(job_file)]
+
+
+def _launch_torchrun(job: TrainJob, cfg: TrainConfig) -> None:
+    job_file = job.write(Path(job.out_dir) / "job.json")
+    cmd = torchrun_command(job_file, cfg.launch.num_workers)
+    # OMP threads per rank: torchrun would otherwise force 1.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(cfg.launch.cpus_per_worker)))}
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise RuntimeError(f"torchrun exited with status {rc}: {' '.join(cmd)}")
+
+
+def _ray_worker(config: dict) -> None:
+    from distill.train.loop import train_worker
+
+    outcome = train_worker(TrainJob(**config["job"]))
+    outcome.backend.close()
+
+
+def _launch_ray(job: TrainJob, cfg: TrainConfig) -> None:
+    from dataclasses import asdict
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cfg.launch.gpus_per_worker > 0
+    resources = {"CPU": cfg.launch.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.launch.gpus_per_worker
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"job": asdict(job)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        # Ray Train's own bookkeeping; checkpoints are the trainer's, in job.checkpoint_dir.
+        run_config=ray.train.RunConfig(name="ray", storage_path=str(Path(job.out_dir).resolve()),
+                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+    )
+    trainer.fit()
