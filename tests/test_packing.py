@@ -164,6 +164,22 @@ def test_logits_do_not_change_when_another_sample_is_packed_before(cache, smollm
         assert (_logits(model, leaky)[0, lb:lb + la] - first).abs().max() > 1e-3
 
 
+def test_load_student_from_a_directory_with_activation_checkpointing(cache, smollm_dir, tmp_path):  # noqa: F811
+    from distill.train.model import load_student
+
+    batch = make_batch(cache, best_fit_decreasing(cache.lengths, SEQ_LEN)[:2], SEQ_LEN)
+    tiny_student(smollm_dir, seed=4).save_pretrained(tmp_path / "student")
+    plain = load_student(str(tmp_path / "student"))
+    recomputed = load_student(str(tmp_path / "student"), gradient_checkpointing=True)
+    assert plain.config._attn_implementation == recomputed.config._attn_implementation == "distill_packed"
+    for model in (plain, recomputed):
+        model.train()
+        forward_loss(model, batch)[0].backward()
+    got, want = _grads(recomputed), _grads(plain)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------- the step plan
 
 

@@ -306,6 +306,9 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_dir))
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer of {tokenizer_dir!r} has no chat template; SFT data needs one")
+    if not end_of_turn(tokenizer):
+        raise ValueError(f"the chat template of {tokenizer_dir!r} writes nothing after an assistant message: "
+                         "a model trained on it would never learn to stop; use a template with an end-of-turn token")
     settings = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": _hash_files(files), "max_len": max_len,
                 "messages_column": messages_column, "version": TOKENIZE_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -317,6 +320,8 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
     with FileLock(str(out_dir / f".{key}.lock")):
         if (target / "_manifest.json").exists():  # another builder finished while this one waited
             return load_token_cache(target)
+        for stale in out_dir.glob(f".{key}.tmp-*"):  # holding the lock: leftovers of a killed build
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=out_dir))
         try:
             counts = _tokenize_into(tmp, files, tokenizer, max_len=max_len, messages_column=messages_column)

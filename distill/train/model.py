@@ -47,7 +47,11 @@ def load_student(name_or_path: str, *, dtype: str = "float32", packed: bool = Tr
                                                  attn_implementation=_attn_implementation(packed))
     if gradient_checkpointing:
         # Non-reentrant: works with inputs that need no grad and with ZeRO-3's parameter hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return model
 
