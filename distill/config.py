@@ -21,9 +21,11 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from distill.section import Section
+from distill.curate.config import CurateConfig
+from distill.train.config import TrainConfig
 
-STAGES = ("generate",)
-"""Stages `distill run` knows, in pipeline order. Later issues append curate, train, export, eval."""
+STAGES = ("generate", "verify", "filter", "dedup", "decontam", "sft", "train")
+"""Stages `distill run` knows, in pipeline order (see distill/stages/__init__.py)."""
 
 
 class ConfigError(ValueError):
@@ -45,7 +47,8 @@ class RunSection(Section):
     re-running the same command resumes from what is there."""
 
     stages: list[str] = Field(default_factory=lambda: list(STAGES))
-    """Stages `distill run` executes, in pipeline order. Known: generate."""
+    """Stages `distill run` executes, in pipeline order. Known: generate, verify, filter, dedup,
+    decontam, sft (the curation stages), train (fine-tune and export the student)."""
 
     progress: bool = True
     """Show a progress bar (shards, samples/s, tokens/s, ETA). The summary is printed either way."""
@@ -339,11 +342,29 @@ class RunConfig(Section):
     ray: RaySection = Field(default_factory=RaySection)
     """Which Ray cluster runs the work."""
 
-    source: SourceConfig
-    """The seed questions."""
+    source: SourceConfig | None = None
+    """The seed questions. Required when the run generates; a train-only run brings its own
+    SFT data (`train.data.paths`)."""
 
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     """Teacher generation."""
+
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    """Verification, filters, dedup, decontamination and the SFT format."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Fine-tuning the student on the SFT set, and its export."""
+
+
+
+def _missing_source(tree: dict) -> list[str]:
+    """Checked on the raw tree, so it is reported together with field errors (a model-level
+    validator would only run once every field is valid)."""
+    run = tree.get("run") if isinstance(tree.get("run"), dict) else {}
+    stages = run.get("stages", STAGES)
+    if isinstance(stages, (list, tuple)) and "generate" in stages and tree.get("source") is None:
+        return ["source: required key is missing (the seed questions; needed when run.stages includes generate)"]
+    return []
 
 
 # --------------------------------------------------------------------------- loading
@@ -413,13 +434,16 @@ def _describe(err: dict) -> str:
 
 
 def build_config(tree: dict) -> RunConfig:
+    problems = _missing_source(tree)
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
-        problems = []
         for err in e.errors(include_url=False):
             problems.extend(_describe(err).split("\n"))
         raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:

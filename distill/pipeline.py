@@ -1,4 +1,5 @@
-"""`distill run`: validate, ingest the source, then run each configured stage in order."""
+"""`distill run`: validate, check every input the stages will need, ingest the source, then run
+each configured stage in order."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from distill.config import RunConfig
 from distill.progress import format_counter
 from distill.raypool import connect
 from distill.sources import ingest
-from distill.stages import stage_runner
+from distill.stages import stage_preflight, stage_runner
 
 
 def save_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
@@ -20,19 +21,27 @@ def save_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
     return path
 
 
-def run_pipeline(cfg: RunConfig) -> Path:
+def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> Path:
     start = time.monotonic()
+    stages = list(stages if stages is not None else cfg.run.stages)
+    # Inputs a later stage needs (benchmark files, the student's config) are checked before the
+    # first stage starts: a typo in a benchmark path must not surface after hours of generation.
+    for stage in stages:
+        stage_preflight(stage, cfg)
+
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, run_dir)
-    print(f"distill: run directory {run_dir.resolve()}; stages: source, {', '.join(cfg.run.stages)}", flush=True)
+    print(f"distill: run directory {run_dir.resolve()}; stages: {', '.join(stages)}", flush=True)
 
-    src = ingest(cfg.source, run_dir / "source")
-    state = "unchanged, reused" if src.skipped else f"{src.rows} rows read"
-    print(f"source: {src.valid} questions ({state}); {src.bad} quarantined ({format_counter(src.reasons)})", flush=True)
+    if "generate" in stages:
+        src = ingest(cfg.source, run_dir / "source")
+        state = "unchanged, reused" if src.skipped else f"{src.rows} rows read"
+        print(f"source: {src.valid} questions ({state}); {src.bad} quarantined ({format_counter(src.reasons)})",
+              flush=True)
 
     print(f"ray: {connect(cfg.ray)}", flush=True)
-    for stage in cfg.run.stages:
+    for stage in stages:
         stage_runner(stage)(cfg, run_dir)
 
     print(f"distill: finished in {time.monotonic() - start:.1f}s; outputs under {run_dir}", flush=True)

@@ -43,6 +43,10 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
+class MissingInputError(RuntimeError):
+    """A stage's input is missing or unfinished; the message names the command to run."""
+
+
 class StaleOutputError(RuntimeError):
     """The directory holds output made with settings that would make it wrong for this config."""
 
@@ -221,5 +225,5 @@ def require_complete(root: str | os.PathLike, what_to_run: str) -> Manifest:
     m = Manifest.read(Path(root))
     if m is None or m.status != "complete":
         state = "missing" if m is None else f"not complete (status {m.status!r})"
-        raise RuntimeError(f"{root} is {state}; run `{what_to_run}` first")
+        raise MissingInputError(f"{root} is {state}; run `{what_to_run}` first")
     return m

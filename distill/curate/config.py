@@ -1,0 +1,39 @@
+"""Config of the curation stages (`curate:` section): one sub-section per step."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from distill.curate.decontam import DecontamConfig
+from distill.curate.dedup import DedupConfig
+from distill.curate.filters import FilterConfig
+from distill.curate.sft import SFTFormatConfig
+from distill.curate.verify import VerifyConfig
+from distill.section import Section
+
+
+class CurateConfig(Section):
+    shard_size: int = Field(default=256, ge=1)
+    """Questions per work unit (all samples of a question stay in one unit, so per-question
+    filters and pass rates see every sample). Larger units mean fewer, bigger output shards."""
+
+    workers: int = Field(default=2, ge=1)
+    """Ray actors per curation stage. The verify stage's actors each run `verify.workers`
+    processes, so its actor count is also capped by the cluster's CPUs."""
+
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    """Final-answer extraction and verification (stage `verify`)."""
+
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    """Sample and question filters (stage `filter`)."""
+
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    """Exact and near-duplicate questions (stage `dedup`)."""
+
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
+    """Benchmark decontamination (stage `decontam`)."""
+
+    sft: SFTFormatConfig = Field(default_factory=SFTFormatConfig)
+    """How a kept sample becomes a training conversation (stage `sft`)."""
+
+    _volatile = frozenset({"shard_size", "workers"})

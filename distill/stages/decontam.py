@@ -1,0 +1,147 @@
+"""Stage `decontam`: remove samples whose question (or, optionally, response) overlaps a benchmark.
+
+Reads `RUN/dedup/`, writes `RUN/decontam/`. The benchmark files are read and hashed before any
+stage of the run starts (`preflight`), so an unreadable file fails the run at once, naming it.
+The n-gram index is built once in the driver and shared with the workers through the Ray object
+store; the embedding model, when enabled, is loaded once per worker. Every removal keeps an audit
+trail: the benchmark, its item id, the method, the score and the matched benchmark text. The
+manifest records each benchmark file's sha256, so "decontaminated against AIME24" names exactly
+which copy.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from distill.config import RunConfig, fingerprint, output_fields
+from distill.stages.derived import (
+    done_question_ids, finish_stage, input_schema, open_derived, plan_question_units, rejected_schema_for,
+    run_units,
+)
+from distill.store import read_records
+
+AUDIT_COLUMNS = [("bench", pa.string()), ("bench_id", pa.string()), ("match_method", pa.string()),
+                 ("match_score", pa.float64()), ("match_field", pa.string()), ("matched_text", pa.string())]
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Read every benchmark now: a missing or malformed file fails before any work."""
+    from distill.curate.benchmarks import load_benchmarks
+
+    load_benchmarks(cfg.curate.decontam.benchmarks)
+
+
+def _setup(dc, index_ref, embed_ref, gen):
+    import ray
+
+    engine = None
+    if dc.judge.enabled:
+        from distill.teachers import build_engine
+
+        engine = build_engine(gen.engine, gen.engine_config())
+    return dc, ray.get(index_ref), ray.get(embed_ref) if embed_ref is not None else None, engine
+
+
+def _matches(texts: list[str], index, embed) -> list:
+    from distill.curate.decontam import combine
+
+    lexical = index.check_many(texts)
+    if embed is None:
+        return lexical
+    # Embeddings only for what the lexical checks did not surely flag: the expensive model runs
+    # on the (few) unclear records, not on every one.
+    todo = [i for i, m in enumerate(lexical) if m is None or m.candidate]
+    for i, m in zip(todo, embed.check_many([texts[i] for i in todo])):
+        lexical[i] = combine(lexical[i], m)
+    return lexical
+
+
+def _judge(engine, dc, pairs: list[tuple[str, str]]) -> list[bool | None]:
+    """The teacher's yes/no on each (record text, benchmark text) candidate pair."""
+    from distill.curate.decontam import judge_messages, parse_judge
+    from distill.teachers.base import Request, SamplingParams
+
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=dc.judge.max_tokens, seed=0)
+    results = engine.generate([Request(judge_messages(a, b)) for a, b in pairs], params)
+    return [parse_judge(r.completions[0].text) if r.ok else None for r in results]
+
+
+def _process(state, records):
+    dc, index, embed, engine = state
+    # A question's samples share its text: check each distinct problem once.
+    problems = sorted({r["problem"] for r in records})
+    by_problem = dict(zip(problems, _matches(problems, index, embed)))
+    by_response = [None] * len(records)
+    if dc.check_response:
+        by_response = _matches([r.get("response") or "" for r in records], index, embed)
+    found = []
+    for r, resp in zip(records, by_response):
+        match, field = by_problem[r["problem"]], "problem"
+        if (match is None or match.candidate) and resp is not None and not resp.candidate:
+            match, field = resp, "response"
+        found.append((match, field))
+
+    stats = Counter()
+    verdicts: dict[tuple[str, str], bool | None] = {}
+    candidates = sorted({(r[f] if f == "problem" else r.get("response") or "", m.text)
+                         for r, (m, f) in zip(records, found) if m is not None and m.candidate})
+    if candidates and engine is not None:
+        # The cap is applied per work unit; candidates past it stay unjudged, i.e. flagged.
+        judged = candidates[: dc.judge.max_candidates]
+        verdicts = dict(zip(judged, _judge(engine, dc, judged)))
+    kept, rejected = [], []
+    for r, (match, field) in zip(records, found):
+        text = r["problem"] if field == "problem" else r.get("response") or ""
+        how = match.method if match is not None else None
+        if match is not None and match.candidate:
+            verdict = verdicts.get((text, match.text))
+            stats[f"candidates_{'judged_' + str(verdict).lower() if engine is not None else 'unjudged'}"] += 1
+            # Without a judge a candidate is kept; an unreadable judge reply flags (conservative).
+            if engine is None or verdict is False:
+                match = None
+            else:
+                how = f"{match.method}+judge"
+        if match is None:
+            kept.append(r)
+            continue
+        stats[f"hits.{match.benchmark}"] += 1
+        rejected.append({
+            **r, "reason": f"contaminated: {field} matches {match.benchmark}:{match.item_id} "
+                           f"({how}, score {match.score:.2f})",
+            "bench": match.benchmark, "bench_id": str(match.item_id), "match_method": how,
+            "match_score": float(match.score), "match_field": field, "matched_text": match.text,
+        })
+    return kept, rejected, stats
+
+
+def run(cfg: RunConfig, run_dir: Path):
+    import ray
+
+    from distill.curate.benchmarks import load_benchmarks
+    from distill.curate.decontam import BenchmarkIndex
+
+    dc = cfg.curate.decontam
+    benchmarks = load_benchmarks(dc.benchmarks)
+    provenance = {b.name: b.provenance() for b in benchmarks}
+    schema = input_schema(run_dir / "dedup")
+    # The benchmark hashes are inputs: a changed benchmark file recomputes the stage.
+    store = open_derived(run_dir, "decontam", "dedup", output_fields(dc), schema,
+                         rejected_schema_for(schema, AUDIT_COLUMNS),
+                         extra_inputs={f"benchmark:{n}": fingerprint(p["sha256"]) for n, p in provenance.items()})
+    records = read_records(run_dir / "dedup")
+    units = plan_question_units(records, done_question_ids(store), cfg.curate.shard_size, store.next_index())
+    print(f"decontam: {len(records)} samples against {len(benchmarks)} benchmarks "
+          f"({', '.join(f'{b.name}={len(b.items)}' for b in benchmarks) or 'none'}); {len(units)} shards", flush=True)
+    index_ref = embed_ref = None
+    if units:
+        index_ref = ray.put(BenchmarkIndex(benchmarks, dc))
+        if dc.embedding.enabled:  # benchmark embeddings computed once here, shared by all workers
+            from distill.curate.decontam import EmbeddingIndex
+
+            embed_ref = ray.put(EmbeddingIndex(benchmarks, dc.embedding))
+    stats, seconds = run_units(store, units, cfg, "decontam", setup=_setup,
+                               setup_args=(dc, index_ref, embed_ref, cfg.generate), process=_process)
+    return finish_stage(store, "decontam", seconds, {"benchmarks": provenance, "this_run": dict(stats)})

@@ -1,0 +1,54 @@
+"""Stage `verify`: teacher samples -> the same samples with their final answer and a verdict.
+
+Reads `RUN/generate/`, writes `RUN/verify/`. Rejects nothing (the `wrong_answer` and
+`truncated` filters do, in the next stage); adds `pred_answer`, `verdict`, `verdict_detail`,
+`correct`, `pass_rate`, `n_samples` and `label` (the reference, or the majority pseudo-label).
+Symbolic checks run in worker processes owned by each Ray actor, under a hard time limit, so
+model output is never parsed by sympy in the driver.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from distill.config import RunConfig, output_fields
+from distill.stages.derived import (
+    done_question_ids, extend_schema, finish_stage, input_schema, open_derived, plan_question_units,
+    rejected_schema_for, run_units,
+)
+from distill.store import read_records
+
+VERIFY_COLUMNS = [("pred_answer", pa.string()), ("label", pa.string()), ("agreement", pa.float64()),
+                  ("verdict", pa.string()), ("verdict_detail", pa.string()), ("correct", pa.bool_()),
+                  ("pass_rate", pa.float64()), ("n_samples", pa.int32())]
+
+
+def _setup(verify_cfg):
+    from distill.curate.verify import Verifier
+
+    return verify_cfg, Verifier(verify_cfg)
+
+
+def _process(state, records):
+    from distill.curate.verify import verify_records
+
+    verify_cfg, verifier = state
+    out = verify_records(records, verifier, verify_cfg)
+    return out, [], Counter(r["verdict"] for r in out)
+
+
+def run(cfg: RunConfig, run_dir: Path):
+    vc = cfg.curate.verify
+    schema = extend_schema(input_schema(run_dir / "generate"), VERIFY_COLUMNS)
+    store = open_derived(run_dir, "verify", "generate", output_fields(vc), schema, rejected_schema_for(schema))
+    samples = read_records(run_dir / "generate")
+    units = plan_question_units(samples, done_question_ids(store), cfg.curate.shard_size, store.next_index())
+    print(f"verify: {len(samples)} samples; {sum(len(u.records) for u in units)} to verify in {len(units)} shards",
+          flush=True)
+    # Each actor runs `vc.workers` verifier processes: reserve that many CPUs for it.
+    verdicts, seconds = run_units(store, units, cfg, "verify", setup=_setup, setup_args=(vc,), process=_process,
+                                  cpus=vc.workers)
+    return finish_stage(store, "verify", seconds, {"verdicts_this_run": dict(verdicts)})
