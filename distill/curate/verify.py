@@ -1,0 +1,424 @@
+"""Verification: is a predicted final answer equal to the reference (or to the majority)?
+
+The semantics are math-verify's (`math_verify.parse` + `math_verify.verify` on `\\boxed{answer}`):
+fractions vs decimals, LaTeX, sets, intervals, tuples, units and `^\\circ` dropped, percentages,
+`x = 5` vs `5`. Two paths decide a pair:
+
+- the fast path, in-process: string work and exact rational arithmetic on short plain numbers
+  (`72`, `1,000`, `-0.25`, `3/4`, `\\frac{3}{4}`, `50\\%`, `90^\\circ`, `5\\text{ cm}`, `x = 3`).
+  It decides only where it provably gives math-verify's verdict and hands the rest on. Most
+  answers of arithmetic sets (GSM8K, AIME) never reach sympy.
+- the symbolic path: math-verify in sandbox worker processes (`sandbox.WorkerPool`) under a hard
+  wall-clock limit and a memory limit, because model output can make sympy hang inside one C call
+  (a tower of powers) where math-verify's own SIGALRM cannot interrupt it. No model output is
+  ever parsed by sympy in the calling process. Workers parse each distinct reference once.
+
+Without a reference the pseudo-label is the majority answer (`majority_vote`), compared by the
+fast path's canonical form.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from distill.curate.answers import DEFAULT_METHODS, EXTRACTION_METHODS, extract_answer
+from distill.curate.sandbox import Killed, WorkerPool
+from distill.section import Section
+
+VerdictCode = Literal["equal", "not_equal", "no_answer", "timeout", "parse_error"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    code: VerdictCode
+    detail: str = ""
+
+    @property
+    def correct(self) -> bool:
+        return self.code == "equal"
+
+
+class VerifyConfig(Section):
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+    """Final-answer extraction methods, tried in order on the response: `boxed` (last
+    `\\boxed{}`), `answer_is` ("The answer is ..." / "Final answer: ..."), `gsm8k` (`#### N`),
+    `last_number` (a number on the last line; lenient, may pick a stray number)."""
+
+    use_reasoning: bool = False
+    """Also search the `<think>` part when the response has no answer. Credits answers the model
+    never stated to the user; off by default."""
+
+    timeout_s: float = Field(default=5.0, ge=1.0)
+    """Wall-clock limit per symbolic check (seconds, >= 1). math-verify's own alarm stops most
+    slow checks at this limit; one it cannot interrupt is killed from outside 1 s later and its
+    worker replaced (about 1 s). Either way the pair is a `timeout`. Longer limits rescue a few
+    heavy-but-valid expressions at the price of stalls on pathological ones."""
+
+    workers: int = Field(default=2, ge=1)
+    """Sandbox worker processes for symbolic checks (each ~150 MB). More workers help only when
+    many pairs miss the fast path."""
+
+    batch_size: int = Field(default=64, ge=1)
+    """Pairs sent to a worker at once. Larger batches cost less inter-process traffic; smaller
+    ones balance better between workers."""
+
+    max_answer_chars: int = Field(default=1000, ge=1)
+    """Answers longer than this (characters) are a `parse_error` without being parsed: real final
+    answers are short, and parse time grows fast with length."""
+
+    memory_limit_mb: int = Field(default=2048, ge=256)
+    """Address-space limit of each worker process (MiB). A check that needs more fails alone as a
+    `parse_error`; too low a limit makes ordinary checks fail."""
+
+    min_agreement: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Questions without a reference: samples are checked against the majority answer when that
+    answer's share of the extracted answers is at least this; otherwise they get `no_answer`.
+    Higher is stricter (fewer pseudo-labelled questions, fewer wrong labels)."""
+
+    _volatile: ClassVar[frozenset[str]] = frozenset({"workers", "batch_size"})
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if m not in EXTRACTION_METHODS:
+                raise ValueError(
+                    f"curate.verify.methods: unknown method {m!r}; known: {', '.join(EXTRACTION_METHODS)}"
+                )
+        if not v:
+            raise ValueError("curate.verify.methods: needs at least one method")
+        return v
+
+
+# --------------------------------------------------------------------------- fast path
+
+_SPACING = re.compile(r"\\[,;:!]|\\(?:left|right)(?=[()\[\]|.]|\\[{}])|\\displaystyle")
+# A space between two word characters separates tokens (`2 i`, `\pi k`); elsewhere it is layout.
+_LAYOUT_SPACE = re.compile(r"(?<![A-Za-z0-9])\s+|\s+(?![A-Za-z0-9])")
+_WORD_SPACE = re.compile(r"\s+")
+_FRAC_CMD = re.compile(r"\\[dtc]frac")
+# `x=` in front of a number: math-verify unwraps an assignment when the other side is no equation.
+# e, i, E, I, o, O are left out: sympy reads them as constants or math-verify as a unit.
+_ASSIGN = re.compile(r"^([a-df-hj-np-zA-DF-HJ-NP-Z])=(?!=)")
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_NUM = re.compile(
+    rf"(?P<sign>-)?(?:"
+    rf"(?P<dec>{_INT}(?:\.\d+)?|\.\d+)"
+    rf"|\\frac\{{(?P<fn>-?\d+)\}}\{{(?P<fd>\d+)\}}"
+    rf"|(?P<sn>\d+)/(?P<sd>\d+)"
+    rf")"
+    rf"(?P<suffix>\\?%|\^\\circ|\^\{{\\circ\}}|°|\\(?:text|mbox)\{{[^{{}}\\]*\}}(?:\^\d|\{{\^\d\}})?)?"
+)
+_MAX_FLOAT_DIGITS = 15  # math-verify's Floats carry 15 digits: beyond, rounding decides, not the value
+
+
+def normalize(answer: str) -> str:
+    """Layout removed: `$`, `\\left`/`\\right`, `\\dfrac` variants, LaTeX spacing commands and
+    spaces not between two word characters (`2 i` and `\\pi k` keep theirs: math-verify reads
+    `2i` and `\\pik` differently). Two answers with the same normal form are equal under any
+    reading; everything else is left to math-verify."""
+    s = answer.strip().replace("\\$", "").replace("$", "")
+    s = _FRAC_CMD.sub(r"\\frac", s)
+    s = _SPACING.sub("", s)
+    s = _WORD_SPACE.sub(" ", _LAYOUT_SPACE.sub("", s))
+    return s
+
+
+@dataclass(frozen=True)
+class PlainNumber:
+    value: Fraction
+    """The exact value, percent applied (`50%` -> 1/2)."""
+    raw: Fraction
+    """The value as written, percent not applied (`50%` -> 50)."""
+    kind: Literal["int", "float", "frac"]
+    percent: bool
+    var: str | None
+    """The variable of an `x = ...` prefix."""
+    digits: int
+    """Significant digits written."""
+
+
+def plain_number(answer: str) -> PlainNumber | None:
+    """The answer as a plain number, or None when it is anything else (LaTeX expression, set,
+    several numbers, ...). Inputs longer than 64 characters are never plain numbers."""
+    s = normalize(answer)
+    if len(s) > 64:
+        return None
+    var = None
+    if m := _ASSIGN.match(s):
+        var, s = m.group(1), s[m.end() :]
+    m = _NUM.fullmatch(s)
+    if m is None:
+        return None
+    suffix = m.group("suffix") or ""
+    if m.group("dec") is not None:
+        if "," in m.group("dec") and (suffix or var):
+            return None  # math-verify reads `2,600\\%` and `x = 2,600` as lists
+        text = m.group("dec").replace(",", "")
+        if len(text) > 1 and text[0] == "0" and text[1] != ".":
+            return None  # `010`: math-verify's reading of leading zeros varies with context
+        raw = Fraction(text)
+        kind = "float" if "." in text else "int"
+        digits = len(text.replace(".", "").lstrip("0")) or 1
+    elif m.group("fn") is not None:
+        num, den = int(m.group("fn")), int(m.group("fd"))
+        if den == 0:
+            return None
+        raw, kind, digits = Fraction(num, den), "frac", 0
+    else:
+        num, den = int(m.group("sn")), int(m.group("sd"))
+        if den == 0:
+            return None
+        raw, kind, digits = Fraction(num, den), "frac", 0
+    if m.group("sign"):
+        raw = -raw
+    percent = suffix.endswith("%")
+    value = raw / 100 if percent else raw
+    return PlainNumber(value=value, raw=raw, kind=kind, percent=percent, var=var, digits=digits)
+
+
+def fast_verdict(pred: str, ref: str) -> Verdict | None:
+    """math-verify's verdict on (prediction, reference) when it follows from string work and
+    exact arithmetic; None when only the symbolic path can tell."""
+    a, b = normalize(pred), normalize(ref)
+    if a == b and a:
+        return Verdict("equal", "fast path: same normalised answer")
+    p, r = plain_number(pred), plain_number(ref)
+    if p is None or r is None:
+        return None
+    if p.var is not None and r.var is not None:
+        return None  # two equations: math-verify compares relations, not values
+    if "float" in (p.kind, r.kind):
+        # One side is a float: math-verify compares both rounded to 6 decimals. Rounding can tie
+        # values closer than 1e-6, and long numbers lose digits to 15-digit floats: not decided here.
+        if max(p.digits, r.digits) > _MAX_FLOAT_DIGITS or max(abs(p.value), abs(r.value)) >= 10**9:
+            return None
+        if p.value == r.value:
+            return Verdict("equal", "fast path: same number")
+        if abs(p.value - r.value) > Fraction(2, 10**6):
+            return Verdict("not_equal", "fast path: different numbers")
+        return None
+    if p.kind == "int" and r.kind == "int" and (p.percent or r.percent) and p.raw >= 0 and r.raw >= 0:
+        # math-verify reads an integer percentage against an integer by its number: 9% == 9
+        # (but -9% is -(9%), which it compares by value).
+        same = p.raw == r.raw or p.value == r.value
+    else:
+        same = p.value == r.value
+    if same:
+        return Verdict("equal", "fast path: same number")
+    return Verdict("not_equal", "fast path: different numbers")
+
+
+def canonical(answer: str) -> str:
+    """A key under which equal answers meet for majority voting: the exact value of a plain
+    number (`0.5`, `1/2`, `50%` -> `1/2`), else the normalised string. Answers equal only
+    symbolically (`\\sqrt{4}` vs `2`) stay apart: voting never runs sympy."""
+    p = plain_number(answer)
+    if p is not None:
+        return f"{p.value.numerator}/{p.value.denominator}" if p.value.denominator != 1 else str(p.value.numerator)
+    return normalize(answer)
+
+
+def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, float]:
+    """(pseudo-label, agreement): the most frequent answer among the non-None ones, grouped by
+    `canonical`, and the share of those answers in its group. Ties go to the smallest canonical
+    key, so the label does not depend on sample order. The label is the group's most frequent
+    spelling (ties: smallest string). (None, 0.0) when no sample has an answer."""
+    groups: dict[str, Counter[str]] = defaultdict(Counter)
+    for a in answers:
+        if a is not None and a.strip():
+            groups[canonical(a)][a] += 1
+    if not groups:
+        return None, 0.0
+    total = sum(sum(c.values()) for c in groups.values())
+    key = min(groups, key=lambda k: (-sum(groups[k].values()), k))
+    spelling = min(groups[key].items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    return spelling, sum(groups[key].values()) / total
+
+
+# --------------------------------------------------------------------------- symbolic path (workers)
+
+
+def _worker_handler(alarm_s: int, cache_size: int = 4096):
+    """Runs in a sandbox worker: returns the function that checks one (pred, ref) pair."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    cache: OrderedDict[str, Any] = OrderedDict()
+
+    def parsed(text: str):
+        if text in cache:
+            cache.move_to_end(text)
+            return cache[text]
+        try:
+            out = parse("\\boxed{" + text + "}", parsing_timeout=alarm_s, raise_on_error=True)
+        except TimeoutException:
+            out = "timeout"
+        except Exception:  # noqa: BLE001 - any parser failure is this answer's parse error
+            out = "error"
+        cache[text] = out
+        if len(cache) > cache_size:
+            cache.popitem(last=False)
+        return out
+
+    def check(pair: tuple[str, str]) -> tuple[str, str]:
+        pred, ref = pair
+        gold = parsed(ref)
+        if isinstance(gold, str) or not gold:
+            return ("timeout" if gold == "timeout" else "parse_error"), "reference: math-verify could not parse it"
+        target = parsed(pred)
+        if isinstance(target, str) or not target:
+            return ("timeout" if target == "timeout" else "parse_error"), "math-verify could not parse the answer"
+        # verify() over the product of both parses, one comparison at a time so that a
+        # comparison timing out is told apart from one that says "different".
+        timed_out = False
+        for g in gold:
+            for t in target:
+                try:
+                    if verify(g, t, timeout_seconds=alarm_s, raise_on_error=True):
+                        return "equal", "math-verify"
+                except TimeoutException:
+                    timed_out = True
+                except Exception:  # noqa: BLE001 - math-verify counts a failing comparison as unequal
+                    pass
+        if timed_out:
+            return "timeout", f"a math-verify comparison ran past {alarm_s} s"
+        # math-verify falls back to comparing the raw text when LaTeX does not parse; unequal
+        # text then says "could not read", not "read and found different".
+        if all(isinstance(t, str) for t in target):
+            return "parse_error", "math-verify could not parse the answer (text differs)"
+        if all(isinstance(g, str) for g in gold):
+            return "parse_error", "reference: math-verify could not parse it (text differs)"
+        return "not_equal", "math-verify"
+
+    return check
+
+
+class Verifier:
+    """Checks (predicted, reference) pairs; a context manager owning the sandbox workers.
+
+    Pairs decided by the fast path never reach a worker; the others are deduplicated, grouped
+    by reference and spread over the workers in batches."""
+
+    def __init__(self, cfg: VerifyConfig, *, fast_path: bool = True):
+        self.cfg = cfg
+        self.fast_path = fast_path
+        self._pool: WorkerPool | None = None
+        self.stats: Counter[str] = Counter()
+
+    def _workers(self) -> WorkerPool:
+        # Started on first need: a run whose answers all take the fast path starts no process.
+        if self._pool is None:
+            # math-verify's in-process alarm fires first (cheap: the worker lives on); the parent's
+            # kill a little later catches what the alarm cannot interrupt.
+            alarm = max(1, math.floor(self.cfg.timeout_s))
+            self._pool = WorkerPool(
+                "distill.curate.verify:_worker_handler",
+                (alarm,),
+                n_workers=self.cfg.workers,
+                item_timeout_s=self.cfg.timeout_s + 1.0,
+                memory_limit_mb=self.cfg.memory_limit_mb,
+            )
+        return self._pool
+
+    def verify(self, pairs: Sequence[tuple[str | None, str]]) -> list[Verdict]:
+        out: list[Verdict | None] = [None] * len(pairs)
+        todo: dict[tuple[str, str], list[int]] = defaultdict(list)
+        limit = self.cfg.max_answer_chars
+        for i, (pred, ref) in enumerate(pairs):
+            if pred is None or not pred.strip():
+                out[i] = Verdict("no_answer", "no final answer found")
+            elif ref is None or not ref.strip():
+                out[i] = Verdict("parse_error", "empty reference")
+            elif len(pred) > limit or len(ref) > limit:
+                side = "answer" if len(pred) > limit else "reference"
+                out[i] = Verdict("parse_error", f"{side} longer than max_answer_chars={limit}; not parsed")
+            elif self.fast_path and (v := fast_verdict(pred, ref)) is not None:
+                out[i] = v
+            else:
+                todo[(pred.strip(), ref.strip())].append(i)
+        self.stats["fast"] += len(pairs) - sum(len(v) for v in todo.values())
+        if todo:
+            keys = sorted(todo, key=lambda k: (k[1], k[0]))  # one reference's pairs together
+            bs = self.cfg.batch_size
+            batches = [keys[i : i + bs] for i in range(0, len(keys), bs)]
+            results = self._workers().map(batches)
+            self.stats["symbolic"] += len(keys)
+            for batch, res in zip(batches, results):
+                for key, r in zip(batch, res):
+                    if isinstance(r, Killed):
+                        v = Verdict("timeout" if r.reason == "timeout" else "parse_error", r.detail)
+                    elif r[0] == "error":
+                        v = Verdict("parse_error", f"checker failed: {r[1]}")
+                    else:
+                        v = Verdict(r[0], r[1])
+                    for i in todo[key]:
+                        out[i] = v
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def verify_records(records: list[dict], verifier: Verifier, cfg: VerifyConfig) -> list[dict]:
+    """Generation records plus `pred_answer`, `verdict`, `verdict_detail`, `correct`, `pass_rate`
+    and `n_samples` (both per question `id`). Questions without a reference are checked
+    against their majority answer (see `VerifyConfig.min_agreement`)."""
+    out = [dict(r) for r in records]
+    for r in out:
+        r["pred_answer"] = extract_answer(
+            r["response"] or "",
+            r["reasoning"],
+            methods=cfg.methods,
+            use_reasoning=cfg.use_reasoning,
+        )
+    by_id: dict[Any, list[int]] = defaultdict(list)
+    for i, r in enumerate(out):
+        by_id[r["id"]].append(i)
+
+    pairs: list[tuple[str | None, str]] = []
+    where: list[int] = []
+    notes: dict[int, str] = {}
+    for idx in by_id.values():
+        ref = out[idx[0]].get("answer")
+        if ref is not None and str(ref).strip():
+            for i in idx:
+                pairs.append((out[i]["pred_answer"], str(ref)))
+                where.append(i)
+            continue
+        label, agreement = majority_vote([out[i]["pred_answer"] for i in idx])
+        if label is None or agreement < cfg.min_agreement:
+            for i in idx:
+                out[i]["verdict"] = "no_answer"
+                out[i]["verdict_detail"] = "no reference and agreement below min"
+            continue
+        for i in idx:
+            pairs.append((out[i]["pred_answer"], label))
+            where.append(i)
+            notes[i] = f"vs majority (agreement {agreement:.2f})"
+    for i, v in zip(where, verifier.verify(pairs)):
+        out[i]["verdict"] = v.code
+        out[i]["verdict_detail"] = f"{notes[i]}: {v.detail}" if i in notes else v.detail
+    for idx in by_id.values():
+        n_correct = sum(out[i]["verdict"] == "equal" for i in idx)
+        for i in idx:
+            out[i]["correct"] = out[i]["verdict"] == "equal"
+            out[i]["n_samples"] = len(idx)
+            out[i]["pass_rate"] = n_correct / len(idx)
+    return out
