@@ -236,3 +236,25 @@ def test_custom_messages_column_and_missing_column(tmp_path, smollm_dir):
     assert cache.n_samples == 3
     missing = build_token_cache([data], smollm_dir, max_len=1024, out_dir=tmp_path / "c")
     assert missing.n_samples == 0 and missing.reasons == {"no_messages": 3}
+
+
+def test_template_without_end_of_turn_is_refused(tmp_path, smollm_dir):
+    import shutil
+
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": c} for c in gsm8k_chats(2)])
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(smollm_dir, tok_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    (tok_dir / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match="never learn to stop"):
+        build_token_cache([data], str(tok_dir), max_len=512, out_dir=tmp_path / "cache")
+
+
+def test_leftovers_of_a_killed_build_are_replaced(tmp_path, smollm_dir):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": c} for c in gsm8k_chats(3)])
+    first = build_token_cache([data], smollm_dir, max_len=512, out_dir=tmp_path / "cache")
+    # A build killed mid-way leaves a temp dir; one killed between rename steps a dir without manifest.
+    (first.path / "_manifest.json").unlink()
+    (tmp_path / "cache" / f".{first.path.name}.tmp-dead").mkdir()
+    again = build_token_cache([data], smollm_dir, max_len=512, out_dir=tmp_path / "cache")
+    assert again.path == first.path and again.n_samples == 3
+    assert not list((tmp_path / "cache").glob(".*.tmp-*"))

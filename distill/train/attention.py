@@ -82,6 +82,13 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         )
     if attention_mask is not None and not bool(attention_mask.all()):
         raise NotImplementedError(f"{NAME} attention takes packed rows, not padding masks; load with packed=False")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(f"{NAME} attention has no logit soft-capping (Gemma-2); use another attention")
+    window = kwargs.get("sliding_window")
+    if window is not None and t > window:
+        # A row longer than the window could hold a sample longer than it, which the plain
+        # causal segments here would let see too far back.
+        raise NotImplementedError(f"{NAME} attention ignores sliding windows: rows of {t} tokens > window {window}")
     cu = kwargs.get("cu_seq_lens_q")
     if _use_flash(query):
         from flash_attn import flash_attn_varlen_func
