@@ -86,7 +86,7 @@ def test_curate_funnel_end_to_end(tmp_path):
         "curate": {
             "shard_size": 4,
             "verify": {"timeout_s": 3},
-            "filters": {"max_per_question": {"enabled": True, "k": 1, "keep": "shortest"}},
+            "filters": {"max_per_question": {"enabled": True, "k": 1, "strategy": "shortest"}},
             "decontam": {"benchmarks": [{"name": "gsm8k", "path": str(BENCH / "gsm8k.jsonl")},
                                         {"name": "math500", "path": str(BENCH / "math500.jsonl")}]},
             "sft": {"system": "You are a careful math tutor."},
@@ -139,8 +139,9 @@ def test_curate_funnel_end_to_end(tmp_path):
     funnel = {f["stage"]: f for f in report["funnel"]}
     assert funnel["generate"]["kept"] == 2 * len(questions)
     assert funnel["filter"]["rejected"] == len(filt)
-    assert funnel["dedup"]["reasons"] == {"duplicate": 2}
-    assert funnel["decontam"]["reasons"] == {"contaminated": 2}
+    # max_per_question (k=1) already left one sample per question before dedup and decontam.
+    assert funnel["dedup"]["reasons"] == {"duplicate": 1}
+    assert funnel["decontam"]["reasons"] == {"contaminated": 1}
     assert funnel["sft"]["kept"] == len(surviving)
     assert report["decontam"]["questions_removed_by_benchmark"] == {"gsm8k": 1}
     assert "wrong_answer" in rep.stdout and "decontam" in rep.stdout
