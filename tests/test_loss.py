@@ -81,28 +81,31 @@ def assert_same_grads(got: dict, want: dict, rtol: float = 1e-6) -> None:
         assert err <= rtol, f"{name}: relative difference {err:.2e}"
 
 
-def test_gradient_is_independent_of_accumulation_and_ranks(tmp_path, smollm_dir, cache_path):  # noqa: F811
-    import torch.multiprocessing as mp
-
+@pytest.fixture(scope="module")
+def one_micro_batch_grads(smollm_dir, cache_path):  # noqa: F811
+    """The reference: the whole global batch of step 0 as one micro-batch of 4 rows, 1 rank."""
     cache = load_token_cache(cache_path)
-    plan = plan_steps(cache, SEQ_LEN, seed=SEED, epochs=1)
-    step0 = plan.bins[:4]
-    counts = [int(cache.n_targets[b].sum()) for b in step0]
+    counts = [int(cache.n_targets[b].sum()) for b in plan_steps(cache, SEQ_LEN, seed=SEED, epochs=1).bins[:4]]
     assert len(set(counts)) > 1, "rows with equal target counts would not test the normalisation"
+    return rank_grads(smollm_dir, cache_path, 0, 1, micro_batch=4, grad_accum=1)
 
-    whole = rank_grads(smollm_dir, cache_path, 0, 1, micro_batch=4, grad_accum=1)
+
+def test_gradient_is_independent_of_accumulation(smollm_dir, cache_path, one_micro_batch_grads):  # noqa: F811
     accumulated = rank_grads(smollm_dir, cache_path, 0, 1, micro_batch=1, grad_accum=4)
-    assert_same_grads(accumulated, whole)
-
-    out = tmp_path / "grads.pt"
-    mp.spawn(_dist_worker, args=(2, free_port(), smollm_dir, str(cache_path), str(out)), nprocs=2, join=True)
-    two_ranks = torch.load(out)
-    assert_same_grads(two_ranks, whole)
-
+    assert_same_grads(accumulated, one_micro_batch_grads)
     # The check can fail: a mean per micro-batch weights tokens of short rows more.
     naive = rank_grads(smollm_dir, cache_path, 0, 1, micro_batch=1, grad_accum=4, per_micro_batch_mean=True)
     with pytest.raises(AssertionError):
-        assert_same_grads(naive, whole, rtol=1e-3)
+        assert_same_grads(naive, one_micro_batch_grads, rtol=1e-3)
+
+
+def test_gradient_is_independent_of_data_parallel_ranks(tmp_path, smollm_dir, cache_path, one_micro_batch_grads):  # noqa: F811
+    """Two real gloo processes (loopback, free port), micro-batch 2 each, all-reduce SUM."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "grads.pt"
+    mp.spawn(_dist_worker, args=(2, free_port(), smollm_dir, str(cache_path), str(out)), nprocs=2, join=True)
+    assert_same_grads(torch.load(out), one_micro_batch_grads)
 
 
 def test_global_batch_loss_is_the_mean_over_its_targets(smollm_dir, cache_path):  # noqa: F811

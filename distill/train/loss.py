@@ -13,7 +13,7 @@ both) must multiply the loss by world * grad_accum to undo it.
 
 from __future__ import annotations
 
-IGNORE_INDEX = -100
+from distill.train.data import IGNORE_INDEX
 
 
 def token_loss_sum(logits, labels) -> tuple["torch.Tensor", int]:  # noqa: F821

@@ -18,20 +18,22 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from distill.train.data import IGNORE_INDEX
+
 if TYPE_CHECKING:
     import torch
 
     from distill.train.data import TokenCache
 
-IGNORE_INDEX = -100
-
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins of sample indices, each summing to <= capacity. Deterministic: samples are taken
-    longest first (ties by index) and each goes into the fullest bin that still fits it.
+    longest first (ties by index) and each goes into the fullest bin that still fits it (among
+    equally full bins, the one filled last).
 
-    O(n log n) searches; list insertion makes it O(n * bins) moves in the worst case, which is
-    well under a second for a million samples."""
+    Open bins are grouped by free space, and there are at most `capacity` distinct amounts, so
+    each placement is a search over those amounts, not over the bins: ~3.5 s for a million
+    samples at capacity 8192."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and lengths.max() > capacity:
         i = int(lengths.argmax())
@@ -39,21 +41,28 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
                          "build the token cache with max_len <= seq_len")
     if len(lengths) and lengths.min() <= 0:
         raise ValueError(f"sample {int(lengths.argmin())} is empty")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    # (free space, bin index), sorted: the first entry with free >= length is the best fit.
-    free: list[tuple[int, int]] = []
-    for i in order:
+    sizes: list[int] = []  # sorted free amounts that some open bin has
+    by_size: dict[int, list[int]] = {}  # free amount -> bins with exactly that much free
+    for i in np.argsort(-lengths, kind="stable").tolist():
         n = int(lengths[i])
-        at = bisect.bisect_left(free, (n, -1))
-        if at == len(free):
+        at = bisect.bisect_left(sizes, n)
+        if at == len(sizes):
             bins.append([i])
-            bisect.insort(free, (capacity - n, len(bins) - 1))
+            b, room = len(bins) - 1, capacity - n
         else:
-            room, b = free.pop(at)
+            room = sizes[at]
+            group = by_size[room]
+            b = group.pop()
+            if not group:
+                del by_size[room], sizes[at]
             bins[b].append(i)
-            if room - n > 0:
-                bisect.insort(free, (room - n, b))
+            room -= n
+        if room > 0:
+            if room not in by_size:
+                bisect.insort(sizes, room)
+                by_size[room] = []
+            by_size[room].append(b)
     return bins
 
 
