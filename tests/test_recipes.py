@@ -23,3 +23,25 @@ def test_recipe_validates(path: Path):
     cfg = load_config(path)
     assert cfg.generate.engine in ENGINES
     assert all(s in STAGE_RUNNERS for s in cfg.run.stages)
+
+
+def test_every_stage_is_registered_and_vice_versa():
+    from distill.config import STAGES
+    from distill.stages import CURATE_STAGES, STAGE_PREFLIGHT
+
+    assert set(STAGES) == set(STAGE_RUNNERS)
+    assert set(CURATE_STAGES) <= set(STAGES) and set(STAGE_PREFLIGHT) <= set(STAGES)
+
+
+def test_every_filter_a_config_can_name_is_registered():
+    from distill.curate.filters import FILTERS, FilterConfig
+
+    configurable = {name for name, f in FilterConfig.model_fields.items() if name != "order"}
+    assert configurable == set(FILTERS)
+
+
+def test_every_train_backend_a_config_can_name_is_registered():
+    from distill.train.backends import BACKENDS
+    from distill.train.config import BACKEND_NAMES
+
+    assert set(BACKEND_NAMES) == set(BACKENDS)
