@@ -163,6 +163,7 @@ def strip_latex(text: str) -> str:
         return text.replace("$", " ").replace("%", " percent ") if ("$" in text or "%" in text) else text
     text = re.sub(r"(?<=\d)(?:\{,\}|\\,|\\!)(?=\d{3}(?!\d))", "", text)  # 1{,}000, 1\,000
     text = text.replace("\\!", "")
+    text = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", text)
     text = _SPACE_COMMANDS.sub(" ", text)
     text = _DROP_COMMANDS.sub(" ", text)
     for pat, rep in _OPERATOR_COMMANDS:

@@ -1,0 +1,318 @@
+"""Decontamination: n-gram share logic, short-text path, audit trail, benchmark loading errors,
+config validation, and the recall / false-positive targets on a sample of the labelled set."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import pickle
+import subprocess
+import sys
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import DATA, REPO
+
+from distill.curate.benchmarks import Benchmark, BenchmarkError, BenchmarkRef, load_benchmarks
+from distill.curate.decontam import (
+    BenchmarkIndex,
+    DecontamConfig,
+    EmbeddingIndex,
+    EmbeddingConfig,
+    combine,
+    judge_messages,
+    ngram_hashes,
+    parse_judge,
+)
+from distill.curate.normalize import normalize_text
+
+sys.path.insert(0, str(REPO / "tools"))
+from contam_testset import INDEXED, KINDS, build_testset  # noqa: E402
+
+# Letters only: the tokeniser splits "w1" into "w" and "1".
+WORDS = ["".join(p) for p in itertools.product("bcdfgk", "aeiou", "lmnprst")][:80]
+
+
+def bench(name: str, *texts: str) -> Benchmark:
+    return Benchmark(name, [(f"{name}-{i}", t) for i, t in enumerate(texts)], [], {})
+
+
+def index_of(*benchmarks: Benchmark, **cfg) -> BenchmarkIndex:
+    return BenchmarkIndex(list(benchmarks), DecontamConfig(**cfg))
+
+
+# ----------------------------------------------------------------------------- n-gram logic
+
+
+def test_ngram_hashes_distinct_ordered_deterministic():
+    a = ngram_hashes(["a", "b", "c", "d"], 2)
+    assert len(a) == 3 and list(a) == sorted(a)
+    assert list(a) == list(ngram_hashes(["a", "b", "c", "d"], 2))
+    assert len(ngram_hashes(["a", "b", "a", "b", "a"], 2)) == 2  # (a b), (b a): distinct only
+    assert set(ngram_hashes(["b", "a"], 2)).isdisjoint(ngram_hashes(["a", "b"], 2))  # order matters
+    assert len(ngram_hashes(["a", "b"], 3)) == 0
+
+
+def test_score_is_share_of_the_records_ngrams_in_one_item():
+    # 20 distinct words -> 16 5-grams; the record keeps the first 10 words and adds 10 new ones:
+    # 16 5-grams of which the 6 inside the first 10 words are shared -> 6/16.
+    b = bench("b", " ".join(WORDS[:20]))
+    record = " ".join(WORDS[:10] + WORDS[40:50])
+    m = index_of(b, ngram=5, threshold=0.3, short_max_words=5).check(record)
+    assert m is not None and m.method == "ngram" and not m.candidate
+    assert m.score == pytest.approx(6 / 16)
+    assert index_of(b, ngram=5, threshold=0.4, short_max_words=5).check(record) is None
+    cand = index_of(b, ngram=5, threshold=0.4, maybe_threshold=0.3, short_max_words=5).check(record)
+    assert cand is not None and cand.candidate and cand.score == pytest.approx(6 / 16)
+
+
+def test_shares_are_not_summed_across_benchmark_items():
+    # Half of the record's 5-grams are in item 0, the other half in item 1: each item alone holds
+    # < 0.6 of them, so the record is not a copy of either (a global "share in the index" would
+    # say 100 %).
+    first, second = WORDS[:12], WORDS[20:32]
+    b = bench("b", " ".join(first + WORDS[50:62]), " ".join(WORDS[62:74] + second))
+    m = index_of(b, ngram=5, threshold=0.6, contain_threshold=1.0, short_max_words=5).check(" ".join(first + second))
+    assert m is None
+    m = index_of(b, ngram=5, threshold=0.4, contain_threshold=1.0, short_max_words=5).check(" ".join(first + second))
+    assert m is not None and m.score == pytest.approx(8 / 20)  # 8 of the 20 5-grams lie in one item
+
+
+def test_one_shared_generic_phrase_is_not_contamination():
+    b = bench("gsm8k", "James works 40 hours a week at $20 an hour. How much money does he make in a year if he works 50 weeks?")
+    record = ("Sara sells 12 cupcakes per day at a bakery for $3 each, and spends $5 per day on supplies. "
+              "How much money does he make in a week of baking after paying his own costs?")
+    assert index_of(b).check(record) is None
+
+
+def test_benchmark_problem_inside_a_longer_text_is_caught_by_containment():
+    problem = "Let $x$ and $y$ be positive reals with $xy = 12$ and $x + y = 7$. Find $x^2 + y^2$."
+    b = bench("amc", problem)
+    # A wrapper the normaliser does not know, three times longer than the problem: the record's
+    # share in the problem is low, the problem's share in the record is 1.
+    wrapped = ("You are a careful tutor who checks every step twice, explains the reasoning behind each "
+               "move in plain words, points out common mistakes that students make on exercises of this "
+               "kind, and finally states the result on its own line so that I can compare it with mine. "
+               "Here is the exercise from chapter three of my homework sheet for tomorrow morning: " + problem)
+    m = index_of(b).check(wrapped)
+    assert m is not None and m.method == "ngram" and m.score >= DecontamConfig().contain_threshold
+    assert m.score == 1.0  # every n-gram of the problem is in the record
+    edited = wrapped.replace("positive reals", "positive numbers")
+    assert index_of(b, contain_threshold=1.0).check(edited) is None
+
+
+# ----------------------------------------------------------------------------- short texts
+
+
+def test_short_problems_exact_and_kgram_paths():
+    b = bench("math500", r"Compute $\dbinom{8}{4}$.", "Evaluate $\\lceil 3.2 \\rceil$.",
+              "A long problem about a triangle with sides 3, 4 and 5 asks for the radius of its inscribed circle in units.")
+    idx = index_of(b)  # ngram=5: the first two problems are too short for any 5-gram
+    m = idx.check(r"compute \binom{8}{4}")
+    assert m is not None and (m.method, m.item_id, m.score) == ("exact", "math500-0", 1.0)
+    m = idx.check(r"Calculate $\binom{8}{4}$.")  # 2 of 3 bigrams shared
+    assert m is not None and m.method == "short" and m.item_id == "math500-0" and m.score == pytest.approx(2 / 3)
+    assert idx.check(r"Compute $\dbinom{9}{5}$.") is None  # same template, other numbers
+    # A short record inside a long benchmark problem is not a copy of it.
+    assert idx.check("the radius of its inscribed circle") is None
+
+
+def test_short_path_is_what_catches_short_problems():
+    b = bench("math500", r"Calculate $\dbinom{31}{28}$ please.")
+    assert index_of(b).check(r"Compute $\dbinom{31}{28}$ please.") is not None
+    assert index_of(b, short_max_words=2, short_ngram=1).check(r"Compute $\dbinom{31}{28}$ please.") is None
+
+
+# ----------------------------------------------------------------------------- audit trail, pickling
+
+
+def test_match_records_the_audit_trail():
+    text = "Every morning Aya goes for a $9$-kilometer-long walk and stops at a coffee shop afterwards."
+    idx = index_of(bench("aime24", "unrelated problem number one about primes and sums", text))
+    m = idx.check("Problem: every morning aya goes for a 9-kilometer-long walk and stops at a coffee shop")
+    assert (m.benchmark, m.item_id, m.text) == ("aime24", "aime24-1", text)
+    assert m.method in ("ngram", "short") and 0 < m.score <= 1
+    d = m.as_dict()
+    assert set(d) == {"benchmark", "item_id", "method", "score", "text", "candidate"}
+    json.dumps(d)
+
+
+def test_index_pickles_and_matches_in_a_process_with_another_hash_seed(tmp_path):
+    """The stage ships the index to Ray workers: it must match the same in another process."""
+    code = (
+        "import pickle, sys\n"
+        "from distill.curate.benchmarks import Benchmark\n"
+        "from distill.curate.decontam import BenchmarkIndex, DecontamConfig\n"
+        "b = Benchmark('g', [('g-0', 'Tom has 5 apples and buys 7 more at the market on Monday, then gives 2 to his sister Ann. How many apples does he have now?'),"
+        " ('g-1', 'Compute $\\\\dbinom{8}{4}$.')], [], {})\n"
+        f"pickle.dump(BenchmarkIndex([b], DecontamConfig()), open({str(tmp_path / 'idx.pkl')!r}, 'wb'))\n"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+    idx = pickle.loads((tmp_path / "idx.pkl").read_bytes())
+    got = idx.check_many(["tom has 5 apples and buys 7 more at the market on monday then gives 2 to his sister ann how many apples",
+                          r"Calculate $\binom{8}{4}$.", "An unrelated question about cats."])
+    assert [m and (m.item_id, m.method) for m in got] == [("g-0", "ngram"), ("g-1", "short"), None]
+
+
+def test_combine_prefers_sure_matches_then_score():
+    b = bench("b", "x")
+    idx = index_of(b)
+    sure = idx._match(0, "ngram", 0.4, 0.3, None)
+    cand = idx._match(0, "embedding", 0.9, 0.95, 0.85)
+    assert cand.candidate and not sure.candidate
+    assert combine(cand, sure) is sure and combine(None, cand) is cand and combine(None, None) is None
+
+
+# ----------------------------------------------------------------------------- judge
+
+
+def test_judge_messages_and_parse():
+    msgs = judge_messages("What is 2+2?", "Compute 2 + 2.")
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert "What is 2+2?" in msgs[1]["content"] and "Compute 2 + 2." in msgs[1]["content"]
+    assert parse_judge("Yes.") is True
+    assert parse_judge("no") is False
+    assert parse_judge("<think>they look the same, yes maybe</think>\nNo, the numbers differ.") is False
+    assert parse_judge("Answer: YES") is True
+    assert parse_judge("I cannot tell.") is None
+    assert parse_judge("yesterday") is None
+
+
+# ----------------------------------------------------------------------------- loading, config
+
+
+def test_load_benchmarks_records_files_and_hashes(tmp_path):
+    src = DATA / "benchmarks" / "aime24.jsonl"
+    d = tmp_path / "split"
+    d.mkdir()
+    lines = src.read_text().splitlines()
+    (d / "a.jsonl").write_text("\n".join(lines[:10]) + "\n")
+    pq.write_table(pa.Table.from_pylist([{"question": json.loads(x)["problem"]} for x in lines[10:]]), d / "b.parquet")
+    (a,) = load_benchmarks([BenchmarkRef(name="aime24", path=str(src))])
+    assert len(a.items) == 30 and a.items[0][0] == "aime24-0"
+    assert a.sha256 == {str(src): hashlib.sha256(src.read_bytes()).hexdigest()}
+    assert a.provenance()["files"] == [str(src)]
+    # A directory holding a JSONL and a Parquet file whose problem columns differ: the Parquet
+    # file lacks `problem`, and the error names that file.
+    with pytest.raises(BenchmarkError, match=r"b\.parquet has no column 'problem'.*question"):
+        load_benchmarks([BenchmarkRef(name="mixed", path=str(d))])
+    (d / "b.parquet").unlink()
+    pq.write_table(pa.Table.from_pylist([{"problem": json.loads(x)["problem"]} for x in lines[10:]]), d / "b.parquet")
+    (m,) = load_benchmarks([BenchmarkRef(name="mixed", path=str(d))])
+    assert [t for _, t in m.items] == [json.loads(x)["problem"] for x in lines]
+    assert len({i for i, _ in m.items}) == 30  # ids unique across the two files
+    assert sorted(m.sha256) == [str(d / "a.jsonl"), str(d / "b.parquet")]
+
+
+@pytest.mark.parametrize("content, column, message", [
+    (None, "problem", r"does not exist"),
+    ('{"problem": "ok"}\n{"problem": \n', "problem", r"bad\.jsonl:2 is not valid JSON"),
+    ('{"question": "ok"}\n', "problem", r"bad\.jsonl:1 has no column 'problem' \(columns: question\)"),
+    ('{"problem": 3}\n', "problem", r"column 'problem' is a int, expected a string"),
+    ("", "problem", r"has no rows"),
+    ("[1, 2]\n", "problem", r"bad\.jsonl:1 is a JSON list"),
+])
+def test_benchmark_errors_name_the_file_and_the_problem(tmp_path, content, column, message):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(BenchmarkError, match=message) as e:
+        load_benchmarks([BenchmarkRef(name="mine", path=str(path), column=column)])
+    assert "benchmark 'mine'" in str(e.value)
+
+
+def test_benchmark_errors_for_hub_ids_and_names(tmp_path):
+    with pytest.raises(BenchmarkError, match=r"benchmark 'h'.*could not load 'no-such-org/no-such-set'"):
+        load_benchmarks([BenchmarkRef(name="h", path="no-such-org/no-such-set")])
+    f = DATA / "benchmarks" / "aime24.jsonl"
+    with pytest.raises(BenchmarkError, match="repeated: a"):
+        load_benchmarks([BenchmarkRef(name="a", path=str(f)), BenchmarkRef(name="a", path=str(f))])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BenchmarkError, match="holds no .jsonl"):
+        load_benchmarks([BenchmarkRef(name="e", path=str(tmp_path / "empty"))])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threshold": 1.5}, r"curate\.decontam\.threshold=1\.5: must be in \(0, 1\]"),
+    ({"threshold": 0.3, "maybe_threshold": 0.3}, r"curate\.decontam\.maybe_threshold=0\.3"),
+    ({"short_ngram": 5, "ngram": 5}, r"curate\.decontam\.short_ngram=5"),
+    ({"judge": {"enabled": True}}, r"curate\.decontam\.judge\.enabled=true but no check has candidates"),
+    ({"embedding": {"threshold": 0.9, "maybe_threshold": 0.95}}, r"curate\.decontam\.embedding\.maybe_threshold"),
+    ({"benchmarks": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, r"repeated: a"),
+    ({"ngrams": 5}, r"ngrams"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecontamConfig(**kwargs)
+
+
+def test_every_config_field_is_documented():
+    from distill.curate.benchmarks import BenchmarkRef as Ref
+    from distill.curate.decontam import JudgeConfig
+
+    for cls in (DecontamConfig, EmbeddingConfig, JudgeConfig, Ref):
+        for name, field in cls.model_fields.items():
+            assert field.description and len(field.description) > 20, f"{cls.__name__}.{name}"
+
+
+# ----------------------------------------------------------------------------- measured targets
+
+
+TARGETS = {"exact": 0.99, "reformatted": 0.99, "latex": 0.99, "prefixed": 0.99, "partial": 0.95, "paraphrased": 0.95}
+
+
+@pytest.fixture(scope="module")
+def real_index():
+    refs = [BenchmarkRef(name=n, path=str(DATA / "benchmarks" / f"{n}.jsonl")) for n in INDEXED]
+    benchmarks = load_benchmarks(refs)
+    return benchmarks, BenchmarkIndex(benchmarks, DecontamConfig(benchmarks=refs))
+
+
+def test_recall_and_false_positive_targets_on_the_labelled_set(real_index):
+    """A sample of tools/contam_testset.py drawn with a seed the defaults were not tuned on."""
+    benchmarks, idx = real_index
+    rows = build_testset(per_kind=96, clean_per_source=None, seed=7)
+    matches = idx.check_many([r["text"] for r in rows])
+    # Clean rows whose normalised text IS a benchmark problem are duplicates, not false positives
+    # (ASDiv shares a few word problems with College Math); they are reported by the benchmark tool.
+    bench_norm = {normalize_text(t) for b in benchmarks for _, t in b.items}
+    hits, totals = defaultdict(int), defaultdict(int)
+    for r, m in zip(rows, matches):
+        key = r["kind"] if r["label"] else r["source"]
+        if not r["label"] and normalize_text(r["text"]) in bench_norm:
+            continue
+        totals[key] += 1
+        hits[key] += m is not None and not m.candidate
+    for kind, target in TARGETS.items():
+        assert totals[kind] >= 90
+        assert hits[kind] / totals[kind] >= target, (kind, hits[kind], totals[kind])
+    for source in ("gsm8k_train", "svamp", "asdiv"):
+        assert totals[source] >= 900
+        assert hits[source] / totals[source] <= 0.005, (source, hits[source], totals[source])
+
+
+def test_embedding_index_scores_a_reworded_problem_above_others():
+    problems = [
+        "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
+        "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 "
+        "per fresh duck egg. How much in dollars does she make every day at the farmers' market?",
+        "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
+        "Find the number of positive divisors of 3600.",
+    ]
+    emb = EmbeddingIndex([bench("gsm8k", *problems)], EmbeddingConfig(enabled=True, threshold=0.8))
+    reworded = ("Every day Janet's ducks produce sixteen eggs; three are eaten at breakfast and four go into "
+                "muffins she bakes for friends. The rest she sells at the market at two dollars each. "
+                "What are her daily market earnings?")
+    unrelated = "A train leaves Boston at 3 pm travelling at 60 miles per hour. When does it reach a city 180 miles away?"
+    sims = emb.embed([normalize_text(reworded)]) @ emb.vectors.T
+    assert sims.argmax() == 0 and sims[0, 0] > sims[0, 1] + 0.2
+    m, none = emb.check_many([reworded, unrelated])
+    assert m is not None and m.method == "embedding" and m.item_id == "gsm8k-0" and m.text == problems[0]
+    assert none is None
+    clone = pickle.loads(pickle.dumps(emb))  # the model is dropped and reloaded
+    assert clone._model is None and clone.check_many([reworded])[0].item_id == "gsm8k-0"
