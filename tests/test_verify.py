@@ -110,6 +110,8 @@ def test_config_defaults_and_errors():
         ("x = 3", 3),
         ("$12$", 12),
         ("\\$18", 18),
+        ("033", 33),
+        ("\\frac13", Fraction(1, 3)),
     ],
 )
 def test_plain_number(text, value):
@@ -117,7 +119,7 @@ def test_plain_number(text, value):
 
 
 @pytest.mark.parametrize(
-    "text", ["x^2", "(1,2)", "1,2", "\\sqrt{2}", "e=3", "3e5", "\\frac{1}{0}", "5 cm", "010", "", "1" * 70]
+    "text", ["x^2", "(1,2)", "1,2", "\\sqrt{2}", "e=3", "3e5", "\\frac{1}{0}", "5 cm", "010\\%", "", "1" * 70]
 )
 def test_not_plain_number(text):
     assert plain_number(text) is None
@@ -169,6 +171,10 @@ def _variants(a: str) -> list[str]:
     ]
     if v.denominator == 1 and abs(v) >= 1000:
         out.append(f"{int(v):,}")
+    if v.denominator == 1 and v >= 0:
+        out.append(f"0{a}")
+    if 0 < v.numerator < 10:
+        out.append(f"\\frac{v.numerator}{v.denominator}")
     return out
 
 

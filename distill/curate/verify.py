@@ -38,8 +38,12 @@ VerdictCode = Literal["equal", "not_equal", "no_answer", "timeout", "parse_error
 
 @dataclass(frozen=True)
 class Verdict:
+    """The outcome for one (prediction, reference) pair. Only `equal` counts as correct."""
+
     code: VerdictCode
+    """equal / not_equal / no_answer (nothing extracted) / timeout / parse_error."""
     detail: str = ""
+    """Which path decided and why, for the rejected-records report."""
 
     @property
     def correct(self) -> bool:
@@ -67,8 +71,8 @@ class VerifyConfig(Section):
     many pairs miss the fast path."""
 
     batch_size: int = Field(default=64, ge=1)
-    """Pairs sent to a worker at once. Larger batches cost less inter-process traffic; smaller
-    ones balance better between workers."""
+    """Most pairs sent to a worker at once (fewer when a call has few, so that every worker gets
+    work). Larger batches cost less inter-process traffic; smaller ones balance better."""
 
     max_answer_chars: int = Field(default=1000, ge=1)
     """Answers longer than this (characters) are a `parse_error` without being parsed: real final
@@ -101,8 +105,9 @@ class VerifyConfig(Section):
 # --------------------------------------------------------------------------- fast path
 
 _SPACING = re.compile(r"\\[,;:!]|\\(?:left|right)(?=[()\[\]|.]|\\[{}])|\\displaystyle")
-# A space between two word characters separates tokens (`2 i`, `\pi k`); elsewhere it is layout.
-_LAYOUT_SPACE = re.compile(r"(?<![A-Za-z0-9])\s+|\s+(?![A-Za-z0-9])")
+# A space between two word characters separates tokens (`2 i`, `\pi k`), one after a backslash
+# ends a row (`\\ \frac`), one beside an inner `$` splits math from text; elsewhere it is layout.
+_LAYOUT_SPACE = re.compile(r"(?<![A-Za-z0-9$\\])\s+|(?<![\\\s])\s+(?![A-Za-z0-9$])")
 _WORD_SPACE = re.compile(r"\s+")
 _FRAC_CMD = re.compile(r"\\[dtc]frac")
 # `x=` in front of a number: math-verify unwraps an assignment when the other side is no equation.
@@ -113,6 +118,7 @@ _NUM = re.compile(
     rf"(?P<sign>-)?(?:"
     rf"(?P<dec>{_INT}(?:\.\d+)?|\.\d+)"
     rf"|\\frac\{{(?P<fn>-?\d+)\}}\{{(?P<fd>\d+)\}}"
+    rf"|\\frac(?P<bn>\d)(?P<bd>\d+)"  # `\frac13`, which math-verify repairs to \frac{1}{3}
     rf"|(?P<sn>\d+)/(?P<sd>\d+)"
     rf")"
     rf"(?P<suffix>\\?%|\^\\circ|\^\{{\\circ\}}|°|\\(?:text|mbox)\{{[^{{}}\\]*\}}(?:\^\d|\{{\^\d\}})?)?"
@@ -121,11 +127,12 @@ _MAX_FLOAT_DIGITS = 15  # math-verify's Floats carry 15 digits: beyond, rounding
 
 
 def normalize(answer: str) -> str:
-    """Layout removed: `$`, `\\left`/`\\right`, `\\dfrac` variants, LaTeX spacing commands and
+    """Layout removed: `$…$`, `\\$`, `\\left`/`\\right`, `\\dfrac` variants, LaTeX spacing commands and
     spaces not between two word characters (`2 i` and `\\pi k` keep theirs: math-verify reads
     `2i` and `\\pik` differently). Two answers with the same normal form are equal under any
     reading; everything else is left to math-verify."""
-    s = answer.strip().replace("\\$", "").replace("$", "")
+    # Only `$` around the whole answer is layout: inside (`48$, $384`) math-verify splits on it.
+    s = answer.strip().replace("\\$", "").strip("$")
     s = _FRAC_CMD.sub(r"\\frac", s)
     s = _SPACING.sub("", s)
     s = _WORD_SPACE.sub(" ", _LAYOUT_SPACE.sub("", s))
@@ -163,13 +170,15 @@ def plain_number(answer: str) -> PlainNumber | None:
         if "," in m.group("dec") and (suffix or var):
             return None  # math-verify reads `2,600\\%` and `x = 2,600` as lists
         text = m.group("dec").replace(",", "")
-        if len(text) > 1 and text[0] == "0" and text[1] != ".":
-            return None  # `010`: math-verify's reading of leading zeros varies with context
+        if len(text) > 1 and text[0] == "0" and text[1] != "." and suffix:
+            return None  # `033` is 33 (AIME style), but `010\\%` is not read as 10%
         raw = Fraction(text)
         kind = "float" if "." in text else "int"
         digits = len(text.replace(".", "").lstrip("0")) or 1
-    elif m.group("fn") is not None:
-        num, den = int(m.group("fn")), int(m.group("fd"))
+    elif m.group("fn") is not None or m.group("bn") is not None:
+        if m.group("bn") is not None and suffix:
+            return None
+        num, den = (int(m.group("fn")), int(m.group("fd"))) if m.group("fn") else (int(m.group("bn")), int(m.group("bd")))
         if den == 0:
             return None
         raw, kind, digits = Fraction(num, den), "frac", 0
@@ -309,10 +318,15 @@ class Verifier:
     by reference and spread over the workers in batches."""
 
     def __init__(self, cfg: VerifyConfig, *, fast_path: bool = True):
+        """`fast_path=False` sends every pair to math-verify (tests and benchmarks compare the
+        two; production has no reason to)."""
         self.cfg = cfg
         self.fast_path = fast_path
         self._pool: WorkerPool | None = None
         self.stats: Counter[str] = Counter()
+        """Pairs decided by the fast path (`fast`), distinct symbolic checks (`symbolic`)."""
+        self.worker_cpu_s = 0.0
+        """CPU seconds the closed workers used (read after close())."""
 
     def _workers(self) -> WorkerPool:
         # Started on first need: a run whose answers all take the fast path starts no process.
@@ -329,6 +343,11 @@ class Verifier:
             )
         return self._pool
 
+    def start(self) -> None:
+        """Start the workers now and wait for them (about a second), instead of on the first
+        pair that needs one: a long-lived caller pays it before its first batch."""
+        self._workers().wait_ready()
+
     def verify(self, pairs: Sequence[tuple[str | None, str]]) -> list[Verdict]:
         out: list[Verdict | None] = [None] * len(pairs)
         todo: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -344,13 +363,21 @@ class Verifier:
             elif self.fast_path and (v := fast_verdict(pred, ref)) is not None:
                 out[i] = v
             else:
-                todo[(pred.strip(), ref.strip())].append(i)
+                # Answers with one normal form share a verdict (see `normalize`): n samples that
+                # spell the same answer alike cost one symbolic check. Without the fast path the
+                # verdicts are math-verify's alone, so only identical strings share.
+                key = (normalize(pred), normalize(ref)) if self.fast_path else (pred.strip(), ref.strip())
+                todo[key].append(i)
         self.stats["fast"] += len(pairs) - sum(len(v) for v in todo.values())
         if todo:
-            keys = sorted(todo, key=lambda k: (k[1], k[0]))  # one reference's pairs together
-            bs = self.cfg.batch_size
+            # One spelling per key goes to math-verify; one reference's pairs travel together.
+            first = {k: (pairs[v[0]][0].strip(), pairs[v[0]][1].strip()) for k, v in todo.items()}
+            keys = sorted(todo, key=lambda k: (k[1], k[0]))
+            # Batches small enough that every worker gets several: one slow pair must not hold
+            # back a batch another worker could have taken.
+            bs = min(self.cfg.batch_size, max(1, -(-len(keys) // (4 * self.cfg.workers))))
             batches = [keys[i : i + bs] for i in range(0, len(keys), bs)]
-            results = self._workers().map(batches)
+            results = self._workers().map([[first[k] for k in b] for b in batches])
             self.stats["symbolic"] += len(keys)
             for batch, res in zip(batches, results):
                 for key, r in zip(batch, res):
@@ -367,6 +394,7 @@ class Verifier:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
+            self.worker_cpu_s += self._pool.cpu_s
             self._pool = None
 
     def __enter__(self) -> "Verifier":
@@ -396,7 +424,7 @@ def verify_records(records: list[dict], verifier: Verifier, cfg: VerifyConfig) -
     where: list[int] = []
     notes: dict[int, str] = {}
     for idx in by_id.values():
-        ref = out[idx[0]].get("answer")
+        ref = out[idx[0]]["answer"]
         if ref is not None and str(ref).strip():
             for i in idx:
                 pairs.append((out[i]["pred_answer"], str(ref)))
