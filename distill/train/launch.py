@@ -36,6 +36,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
     from transformers import AutoConfig
 
     from distill.teachers.models import resolve_model
+    from distill.train.backends import backend_class
     from distill.train.data import build_token_cache
     from distill.train.metrics import check_sinks
 
@@ -50,6 +51,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
     out_dir = run_dir / "train"
     cache = build_token_cache(files, model_path, max_len=cfg.seq_len, out_dir=cfg.data.cache_dir or out_dir / "token_cache",
                               messages_column=cfg.data.messages_column)
+    backend_class(cfg.backend).prepare(cfg)
     print(f"train: token cache {cache.path}: {cache.n_samples} samples, {int(cache.lengths.sum())} tokens, "
           f"{int(cache.n_targets.sum())} targets; {cache.n_dropped} longer than train.seq_len={cfg.seq_len} dropped, "
           f"{cache.n_rejected} malformed rows rejected", flush=True)

@@ -39,6 +39,10 @@ class Backend(Protocol):
     rank: int
     world_size: int
 
+    @staticmethod
+    def prepare(cfg: "TrainConfig") -> None:
+        """Once per run, in the driver before any worker starts (e.g. compile native ops)."""
+
     def setup(self, model, *, total_steps: int) -> None:
         """Wrap `model` and build optimizer and LR schedule for `total_steps` optimizer steps."""
 

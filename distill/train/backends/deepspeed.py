@@ -97,6 +97,11 @@ def _weights_only_engine():
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         """DeepSpeed's torch engine, loading with weights_only=True instead of full unpickling."""
 
+        def __init__(self):
+            super().__init__(None)
+            # The zip format is what lets export memory-map the files (torch.load(mmap=True)).
+            self.zipfile_serialization = True
+
         def load(self, path: str, map_location=None):
             return load_weights_only(path)
 
@@ -124,8 +129,40 @@ def _loss_module(model):
     return PackedLoss(model)
 
 
+def _set_accelerator_env() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed picks its accelerator at import; without this it probes for CUDA and warns,
+        # and some ops then assume a GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 class DeepSpeedBackend:
     """One rank's DeepSpeed engine. Construct on every rank; `setup` then wraps the model."""
+
+    @staticmethod
+    def prepare(cfg: "TrainConfig") -> None:
+        """Once, in the driver: build the C++ ops offloading needs (DeepSpeedCPUAdam, async I/O
+        for NVMe), so N ranks do not compile the same op at once on first use (minutes, and a
+        rank killed mid-build leaves a lock that hangs the next run)."""
+        _set_accelerator_env()
+        ds = cfg.deepspeed
+        needed = []
+        if ds.offload_optimizer != "none":
+            needed.append("CPUAdamBuilder")
+        if "nvme" in (ds.offload_optimizer, ds.offload_param):
+            needed.append("AsyncIOBuilder")
+        if not needed:
+            return
+        from deepspeed.accelerator import get_accelerator
+
+        for name in needed:
+            builder = get_accelerator().create_op_builder(name)
+            if builder is None or not builder.is_compatible():
+                raise RuntimeError(f"DeepSpeed cannot build {name} here (train.deepspeed offload settings need it); "
+                                   "for NVMe install libaio-dev and a C++ compiler")
+            builder.load()
 
     def __init__(self, cfg: "TrainConfig", *, precision: str):
         import torch
@@ -133,11 +170,8 @@ class DeepSpeedBackend:
         self.cfg, self.precision = cfg, precision
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
             else torch.device("cpu")
-        if self.device.type == "cpu":
-            # DeepSpeed picks its accelerator at import; without this it probes for CUDA and
-            # warns, and some ops then assume a GPU.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        else:
+        _set_accelerator_env()
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         import deepspeed
 
