@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a Hugging Face model directory from a training checkpoint")
     ex.add_argument("checkpoint", help="a checkpoint directory (RUN/train/checkpoints/step-N) or RUN/train/checkpoints")
     ex.add_argument("out", help="output directory for safetensors, config, tokenizer and chat template")
+    ex.add_argument("--max-shard-size-mb", type=int, default=2000, help="largest safetensors file (MB)")
+    ex.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="dtype of the written weights (auto: the training precision)")
     rep = sub.add_parser("report", help="funnel table of a run, plus report.json and report.html")
     rep.add_argument("run_dir", help="a run directory (run.dir of the config)")
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
@@ -75,11 +79,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors already phrased for the user: one line on stderr and exit 1, no traceback.
     Imported lazily so `distill config ...` does not import Ray or the stages."""
     from distill.curate.benchmarks import BenchmarkError
+    from distill.export.hf import ExportError
     from distill.raypool import ShardFailed
     from distill.sources import SourceError
     from distill.store import MissingInputError, StaleOutputError
 
-    return (StaleOutputError, SourceError, ShardFailed, MissingInputError, BenchmarkError, FileNotFoundError)
+    return (StaleOutputError, SourceError, ShardFailed, MissingInputError, BenchmarkError, ExportError,
+            FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from distill.export.hf import export_checkpoint
 
-            out = export_checkpoint(args.checkpoint, args.out)
+            out = export_checkpoint(Path(args.checkpoint), Path(args.out),
+                                    max_shard_size_mb=args.max_shard_size_mb, dtype=args.dtype)
             print(f"export: wrote {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
             return 0
         cfg = load_config(args.config, args.overrides)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +23,7 @@ def test_train_stage_on_ray(tmp_path, gsm8k_train, capsys):
     from transformers import AutoModelForCausalLM
 
     from distill.stages.train import run
-    from distill.train.config import TrainConfig
+    from distill.config import RunConfig
     from distill.train.metrics import read_jsonl
 
     model = make_tiny_model(tmp_path / "tiny")
@@ -36,8 +35,7 @@ def test_train_stage_on_ray(tmp_path, gsm8k_train, capsys):
         "launch.launcher": "ray", "launch.num_workers": 2, "launch.cpus_per_worker": 1,
         "checkpoint.every_steps": 2, "metrics.tensorboard": True})
     tree["data"] = {}  # default: RUN/sft/
-    # The stage reads only cfg.train; the run config's other sections do not matter here.
-    cfg = SimpleNamespace(train=TrainConfig.model_validate(tree))
+    cfg = RunConfig.model_validate({"run": {"dir": str(run_dir), "stages": ["train"]}, "train": tree})
 
     ray.init(num_cpus=2, include_dashboard=False, address="local")
     try:
