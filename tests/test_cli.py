@@ -51,3 +51,15 @@ def test_source_errors_are_one_clear_line(tmp_path):
               "source.max_bad_fraction=0.1")
     assert out.returncode == 1
     assert f"{bad}:2: invalid_json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_inputs_of_later_stages_are_checked_before_any_work(tmp_path):
+    """A bad benchmark path or an impossible seq_len fails at once, not after generation."""
+    out = run("run", "configs/quickstart.yaml", f"run.dir={tmp_path / 'r'}",
+              "curate.decontam.benchmarks=[{name: aime24, path: /nowhere/aime24.jsonl}]")
+    assert out.returncode == 1
+    assert "/nowhere/aime24.jsonl" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()
+    out = run("run", "configs/quickstart.yaml", f"run.dir={tmp_path / 'r'}", "train.seq_len=100000")
+    assert out.returncode == 2 and "train.seq_len=100000 exceeds the context" in out.stderr
+    assert not (tmp_path / "r").exists()

@@ -22,6 +22,7 @@ STAGE_RUNNERS: dict[str, str] = {
 
 STAGE_PREFLIGHT: dict[str, str] = {
     "decontam": "distill.stages.decontam:preflight",
+    "train": "distill.stages.train:preflight",
 }
 
 CURATE_STAGES = ("verify", "filter", "dedup", "decontam", "sft")

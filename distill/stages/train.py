@@ -12,6 +12,24 @@ from pathlib import Path
 from distill.config import RunConfig
 
 
+def preflight(cfg: RunConfig) -> None:
+    """What can be checked against the student before any stage of the run starts: its context
+    length vs train.seq_len, and the configured metric sinks. (Data checks wait for the data.)"""
+    from transformers import AutoConfig
+
+    from distill.config import ConfigError
+    from distill.teachers.models import resolve_model
+    from distill.train.config import check_against_model
+    from distill.train.metrics import check_sinks
+
+    train = cfg.train
+    model_cfg = AutoConfig.from_pretrained(resolve_model(train.student.model))
+    problems = check_against_model(train, getattr(model_cfg, "max_position_embeddings", None), train.student.model)
+    problems += check_sinks(train.metrics)
+    if problems:
+        raise ConfigError(problems)
+
+
 def run(cfg: RunConfig, run_dir: Path) -> Path:
     from distill.export.hf import export_checkpoint
     from distill.train.launch import launch, prepare
