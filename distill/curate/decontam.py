@@ -3,13 +3,16 @@
 Three lexical checks on `normalize_text` output, cheapest first, in `BenchmarkIndex`:
 
 - exact: the normalised strings are equal (catches re-formatting, LaTeX rewrites, wrappers);
-- ngram: the share of the item's distinct word n-grams found in ONE benchmark item. A share,
-  not "any shared n-gram": a single shared 8-gram such as "how much money does he make in"
-  links unrelated GSM8K-style problems, while a copy, a partial copy or a light paraphrase
-  keeps most of its n-grams in one benchmark problem;
-- short: texts too short for a meaningful n-gram share (AIME/MATH one-liners, "Compute
-  $\\dbinom{8}{4}$.") are compared by word k-grams with a small k, scored by the overlap
-  over the LARGER of the two k-gram sets, so a short text inside a long one does not match.
+- ngram: the share of word n-grams the record and ONE benchmark problem have in common,
+  shared / (the larger of the two n-gram sets), or the benchmark problem's share inside the
+  record (`contain_threshold`: a problem wrapped in text the normaliser does not know). A
+  share, not "any shared n-gram": a single shared 8-gram such as "how much money does he make
+  in" links unrelated GSM8K-style problems, while a copy, a 60-80 % cut or a light paraphrase
+  keeps most of its n-grams in one benchmark problem. Over the larger set rather than the
+  record's own: a 6-word fragment ("the radius of its inscribed circle") is all inside some
+  problem and still not a copy of it;
+- short: texts of fewer than `short_max_words` words (AIME/MATH one-liners, "Compute
+  $\\dbinom{8}{4}$.") are also compared by word k-grams with a small k, scored the same way.
 
 `EmbeddingIndex` (optional, needs torch) adds cosine similarity of sentence embeddings for
 paraphrases that change most words. Scores between a "maybe" and a "sure" threshold are
@@ -117,14 +120,15 @@ class DecontamConfig(Section):
     ngram: int = 5
     """Word n-gram length of the n-gram check (words of the normalised text). Longer n-grams
     rarely occur by chance but one edited word breaks n of them, so light paraphrases escape
-    (measured: n=8 keeps 76 % of 3-edit paraphrases at the same false-positive rate where n=5
-    keeps 98 %, tools/bench_decontam.py); texts shorter than this go through the short check."""
+    (see the measured table in tools/bench_decontam.py's report); texts with no n-gram rely on
+    the exact and short checks."""
 
     threshold: float = 0.3
-    """Sure match when at least this fraction of the record's distinct n-grams occur in ONE
-    benchmark problem. 1.0 catches only verbatim (sub)copies; lower catches more edited copies
-    and, eventually, problems written from the same template with other numbers (GSM8K style).
-    Tuned with tools/bench_decontam.py: 0.3 flagged <= 0.2 % of clean GSM8K-train/SVAMP/ASDiv."""
+    """Sure match when the n-grams a record shares with ONE benchmark problem are at least this
+    fraction of the larger of the two n-gram sets. 1.0 catches only verbatim copies; lower
+    catches more edited copies and cuts and, eventually, problems written from the same
+    template with other numbers (GSM8K style). Tuned with tools/bench_decontam.py: 0.3 keeps
+    98 % of 3-edit paraphrases and flags 0.1 % of clean GSM8K-train / SVAMP / ASDiv."""
 
     contain_threshold: float = 0.8
     """Also a sure match when at least this fraction of ONE benchmark problem's n-grams occur in
@@ -133,7 +137,7 @@ class DecontamConfig(Section):
     that merely quote a benchmark's phrasing."""
 
     maybe_threshold: float | None = None
-    """N-gram fraction at or above which a record is a judge candidate (below `threshold`);
+    """N-gram share at or above which a record is a judge candidate (below `threshold`);
     unset: no n-gram candidates."""
 
     short_ngram: int = 2
@@ -213,9 +217,6 @@ class Match:
 
 # ----------------------------------------------------------------------------- pure n-gram logic
 
-_MASK64 = (1 << 64) - 1
-
-
 def ngram_hashes(words: list[str], n: int) -> np.ndarray:
     """Distinct 64-bit hashes of the word n-grams of `words`, sorted (empty when fewer than n
     words). Each word is hashed once with xxh3; an n-gram's hash mixes its words' hashes by
@@ -288,12 +289,6 @@ def _build_keys(gram_sets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np
     return keys[order], owners[order], sizes
 
 
-def _hash_text(normalized: str) -> int:
-    import xxhash
-
-    return xxhash.xxh3_64_intdigest(normalized.encode())
-
-
 # ----------------------------------------------------------------------------- the index
 
 
@@ -313,11 +308,11 @@ class BenchmarkIndex:
         ) if benchmarks else np.empty(0, np.int32)
         self.item_ids = [item_id for b in benchmarks for item_id, _ in b.items]
         self.item_texts = [text for b in benchmarks for _, text in b.items]
-        self.exact: dict[int, int] = {}
+        self.exact: dict[str, int] = {}  # normalised text -> item (strings, not hashes: no collisions)
         grams, short_grams, self.short_items = [], [], []
         for i, text in enumerate(self.item_texts):
             norm = normalize_text(text)
-            self.exact.setdefault(_hash_text(norm), i)  # first copy wins: deterministic audit
+            self.exact.setdefault(norm, i)  # first copy wins: deterministic audit
             words = words_of_normalized(norm)
             grams.append(ngram_hashes(words, cfg.ngram))
             if len(words) < cfg.short_max_words:
@@ -358,7 +353,7 @@ class BenchmarkIndex:
                                                         self.short_sizes, cfg.short_threshold)))
         out: list[Match | None] = []
         for i, norm in enumerate(norms):
-            exact = self.exact.get(_hash_text(norm)) if norm else None
+            exact = self.exact.get(norm) if norm else None
             if exact is not None:
                 out.append(self._match(exact, "exact", 1.0, 1.0, None))
                 continue
