@@ -238,7 +238,7 @@ def test_equivalences_match_math_verify(verifier):
 
     got = verifier.verify(EQUIVALENCES)
     for (pred, ref), v in zip(EQUIVALENCES, got):
-        expected = verify(parse("\\boxed{" + ref + "}"), parse("\\boxed{" + pred + "}"))
+        expected = verify(parse("$\\boxed{" + ref + "}$"), parse("$\\boxed{" + pred + "}$"))
         assert v.code == ("equal" if expected else "not_equal"), (pred, ref, v)
     # And the ones the issue names are in fact equal (50% == 0.5 per math-verify).
     assert all(v.code == "equal" for v in got[:10])

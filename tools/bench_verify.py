@@ -177,7 +177,7 @@ def run_distill(pairs: list[tuple[str, str]], workers: int, warm: bool):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--questions", type=int, default=400, help="questions drawn from the benchmark answers")
+    ap.add_argument("--questions", type=int, default=300, help="questions drawn from the benchmark answers")
     ap.add_argument("--samples", type=int, default=8, help="responses per question (a teacher's n)")
     ap.add_argument("--workers", type=int, default=2, help="Verifier worker processes")
     ap.add_argument("--mix", choices=("benchmarks", "rows", "arithmetic"), default="benchmarks",

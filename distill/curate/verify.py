@@ -267,8 +267,12 @@ def _worker_handler(alarm_s: int, cache_size: int = 4096):
         if text in cache:
             cache.move_to_end(text)
             return cache[text]
+        # As a model writes it, `$\boxed{…}$`: inside math mode math-verify falls back to the raw
+        # text for a list it cannot read, where a bare box gets its first item parsed
+        # (`\frac{1}{2},-1,\frac{3\pm i}{2}` read as 1/2). An answer holding `$` itself stays bare.
+        wrapped = "\\boxed{" + text + "}" if "$" in text else "$\\boxed{" + text + "}$"
         try:
-            out = parse("\\boxed{" + text + "}", parsing_timeout=alarm_s, raise_on_error=True)
+            out = parse(wrapped, parsing_timeout=alarm_s, raise_on_error=True)
         except TimeoutException:
             out = "timeout"
         except Exception:  # noqa: BLE001 - any parser failure is this answer's parse error
