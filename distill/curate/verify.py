@@ -383,9 +383,10 @@ class Verifier:
             # One spelling per key goes to math-verify; one reference's pairs travel together.
             first = {k: (pairs[v[0]][0].strip(), pairs[v[0]][1].strip()) for k, v in todo.items()}
             keys = sorted(todo, key=lambda k: (k[1], k[0]))
-            # Batches small enough that every worker gets several: one slow pair must not hold
-            # back a batch another worker could have taken.
-            bs = min(self.cfg.batch_size, max(1, -(-len(keys) // (4 * self.cfg.workers))))
+            # Batches small enough that every worker gets many: a symbolic check costs ms to
+            # seconds against ~0.1 ms of IPC per batch, and a few slow pairs (long text answers)
+            # must not queue behind each other in one worker while another idles.
+            bs = min(self.cfg.batch_size, max(1, -(-len(keys) // (16 * self.cfg.workers))))
             batches = [keys[i : i + bs] for i in range(0, len(keys), bs)]
             results = self._workers().map([[first[k] for k in b] for b in batches])
             self.stats["symbolic"] += len(keys)
