@@ -81,11 +81,20 @@ class _Worker:
         self.pos = 0
         self.deadline = float("inf")
 
-    def kill(self) -> None:
+    def kill(self) -> float:
+        """Kill it; returns the CPU seconds it used when /proc tells (Linux), else 0."""
+        cpu = 0.0
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(5)
         self.conn.close()
+        return cpu
 
 
 class WorkerPool:
@@ -116,14 +125,15 @@ class WorkerPool:
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
         self.cpu_s = 0.0
-        """CPU seconds of the workers shut down by close() (killed ones are not counted)."""
+        """CPU seconds of the workers that ended: shut down by close() or killed (the latter
+        counted on Linux only, from /proc)."""
         self._workers = [self._spawn() for _ in range(n_workers)]
 
     def _spawn(self) -> _Worker:
         return _Worker(self._ctx, *self._spec)
 
     def _replace(self, w: _Worker) -> _Worker:
-        w.kill()
+        self.cpu_s += w.kill()
         self.restarts += 1
         nw = self._spawn()
         self._workers[self._workers.index(w)] = nw
