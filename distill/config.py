@@ -113,9 +113,10 @@ class SourceConfig(Section):
     columns: ColumnMap = Field(default_factory=ColumnMap)
     """Which source columns hold the problem, the reference answer and the id."""
 
-    answer_extract: Literal["none", "gsm8k", "boxed"] = "none"
+    answer_extract: Literal["none", "gsm8k", "boxed", "auto"] = "none"
     """How to get the final answer out of the answer column: `gsm8k` takes what follows
-    `####`, `boxed` the last `\\boxed{}`; `none` uses the column as is."""
+    `####`, `boxed` the last `\\boxed{}`, `auto` what curation would extract from a model's
+    response (boxed, "the answer is", `####`, a final-line number); `none` uses the column as is."""
 
     limit: int | None = Field(default=None, ge=1)
     """Use only the first N valid questions (quickstarts, smoke tests)."""

@@ -37,7 +37,7 @@ def test_train_stage_on_ray(tmp_path, gsm8k_train, capsys):
     tree["data"] = {}  # default: RUN/sft/
     cfg = RunConfig.model_validate({"run": {"dir": str(run_dir), "stages": ["train"]}, "train": tree})
 
-    ray.init(num_cpus=2, include_dashboard=False, address="local")
+    ray.init(num_cpus=2, include_dashboard=True, address="local")
     try:
         out = run(cfg, run_dir)
         first = capsys.readouterr().out

@@ -159,6 +159,10 @@ def run_units(store: ShardStore, units: list[Unit], cfg: RunConfig, stage: str, 
 
 
 def finish_stage(store: ShardStore, stage: str, seconds: float, summary: dict | None = None) -> Manifest:
+    if not store.shard_names():
+        # Nothing survived (or nothing came in): an empty shard still carries the schema, so the
+        # next stage reads "zero records" instead of failing on a missing file.
+        store.commit(store.next_index(), [])
     manifest = store.finish({"seconds": round(seconds, 2), **(summary or {})})
     c = manifest.counts
     print(f"{stage}: {c['records']} kept, {c['rejected']} rejected ({format_counter(c['rejected_by_reason'])})"

@@ -138,6 +138,9 @@ def _launch_ray(job: TrainJob, cfg: TrainConfig) -> None:
                                                resources_per_worker=resources),
         # Ray Train's own bookkeeping; checkpoints are the trainer's, in job.checkpoint_dir.
         run_config=ray.train.RunConfig(name="ray", storage_path=str(Path(job.out_dir).resolve()),
-                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+                                       failure_config=ray.train.FailureConfig(max_failures=0),
+                                       # Ray Train's print patch logs every print AND lets it
+                                       # reach stdout: each progress line would show twice.
+                                       worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
     trainer.fit()
