@@ -97,8 +97,9 @@ class JudgeConfig(Section):
     Without the judge, candidates are kept (not flagged) and counted."""
 
     max_candidates: int = 10000
-    """Most candidates judged per run; beyond it candidates are flagged without judging (the
-    conservative side) and the count is reported. Bounds the judge's cost on a bad threshold."""
+    """Most candidates judged per work unit (`curate.shard_size` questions); beyond it candidates
+    are flagged without judging (the conservative side) and counted in the stage summary. Bounds
+    the judge's cost on a bad threshold."""
 
     max_tokens: int = 16
     """Tokens the judge may generate; the answer is one word ("yes"/"no")."""
