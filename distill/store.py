@@ -51,7 +51,8 @@ class StaleOutputError(RuntimeError):
     """The directory holds output made with settings that would make it wrong for this config."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (without it a power loss can forget a committed file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,7 +78,7 @@ def write_parquet_atomic(table: pa.Table, dest: Path, tmp_dir: Path) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, dest)
     # Makes the rename itself durable: without it a power loss can forget a committed shard.
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def diff_settings(old: Any, new: Any, prefix: str = "") -> list[str]:

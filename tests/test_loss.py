@@ -70,6 +70,9 @@ def _dist_worker(rank: int, world: int, port: int, tokenizer_dir: str, cache_pat
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
         if rank == 0:
             torch.save(grads, out)
+        # Rank 0 hosts the rendezvous store: leaving before rank 1 is done with it aborts rank 1
+        # ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from distill.store import atomic_write_text, fsync_dir
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
@@ -40,12 +42,7 @@ def step_dirname(step: int) -> str:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file beside `path`, fsync, rename over `path`."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -90,7 +87,7 @@ def commit(root: Path, tmp: Path, step: int, state: dict, *, keep_last: int) -> 
     if final.exists():  # the same step saved again (a resumed run that stopped at once)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_json_pointer(root, final.name)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -98,21 +95,8 @@ def commit(root: Path, tmp: Path, step: int, state: dict, *, keep_last: int) -> 
 
 
 def write_json_pointer(root: Path, name: str) -> None:
-    tmp = root / f"{_TMP_PREFIX}{LATEST}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_text(root / LATEST, name + "\n")
+    fsync_dir(root)
 
 
 def save_checkpoint(root: Path, step: int, state: dict, *, rank: int, keep_last: int,
