@@ -76,3 +76,5 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     assert "source: 32 questions (unchanged, reused)" in second.stdout
     assert f"0 to generate in 0 shards ({n_q * n_s} already done)" in second.stdout
     assert len(read_records(run_dir / "generate")) == n_q * n_s
+    # Training reached train.max_steps the first time: the rerun only re-exports.
+    assert "train: step" not in second.stdout and "train: model written to" in second.stdout
