@@ -38,6 +38,9 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python tools/bench_generate.py
+	$(BIN)/python tools/bench_verify.py
+	$(BIN)/python tools/bench_decontam.py
+	$(BIN)/python tools/bench_train.py
 
 clean-runs:
 	rm -rf runs/
