@@ -103,7 +103,8 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         torch.set_num_threads(max(1, int(cfg.launch.cpus_per_worker)))
     precision = resolve_precision(cfg, has_gpu)
     backend = build_backend(cfg, precision=precision)
-    rank, world = backend.rank, backend.world_size
+    # Data is sharded over data-parallel replicas; ranks of one model-parallel group get the same rows.
+    rank, world, dp_rank = backend.rank, backend.dp_size, backend.dp_rank
 
     cache = load_token_cache(Path(job.cache_path))
     plan = plan_steps(cache, cfg.seq_len, seed=cfg.seed, epochs=cfg.epochs)
@@ -155,7 +156,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     while step < total:
         t0 = time.monotonic()
         shares = [plan.micro_batches(step, r, world, cfg.micro_batch, cfg.grad_accum) for r in range(world)]
-        batches = [make_batch(cache, bins, cfg.seq_len) for bins in shares[rank]]
+        batches = [make_batch(cache, bins, cfg.seq_len) for bins in shares[dp_rank]]
         global_targets = plan.global_target_tokens(step, world, cfg.micro_batch, cfg.grad_accum, cache)
         stats = backend.train_step(batches, global_targets)
         step += 1
@@ -169,7 +170,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
             values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                       "target_tokens": global_targets, "target_tokens_per_s": global_targets / dt,
                       "tokens_per_s": real / dt, "packing_efficiency": real / (len(rows) * cfg.seq_len),
-                      "mfu": mfu(n_params, real, dt, cfg.metrics.peak_flops, world), "step_s": dt}
+                      "mfu": mfu(n_params, real, dt, cfg.metrics.peak_flops, backend.world_size), "step_s": dt}
             metrics.log(step, values)
             metrics.progress(step, total, values)
         if step % cfg.checkpoint.every_steps == 0 or step == total or stop:

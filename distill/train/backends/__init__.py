@@ -33,11 +33,21 @@ class StepStats:
     """Global gradient norm before clipping."""
     lr: float
     """Learning rate the step used."""
+    compute_s: float = 0.0
+    """Seconds this rank spent in forward + backward of its micro-batches."""
+    comm_s: float = 0.0
+    """Seconds this rank spent after backward: gradient reduction, optimizer step and the loss
+    all-reduce (where a slow peer shows up as waiting)."""
 
 
 class Backend(Protocol):
     rank: int
     world_size: int
+    dp_rank: int
+    """This rank's index among the data-parallel replicas (== rank without model parallelism)."""
+    dp_size: int
+    """Data-parallel replicas: world_size / (tensor * pipeline * context parallel degrees). The
+    loop shards each global batch over dp_size, not world_size."""
 
     @staticmethod
     def prepare(cfg: "TrainConfig") -> None:

@@ -178,6 +178,7 @@ class DeepSpeedBackend:
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
+        self.dp_rank, self.dp_size = self.rank, self.world_size  # ZeRO is pure data parallelism
         self.engine = None
 
     def setup(self, model, *, total_steps: int) -> None:
