@@ -22,9 +22,10 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from distill.section import Section
 from distill.curate.config import CurateConfig
+from distill.curate.benchmarks import BenchmarkRef
 from distill.train.config import TrainConfig
 
-STAGES = ("generate", "verify", "filter", "dedup", "decontam", "sft", "train")
+STAGES = ("generate", "verify", "filter", "dedup", "decontam", "sft", "train", "eval")
 """Stages `distill run` knows, in pipeline order (see distill/stages/__init__.py)."""
 
 
@@ -48,7 +49,8 @@ class RunSection(Section):
 
     stages: list[str] = Field(default_factory=lambda: list(STAGES))
     """Stages `distill run` executes, in pipeline order. Known: generate, verify, filter, dedup,
-    decontam, sft (the curation stages), train (fine-tune and export the student)."""
+    decontam, sft (the curation stages), train (fine-tune and export the student), eval (teacher,
+    student before and after training on held-out benchmarks)."""
 
     progress: bool = True
     """Show a progress bar (shards, samples/s, tokens/s, ETA). The summary is printed either way."""
@@ -333,6 +335,103 @@ class GenerateConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- evaluation
+
+EVAL_MODELS = ("teacher", "student_before", "student_after")
+"""The models the `eval` stage can compare: the teacher (with the generate engine), the student
+as it was before training (train.student.model) and the exported student (train.export.dir)."""
+
+
+class EvalBenchmarkRef(BenchmarkRef):
+    """A benchmark to evaluate on: where its problems are (as for decontamination) and its answers."""
+
+    answer_column: str = "answer"
+    """Column holding the reference answer."""
+
+    answer_extract: Literal["none", "gsm8k", "boxed", "auto"] = "none"
+    """How to get the final answer out of the answer column (as `source.answer_extract`): `gsm8k`
+    for GSM8K as published on the Hub (`... #### 72`); `none` when the column is the answer."""
+
+
+class EvalConfig(Section):
+    benchmarks: list[EvalBenchmarkRef] = Field(default_factory=list)
+    """Held-out benchmarks (name, path or Hub id, split, problem and answer columns). Use test sets
+    the curation was decontaminated against, or the scores measure memorisation."""
+
+    limit: int | None = Field(default=None, ge=1)
+    """Evaluate only the first N questions of each benchmark (unset: all). A small limit makes a
+    smoke test, not a measurement: with 8 questions one answer moves accuracy by 12.5 points."""
+
+    greedy: bool = True
+    """Decode every question once greedily (temperature 0) for `greedy_acc`. One completion per
+    question."""
+
+    samples: int = Field(default=0, ge=0)
+    """Sampled completions per question (with `sampling`) for pass@k and maj@k; 0: none. Cost grows
+    linearly; the estimators' variance falls with more samples than the largest k."""
+
+    k: list[int] = Field(default_factory=list)
+    """k values for pass@k and maj@k, each <= samples. Empty: 1, 2, 4, ... up to samples, and
+    samples itself."""
+
+    models: list[Literal["teacher", "student_before", "student_after"]] = Field(
+        default_factory=lambda: list(EVAL_MODELS))
+    """Which models to evaluate. Models with identical engine settings (a teacher that is also the
+    student's starting point) are evaluated once and the table says so."""
+
+    prompt: PromptConfig = Field(default_factory=lambda: PromptConfig(
+        template="{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."))
+    """How a question becomes the chat sent to every model. The same for all models, so scores compare."""
+
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(
+        temperature=0.6, top_p=0.95, max_new_tokens=1024))
+    """Sampling for the `samples` completions (greedy decoding uses only max_new_tokens, stop and
+    seed). A completion cut at max_new_tokens usually has no answer and counts as wrong."""
+
+    student_engine: Literal["hf", "vllm"] = "hf"
+    """Engine for the students: `generate.<engine>`'s settings with the model replaced by the
+    student's. (The teacher is evaluated with `generate.engine` as configured.)"""
+
+    cpus: float = Field(default=1.0, gt=0)
+    """CPUs Ray reserves for a student's evaluation (also torch's thread count on CPU)."""
+
+    gpus: float = Field(default=0.0, ge=0)
+    """GPUs Ray reserves for a student's evaluation (vllm: its tensor parallel size)."""
+
+    _volatile = frozenset({"cpus", "gpus"})
+
+    def k_values(self) -> list[int]:
+        """The k of pass@k / maj@k: `k`, or 1, 2, 4, ... and `samples` when `k` is empty."""
+        if self.k:
+            return sorted(set(self.k))
+        if self.samples == 0:
+            return []
+        ks = [1 << i for i in range(self.samples.bit_length()) if 1 << i <= self.samples]
+        return sorted(set(ks) | {self.samples})
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        problems = []
+        names = [b.name for b in self.benchmarks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            problems.append(f"eval.benchmarks: names must be unique; repeated: {', '.join(dup)}")
+        if not self.greedy and self.samples == 0:
+            problems.append("eval.greedy=false with eval.samples=0 evaluates nothing: set eval.samples or eval.greedy")
+        bad = [k for k in self.k if k < 1 or k > self.samples]
+        if bad:
+            problems.append(f"eval.k={self.k}: every k must be in [1, eval.samples={self.samples}]; "
+                            f"out of range: {', '.join(map(str, bad))}")
+        if self.samples > 1 and self.sampling.temperature == 0:
+            problems.append(f"eval.samples={self.samples} with eval.sampling.temperature=0 gives identical "
+                            "samples: set temperature > 0 (greedy accuracy comes from eval.greedy)")
+        if len(set(self.models)) != len(self.models):
+            problems.append(f"eval.models={self.models}: each model at most once")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
 # --------------------------------------------------------------------------- the run config
 
 
@@ -355,6 +454,9 @@ class RunConfig(Section):
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Fine-tuning the student on the SFT set, and its export."""
+
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation of teacher and student (before / after training) on held-out benchmarks."""
 
 
 

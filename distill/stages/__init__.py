@@ -18,11 +18,13 @@ STAGE_RUNNERS: dict[str, str] = {
     "decontam": "distill.stages.decontam:run",
     "sft": "distill.stages.sft:run",
     "train": "distill.stages.train:run",
+    "eval": "distill.stages.eval:run",
 }
 
 STAGE_PREFLIGHT: dict[str, str] = {
     "decontam": "distill.stages.decontam:preflight",
     "train": "distill.stages.train:preflight",
+    "eval": "distill.stages.eval:preflight",
 }
 
 CURATE_STAGES = ("verify", "filter", "dedup", "decontam", "sft")
