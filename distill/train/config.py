@@ -104,6 +104,49 @@ class DeepSpeedSection(Section):
     _volatile = frozenset({"offload_optimizer", "offload_param", "nvme_path", "activation_checkpointing"})
 
 
+class MegatronSection(Section):
+    """Settings of the `megatron` backend. World size (train.launch.num_workers) = data x
+    tensor_parallel x pipeline_parallel x context_parallel; the data-parallel degree is what is
+    left. Global batch = data-parallel degree * train.micro_batch * train.grad_accum rows."""
+
+    tensor_parallel: int = Field(default=1, ge=1)
+    """Ranks each layer's weights are split over (Megatron column/row parallel linears). Must
+    divide the student's attention heads and key/value heads. Costs two all-reduces per layer in
+    forward and backward: keep it within one node (NVLink)."""
+
+    pipeline_parallel: int = Field(default=1, ge=1)
+    """Pipeline stages the layers are split over (must divide the layer count). Micro-batches
+    (train.grad_accum of them) flow through the stages in a 1F1B schedule; the pipeline bubble
+    costs about (stages - 1) / grad_accum of the step, so use grad_accum >> stages."""
+
+    context_parallel: int = Field(default=1, ge=1)
+    """Ranks a sequence is split over. Only 1 is implemented (the packed core attention has no
+    ring exchange); kept so recipes name it."""
+
+    sequence_parallel: bool = False
+    """Split norms, dropout and activations between the tensor-parallel layers along the sequence
+    (needs tensor_parallel > 1 and train.seq_len divisible by it): activation memory / tensor
+    degree, all-reduces become reduce-scatter + all-gather (same traffic)."""
+
+    distributed_optimizer: bool = True
+    """Shard fp32 master weights and Adam moments over the data-parallel ranks (like ZeRO-1):
+    optimizer memory / data degree, for one extra all-gather of the weights per step."""
+
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward (full, one layer at a time): ~1/3 more
+    compute for activation memory of one layer instead of all."""
+
+    vocab_divisible_by: int = Field(default=128, ge=1)
+    """The vocabulary is padded to a multiple of this x tensor_parallel (aligned matmuls); the
+    padding rows are zero and never reach the loss or the exported model."""
+
+    global_batch: int | None = Field(default=None, ge=1)
+    """Optional check: rows per optimizer step. If set, it must equal data-parallel degree *
+    train.micro_batch * train.grad_accum (nothing is derived from it)."""
+
+    _volatile = frozenset({"activation_checkpointing"})
+
+
 class LaunchSection(Section):
     launcher: Literal["ray", "torchrun", "local"] = "ray"
     """How workers start under `distill run`: `ray` (Ray Train TorchTrainer on the run's
@@ -168,7 +211,7 @@ class ExportSection(Section):
     """Dtype of the exported weights. `auto`: the training precision (bf16 or fp32)."""
 
 
-BACKEND_NAMES = ("deepspeed",)
+BACKEND_NAMES = ("deepspeed", "megatron")
 """Backends a config may name; `distill.train.backends.BACKENDS` must register each."""
 
 
@@ -216,10 +259,14 @@ class TrainConfig(Section):
     """Seed of model-independent randomness: data order (shuffle of packed rows) and torch RNG."""
 
     backend: str = "deepspeed"
-    """Training backend (registered in distill.train.backends.BACKENDS). Known: deepspeed."""
+    """Training backend (registered in distill.train.backends.BACKENDS). Known: deepspeed (ZeRO data
+    parallelism), megatron (tensor / pipeline / data parallelism, see train.megatron)."""
 
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     """Settings of the `deepspeed` backend."""
+
+    megatron: MegatronSection = Field(default_factory=MegatronSection)
+    """Settings of the `megatron` backend."""
 
     launch: LaunchSection = Field(default_factory=LaunchSection)
     """How and where the training workers run."""
@@ -236,7 +283,10 @@ class TrainConfig(Section):
     log_every: int = Field(default=1, ge=1)
     """Log metrics every N optimizer steps."""
 
-    _volatile = frozenset({"micro_batch", "log_every"})
+    fault: FaultSection = Field(default_factory=FaultSection)
+    """Fault tolerance: restarts, checkpoint integrity, straggler monitor, hang watchdog."""
+
+    _volatile = frozenset({"micro_batch", "log_every", "fault"})
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -263,12 +313,47 @@ class TrainConfig(Section):
         if self.launch.launcher == "local" and self.launch.num_workers != 1:
             problems.append(f"train.launch.launcher=local runs one process; train.launch.num_workers="
                             f"{self.launch.num_workers} needs launcher ray or torchrun")
+        if self.fault.straggler.policy == "restart_without" and self.launch.launcher != "ray":
+            problems.append(f"train.fault.straggler.policy=restart_without needs train.launch.launcher=ray (got "
+                            f"{self.launch.launcher}): only Ray can place the restarted group on other nodes")
         if self.schedule.warmup_steps and self.max_steps and self.schedule.warmup_steps > self.max_steps:
             problems.append(f"train.schedule.warmup_steps={self.schedule.warmup_steps} exceeds train.max_steps="
                             f"{self.max_steps}: the LR never reaches its peak")
+        if self.backend == "megatron":
+            problems += megatron_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def megatron_problems(cfg: "TrainConfig") -> list[str]:
+    """Checks of train.megatron that need only the config (model-dependent ones run in the
+    launcher's preflight). Pure."""
+    m, world = cfg.megatron, cfg.launch.num_workers
+    out = []
+    model_parallel = m.tensor_parallel * m.pipeline_parallel * m.context_parallel
+    if world % model_parallel:
+        out.append(f"train.launch.num_workers={world} is not a multiple of train.megatron.tensor_parallel * "
+                   f"pipeline_parallel * context_parallel = {m.tensor_parallel} * {m.pipeline_parallel} * "
+                   f"{m.context_parallel} = {model_parallel}: change num_workers or one of the degrees")
+    if m.context_parallel != 1:
+        out.append(f"train.megatron.context_parallel={m.context_parallel}: not implemented (the packed core "
+                   "attention has no ring exchange); set it to 1")
+    if m.sequence_parallel and m.tensor_parallel == 1:
+        out.append("train.megatron.sequence_parallel=true needs train.megatron.tensor_parallel > 1")
+    if m.sequence_parallel and (cfg.seq_len * cfg.micro_batch) % m.tensor_parallel:
+        out.append(f"train.megatron.sequence_parallel: train.seq_len * train.micro_batch = "
+                   f"{cfg.seq_len * cfg.micro_batch} must divide by tensor_parallel={m.tensor_parallel}")
+    if m.global_batch is not None and not world % model_parallel:
+        rows = world // model_parallel * cfg.micro_batch * cfg.grad_accum
+        if rows != m.global_batch:
+            out.append(f"train.megatron.global_batch={m.global_batch} but data-parallel degree "
+                       f"{world // model_parallel} * train.micro_batch {cfg.micro_batch} * train.grad_accum "
+                       f"{cfg.grad_accum} = {rows}: change grad_accum or micro_batch, or unset global_batch")
+    if cfg.launch.launcher == "local" and model_parallel > 1:
+        out.append("train.launch.launcher=local runs one process; tensor/pipeline parallelism needs launcher ray "
+                   "or torchrun")
+    return out
 
 
 def resolve_precision(cfg: TrainConfig, has_gpu: bool) -> Literal["bf16", "fp32"]:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 BACKENDS: dict[str, str] = {
     "deepspeed": "distill.train.backends.deepspeed:DeepSpeedBackend",
+    "megatron": "distill.train.backends.megatron:MegatronBackend",
 }
 
 
