@@ -211,6 +211,86 @@ class ExportSection(Section):
     """Dtype of the exported weights. `auto`: the training precision (bf16 or fp32)."""
 
 
+class StragglerSection(Section):
+    policy: Literal["off", "warn", "restart_without"] = "warn"
+    """What a flagged straggler triggers: `warn` logs it (stdout, RUN/train/stragglers.jsonl);
+    `restart_without` also checkpoints and restarts the worker group on the other nodes (the
+    flagged rank's Ray node is excluded by label selector; needs train.launch.launcher=ray and a
+    spare node). `off` skips the per-step sync point and gather (two tiny collectives a step)."""
+
+    ratio: float = Field(default=1.5, gt=1.0)
+    """A rank is slow in a window when its median own step time (data + compute) exceeds this
+    multiple of the other ranks' median. Lower catches milder stragglers, and more noise."""
+
+    mad_k: float = Field(default=5.0, ge=0)
+    """...or, if higher, the others' median + mad_k * 1.4826 * their MAD (a robust standard
+    deviation): with many ranks a naturally wide spread raises the bar."""
+
+    window: int = Field(default=10, ge=2)
+    """Steps per window; each rank's median over a window is compared."""
+
+    windows: int = Field(default=2, ge=1)
+    """Consecutive slow windows before a rank is flagged (window * windows steps at the least:
+    fewer react faster to a real straggler and more often to a transient hiccup)."""
+
+
+class FaultSection(Section):
+    max_failures: int = Field(default=3, ge=-1)
+    """Restarts of the worker group after a failure (dead process or node, error, hang), each
+    from the latest good checkpoint: Ray Train's FailureConfig(max_failures), torchrun's
+    --max-restarts. -1: unlimited; 0: the first failure ends the run."""
+
+    collective_timeout_s: float = Field(default=1800.0, gt=0)
+    """torch.distributed timeout of the process group: a collective waiting longer raises. The
+    hang watchdog usually fires first; this is the backstop for phases it does not watch
+    (startup, checkpoint writes)."""
+
+    hang_timeout_s: float | None = Field(default=None, gt=0)
+    """Seconds a training step may run before the watchdog dumps every rank's Python stacks and
+    aborts the group (which then restarts from the checkpoint). Unset: derived,
+    max(hang_min_timeout_s, hang_factor * median of recent steps)."""
+
+    hang_min_timeout_s: float = Field(default=60.0, gt=0)
+    """Floor of the derived hang timeout (a step that is slow but alive must not be killed)."""
+
+    hang_factor: float = Field(default=10.0, gt=1.0)
+    """Derived hang timeout = this multiple of the median recent step time."""
+
+    first_step_timeout_s: float = Field(default=900.0, gt=0)
+    """Hang timeout of an attempt's first step (no step time to derive from yet; it also pays
+    for warm-up)."""
+
+    dump_dir: Path | None = None
+    """Where hang stack dumps go, as attempt-N/rank-R.txt (unset: RUN/train/hang-dumps/)."""
+
+    checksums: bool = True
+    """Each checkpoint's manifest holds a sha256 of every file, checked on resume (rank 0 reads
+    the checkpoint once more at save and at resume, about 1 s per GB). false: sizes only, which
+    catches truncation but not flipped bytes."""
+
+    straggler: StragglerSection = Field(default_factory=StragglerSection)
+    """Straggler detection and what a flagged rank triggers."""
+
+    inject: list[str] = Field(default_factory=list)
+    """Faults to inject, to check recovery on your own cluster (see distill.train.faults):
+    "kill:rank=1:step=5", "hang:rank=1:step=4", "sleep:rank=1:factor=2", "raise:rank=0:step=3";
+    each fires in the first attempt only unless it adds attempt=N or attempt=*."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "FaultSection":
+        from distill.train.faults import FaultSpecError, parse_fault
+
+        problems = []
+        for i, spec in enumerate(self.inject):
+            try:
+                parse_fault(spec)
+            except FaultSpecError as e:
+                problems.append(f"train.fault.inject[{i}]: {e}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
 BACKEND_NAMES = ("deepspeed", "megatron")
 """Backends a config may name; `distill.train.backends.BACKENDS` must register each."""
 
