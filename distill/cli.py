@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-shard-size-mb", type=int, default=2000, help="largest safetensors file (MB)")
     ex.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="dtype of the written weights (auto: the training precision)")
+    _chaos_parser(sub)
     rep = sub.add_parser("report", help="funnel table of a run, plus report.json and report.html")
     rep.add_argument("run_dir", help="a run directory (run.dir of the config)")
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
@@ -64,6 +65,71 @@ def _stages(args, cfg) -> list[str]:
             raise ConfigError([f"--steps: unknown step(s) {', '.join(bad)}; known: {', '.join(CURATE_STAGES)}"])
         return [s for s in CURATE_STAGES if s in steps]
     return list(cfg.run.stages)
+
+
+def _chaos_parser(sub) -> None:
+    ch = sub.add_parser("chaos", help="fault injection against your own servers and Ray cluster")
+    chs = ch.add_subparsers(dest="chaos_command", required=True)
+    px = chs.add_parser("proxy", help="proxy an OpenAI-compatible server, failing a share of requests",
+                        description="Point generate.openai.base_url at the printed URL; on exit (Ctrl-C, SIGTERM or "
+                                    "--duration) the faults injected and the client retries they explain are printed.")
+    px.add_argument("--upstream", required=True, help="the real server, e.g. http://127.0.0.1:8000/v1")
+    px.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    px.add_argument("--port", type=int, default=8001, help="port to listen on (0: any free port)")
+    px.add_argument("--rate", type=float, default=0.2, help="share of requests that get a fault (0..1)")
+    px.add_argument("--mix", default="429=1,500=1,503=1,timeout=1,reset=1,malformed=1",
+                    help="relative weights of the faults: 429, 500, 503, timeout, reset, malformed")
+    px.add_argument("--hold-s", type=float, default=30.0,
+                    help="a timeout fault holds the request this long, then drops it (set above the client timeout)")
+    px.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After of 429 and 503 answers (seconds)")
+    px.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
+    px.add_argument("--duration", default=None, help="stop after this long (e.g. 10m); default: until Ctrl-C")
+    kl = chs.add_parser("kill", help="SIGKILL random Ray actors (and a worker node) of a running cluster")
+    kl.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else auto)")
+    kl.add_argument("--actors", required=True, help="regex on the actor class name, e.g. TeacherReplica")
+    kl.add_argument("--every", default="5s", help="pause between kills, e.g. 5s, 500ms, 1m")
+    kl.add_argument("--count", type=int, default=3, help="actors to kill")
+    kl.add_argument("--node", action="store_true",
+                    help="also kill one random worker node's raylet halfway through (never the head or a driver's node)")
+    kl.add_argument("--seed", type=int, default=0, help="seed of the victim choice")
+    kl.add_argument("--max-wait", default="10m", help="give up after this long in all (no matching actor appears)")
+
+
+def _chaos(args) -> int:
+    import json
+    import os
+    import signal
+    import threading
+
+    from distill import chaos
+
+    try:
+        if args.chaos_command == "proxy":
+            faults = chaos.ProxyFaults(rate=args.rate, mix=chaos.parse_mix(args.mix), seed=args.seed,
+                                       hold_s=args.hold_s, retry_after_s=args.retry_after_s)
+            duration = chaos.parse_duration(args.duration) if args.duration else None
+        else:
+            every, max_wait = chaos.parse_duration(args.every), chaos.parse_duration(args.max_wait)
+    except ValueError as e:
+        raise ConfigError([f"chaos {args.chaos_command}: {e}"]) from None
+    if args.chaos_command == "proxy":
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        with chaos.FaultProxy(args.upstream, faults, host=args.host, port=args.port) as proxy:
+            print(f"chaos proxy: {proxy.base_url} -> {args.upstream}, rate {faults.rate:g}, mix {dict(faults.mix)}",
+                  flush=True)
+            stop.wait(duration)
+        print("chaos proxy: " + json.dumps({**proxy.counts(),
+                                            "expected_client_retries": dict(chaos.expected_retries(proxy.injected))}))
+        return 0
+    import ray
+
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    kills = chaos.run_killer(args.actors, every_s=every, count=args.count, node=args.node, seed=args.seed,
+                             max_wait_s=max_wait, say=lambda m: print(m, flush=True))
+    print(f"chaos kill: {sum(k.what == 'actor' for k in kills)} actors, {sum(k.what == 'node' for k in kills)} nodes")
+    return 0 if len(kills) >= args.count + int(args.node) else 1
 
 
 def _report(run_dir: str) -> int:
@@ -101,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args.run_dir)
+        if args.command == "chaos":
+            return _chaos(args)
         if args.command == "export":
             from distill.export.hf import export_checkpoint
 
