@@ -8,17 +8,24 @@ Layout of `checkpoints/`:
       rng/rank-00000.json   each rank's python / numpy / torch RNG states
       trainer_state.json    step (the data cursor: an index into the StepPlan) and what the
                             plan depends on, checked on resume
+      manifest.json         size and sha256 of every file above, written last
     latest                  "step-00000200", replaced atomically
 
 A checkpoint is written into `.tmp-step-...`, and renamed once every rank's files are there;
 `latest` is written to a temporary file and renamed after that. A crash at any point leaves
 either the previous `latest` or the new one, never a pointer to a partial directory. The
 directory must be on storage every rank sees (the local disk on one machine).
+
+Renames protect against a crash, not against storage that loses or flips bytes later (a full
+disk, a flaky network filesystem, a copy cut short). Resume therefore goes through
+`latest_good_checkpoint`, which checks the manifest and falls back to the newest checkpoint that
+matches it, with a warning naming what was wrong.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -32,6 +39,7 @@ from distill.store import atomic_write_text, fsync_dir
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
 
@@ -78,11 +86,12 @@ def begin(root: Path, step: int) -> Path:
     return tmp
 
 
-def commit(root: Path, tmp: Path, step: int, state: dict, *, keep_last: int) -> Path:
+def commit(root: Path, tmp: Path, step: int, state: dict, *, keep_last: int, checksums: bool = True) -> Path:
     """Finish a checkpoint every rank has written into `tmp` (call on one rank): state file,
-    rename, `latest`, then delete all but the newest `keep_last`."""
+    manifest, rename, `latest`, then delete all but the newest `keep_last`."""
     root = Path(root)
     write_json_atomic(Path(tmp) / STATE_FILE, {**state, "step": step})
+    write_json_atomic(Path(tmp) / MANIFEST, build_manifest(Path(tmp), checksums=checksums))
     final = root / step_dirname(step)
     if final.exists():  # the same step saved again (a resumed run that stopped at once)
         shutil.rmtree(final)
@@ -100,7 +109,7 @@ def write_json_pointer(root: Path, name: str) -> None:
 
 
 def save_checkpoint(root: Path, step: int, state: dict, *, rank: int, keep_last: int,
-                    write_parts: Callable[[Path], None], barrier: Callable[[], None]) -> Path:
+                    write_parts: Callable[[Path], None], barrier: Callable[[], None], checksums: bool = True) -> Path:
     """The whole protocol, called on every rank: rank 0 prepares the temporary directory, every
     rank writes its parts (`write_parts(tmp)`, which also writes this rank's RNG file), rank 0
     commits. Returns the final directory."""
@@ -112,9 +121,83 @@ def save_checkpoint(root: Path, step: int, state: dict, *, rank: int, keep_last:
     write_json_atomic(rng_path(tmp, rank), rng_state())
     barrier()
     if rank == 0:
-        commit(root, tmp, step, state, keep_last=keep_last)
+        commit(root, tmp, step, state, keep_last=keep_last, checksums=checksums)
     barrier()  # no rank starts the next step's save (or exits) before the commit is done
     return Path(root) / step_dirname(step)
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def build_manifest(ckpt: Path, *, checksums: bool) -> dict:
+    """Size (and sha256) of every file under `ckpt` but the manifest itself."""
+    files = {}
+    for p in sorted(Path(ckpt).rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            entry: dict = {"size": p.stat().st_size}
+            if checksums:
+                entry["sha256"] = _sha256(p)
+            files[p.relative_to(ckpt).as_posix()] = entry
+    return {"files": files}
+
+
+def verify_checkpoint(ckpt: Path, *, checksums: bool = True) -> list[str]:
+    """What is wrong with a checkpoint against its manifest (empty: it is intact). Sizes are
+    checked first (cheap, and a truncated file is the common case); sha256 only with
+    `checksums` and where the manifest has one."""
+    ckpt = Path(ckpt)
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        return [f"no {MANIFEST} (it is written last: the save did not finish, or the checkpoint predates manifests)"]
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return [f"{MANIFEST} is unreadable"]
+    problems = []
+    for rel, entry in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            problems.append(f"{rel} is missing")
+        elif p.stat().st_size != entry["size"]:
+            problems.append(f"{rel} has {p.stat().st_size} bytes, the manifest says {entry['size']} (truncated or "
+                            "overwritten)")
+        elif checksums and "sha256" in entry and _sha256(p) != entry["sha256"]:
+            problems.append(f"{rel} does not match its sha256 in the manifest (corrupted)")
+    return problems
+
+
+def latest_good_checkpoint(root: Path, *, checksums: bool = True,
+                           warn: Callable[[str], None] = print) -> Path | None:
+    """The newest intact checkpoint: the one `latest` names, else older ones newest first, each
+    checked against its manifest; `warn` is told what was wrong with every one skipped. None when
+    there is no checkpoint; an error when there are some and none is intact (starting over
+    silently would throw the run away)."""
+    root = Path(root)
+    pointer = root / LATEST
+    candidates = list(reversed(list_checkpoints(root)))
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+        else:
+            warn(f"checkpoint: {pointer} names {named.name}, which is missing or incomplete")
+    rejected = []
+    for ckpt in candidates:
+        problems = verify_checkpoint(ckpt, checksums=checksums)
+        if not problems:
+            return ckpt
+        rejected.append(f"{ckpt.name}: " + "; ".join(problems))
+        warn(f"checkpoint: {ckpt} is unusable, trying an older one: " + "; ".join(problems))
+    if rejected:
+        raise RuntimeError(f"no intact checkpoint in {root} (" + " | ".join(rejected) + "): restore one from a "
+                           "copy, or delete the directory to start over")
+    return None
 
 
 # --------------------------------------------------------------------------- RNG states
