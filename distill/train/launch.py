@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from distill.config import ConfigError
@@ -62,12 +63,20 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
 
 
 def launch(job: TrainJob) -> Path:
-    """Run the workers to completion; the final checkpoint directory."""
+    """Run the workers to completion (restarting them after failures, train.fault); the final
+    checkpoint directory."""
     from distill.train.checkpoint import latest_checkpoint
+    from distill.train.monitor import launch_goodput, write_goodput
 
     cfg = job.config()
+    job.launched_at = time.time()
     runner = {"ray": _launch_ray, "torchrun": _launch_torchrun, "local": _launch_local}[cfg.launch.launcher]
-    runner(job, cfg)
+    try:
+        runner(job, cfg)
+    except BaseException:
+        # Rank 0 writes goodput.json when training ends; a run that gave up never gets there.
+        write_goodput(Path(job.out_dir), launch_goodput(Path(job.out_dir), job.launched_at, now=time.time()))
+        raise
     final = latest_checkpoint(Path(job.checkpoint_dir))
     if final is None:
         raise RuntimeError(f"training finished without a checkpoint in {job.checkpoint_dir}")
@@ -98,14 +107,16 @@ def _launch_local(job: TrainJob, cfg: TrainConfig) -> None:
                 os.environ[k] = v
 
 
-def torchrun_command(job_file: Path, num_workers: int) -> list[str]:
+def torchrun_command(job_file: Path, num_workers: int, max_restarts: int = 0) -> list[str]:
+    # torchrun has no "unlimited": -1 (train.fault.max_failures) becomes a number never reached.
+    restarts = 10**6 if max_restarts < 0 else max_restarts
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_workers}",
-            "-m", "distill.train.torchrun", "--job", str(job_file)]
+            f"--max-restarts={restarts}", "-m", "distill.train.torchrun", "--job", str(job_file)]
 
 
 def _launch_torchrun(job: TrainJob, cfg: TrainConfig) -> None:
     job_file = job.write(Path(job.out_dir) / "job.json")
-    cmd = torchrun_command(job_file, cfg.launch.num_workers)
+    cmd = torchrun_command(job_file, cfg.launch.num_workers, cfg.fault.max_failures)
     # OMP threads per rank: torchrun would otherwise force 1.
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(cfg.launch.cpus_per_worker)))}
     rc = subprocess.call(cmd, env=env)
@@ -114,10 +125,17 @@ def _launch_torchrun(job: TrainJob, cfg: TrainConfig) -> None:
 
 
 def _ray_worker(config: dict) -> None:
+    import ray
+
     from distill.train.loop import train_worker
 
-    outcome = train_worker(TrainJob(**config["job"]))
+    outcome = train_worker(TrainJob(**config["job"]), node=ray.get_runtime_context().get_node_id())
     outcome.backend.close()
+
+
+def excluded_nodes_selector(nodes: list[str]) -> dict[str, str] | None:
+    """Ray label selector keeping workers off `nodes` (Ray node ids). Pure."""
+    return {"ray.io/node-id": f"!in({','.join(nodes)})"} if nodes else None
 
 
 def _launch_ray(job: TrainJob, cfg: TrainConfig) -> None:
@@ -126,21 +144,40 @@ def _launch_ray(job: TrainJob, cfg: TrainConfig) -> None:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from distill.train.monitor import launch_records
+
     use_gpu = cfg.launch.gpus_per_worker > 0
     resources = {"CPU": cfg.launch.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.launch.gpus_per_worker
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={"job": asdict(job)},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        # Ray Train's own bookkeeping; checkpoints are the trainer's, in job.checkpoint_dir.
-        run_config=ray.train.RunConfig(name="ray", storage_path=str(Path(job.out_dir).resolve()),
-                                       failure_config=ray.train.FailureConfig(max_failures=0),
-                                       # Ray Train's print patch logs every print AND lets it
-                                       # reach stdout: each progress line would show twice.
-                                       worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
-    )
-    trainer.fit()
+    fault = cfg.fault
+    excluded: list[str] = []
+    while True:
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={"job": asdict(job)},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(fault.collective_timeout_s)),
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker=resources,
+                                                   label_selector=excluded_nodes_selector(excluded)),
+            # Ray Train's own bookkeeping; checkpoints are the trainer's, in job.checkpoint_dir.
+            # A failed worker (error, death, the hang watchdog's exit) restarts the whole group,
+            # which resumes from the latest good checkpoint there.
+            run_config=ray.train.RunConfig(name="ray", storage_path=str(Path(job.out_dir).resolve()),
+                                           failure_config=ray.train.FailureConfig(max_failures=fault.max_failures),
+                                           # Ray Train's print patch logs every print AND lets it
+                                           # reach stdout: each progress line would show twice.
+                                           worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+        )
+        trainer.fit()
+        # A straggler restart ends the attempt cleanly (checkpoint written) and names a node.
+        starts, _, wanted = launch_records(Path(job.out_dir), job.launched_at)
+        new = [n for n in wanted if n not in excluded]
+        if not new:
+            return
+        if 0 <= fault.max_failures < len(starts):
+            raise RuntimeError(f"train: {len(starts)} attempts, more than train.fault.max_failures="
+                               f"{fault.max_failures} restarts allow; last straggler node {new[-1]}")
+        excluded += new
+        print(f"train: restarting without node(s) {', '.join(excluded)} (straggler policy restart_without)",
+              flush=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distill.train.checkpoint import latest_checkpoint, load_rng, read_state, save_checkpoint
+from distill.train.checkpoint import latest_good_checkpoint, list_checkpoints, load_rng, read_state, save_checkpoint
 from distill.train.config import TrainConfig, resolve_precision
 
 _PLAN_KEYS = ("cache", "seq_len", "seed", "epochs", "micro_batch", "grad_accum", "world_size")
@@ -33,6 +34,9 @@ class TrainJob:
     out_dir: str
     """RUN/train: metrics.jsonl and tensorboard/ go here."""
     checkpoint_dir: str
+    launched_at: float = 0.0
+    """Unix time the driver launched the workers: identifies this launch's attempts (restarts)
+    in RUN/train/attempts.jsonl and starts its goodput clock."""
 
     def config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.train)
@@ -53,6 +57,9 @@ class TrainOutcome:
     checkpoint: Path | None
     backend: object
     """The backend, still holding the trained weights (closed by `close_backend` / the caller)."""
+    exclude_node: str | None = None
+    """Set when a straggler stopped this attempt early (policy restart_without): the node the
+    launcher must restart the group without."""
 
 
 def planned_steps(cfg: TrainConfig, steps_in_plan: int) -> int:
@@ -85,19 +92,69 @@ def _save_hf_files(model, model_path: str, out: Path) -> None:
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
 
 
-def train_worker(job: TrainJob) -> TrainOutcome:
-    """Train on this rank until the plan, max_steps or max_minutes ends; checkpoint; return."""
+def _gather_floats(values: list[float]) -> list[list[float]]:
+    """All-gather a few floats from every rank (one list per rank) on the default group."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.cpu().tolist() for o in out]
+
+
+def _gather_names(name: str, width: int = 128) -> list[str]:
+    """Every rank's `name` (a node id or host name: ASCII, at most `width` bytes)."""
+    raw = name.encode()[:width].ljust(width, b"\0")
+    return [bytes(int(b) for b in row).rstrip(b"\0").decode() for row in _gather_floats(list(raw))]
+
+
+def _resume_point(root: Path, rank: int, checksums: bool) -> Path | None:
+    """The checkpoint to resume from: rank 0 checks the manifests (reading every file once), the
+    others take its choice (its index among the complete step-* directories, -1 for none)."""
+    choice = -1.0
+    if rank == 0:
+        good = latest_good_checkpoint(root, checksums=checksums, warn=lambda m: print(f"train: {m}", flush=True))
+        choice = float(list_checkpoints(root).index(good)) if good is not None else -1.0
+    index = int(_gather_floats([choice])[0][0])
+    return list_checkpoints(root)[index] if index >= 0 else None
+
+
+def train_worker(job: TrainJob, *, node: str | None = None) -> TrainOutcome:
+    """Train on this rank until the plan, max_steps or max_minutes ends; checkpoint; return.
+
+    `node` names the machine in step-time and straggler records (the Ray node id under Ray, so a
+    restart can exclude it; the host name otherwise)."""
+    live: dict = {}  # _train puts its StepMonitor here once the rank knows its attempt
+    try:
+        return _train(job, node or socket.gethostname(), live)
+    except BaseException as e:
+        # Why this rank's attempt ended, for goodput.json (the first cause recorded wins: the
+        # rank that failed first usually writes before its peers see a broken collective).
+        if "monitor" in live:
+            live["monitor"].record_cause(f"error on rank {live['monitor'].rank}: {type(e).__name__}: {str(e)[:300]}")
+        raise
+    finally:
+        if "monitor" in live:
+            live["monitor"].close()
+
+
+def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
     import numpy as np
     import torch
 
     from distill.train.backends import build_backend
     from distill.train.data import load_token_cache
+    from distill.train.faults import FaultInjector, parse_faults
     from distill.train.metrics import MetricsLogger, mfu
     from distill.train.model import load_student
+    from distill.train.monitor import StepMonitor, launch_goodput, next_attempt, write_goodput
     from distill.train.packing import make_batch, packing_efficiency, plan_steps
 
     cfg = job.config()
     started = time.monotonic()
+    started_unix = time.time()
     has_gpu = torch.cuda.is_available()
     if not has_gpu:
         torch.set_num_threads(max(1, int(cfg.launch.cpus_per_worker)))
@@ -105,6 +162,16 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     backend = build_backend(cfg, precision=precision)
     # Data is sharded over data-parallel replicas; ranks of one model-parallel group get the same rows.
     rank, world, dp_rank = backend.rank, backend.dp_size, backend.dp_rank
+    out_dir = Path(job.out_dir)
+    # Rank 0 numbers the attempt (restarts of this launch) from the records; all ranks agree.
+    attempt = int(_gather_floats([float(next_attempt(out_dir, job.launched_at)) if rank == 0 else 0.0])[0][0])
+    nodes = _gather_names(node)
+    monitor = StepMonitor(cfg.fault, out_dir, rank=rank, world=backend.world_size, node=node, nodes=nodes,
+                          attempt=attempt, launch=job.launched_at, gather=_gather_floats)
+    live["monitor"] = monitor
+    injector = FaultInjector(parse_faults(cfg.fault.inject), rank=rank, attempt=attempt,
+                             record_cause=monitor.record_cause)
+    injector.setup()
 
     cache = load_token_cache(Path(job.cache_path))
     plan = plan_steps(cache, cfg.seq_len, seed=cfg.seed, epochs=cfg.epochs)
@@ -126,7 +193,7 @@ def train_worker(job: TrainJob) -> TrainOutcome:
     ckpt_root = Path(job.checkpoint_dir)
     signature = plan_signature(cfg, cache.fingerprint, world)
     start, last_ckpt = 0, None
-    latest = latest_checkpoint(ckpt_root)
+    latest = _resume_point(ckpt_root, rank, cfg.fault.checksums)
     if latest is not None:
         state = read_state(latest)
         problems = resume_problems(state, signature)
@@ -137,7 +204,10 @@ def train_worker(job: TrainJob) -> TrainOutcome:
         load_rng(latest, rank)
         start, last_ckpt = state["step"], latest
         if rank == 0:
-            print(f"train: resumed from {latest} at step {start}", flush=True)
+            print(f"train: resumed from {latest} at step {start}" + (f" (attempt {attempt})" if attempt else ""),
+                  flush=True)
+    if rank == 0:
+        monitor.record_start(started=started_unix, resumed_from_step=start)
 
     metrics = MetricsLogger(Path(job.out_dir), cfg.metrics, enabled=rank == 0, run_name=Path(job.out_dir).parent.name,
                             config=job.train, resume_step=start)
@@ -152,37 +222,62 @@ def train_worker(job: TrainJob) -> TrainOutcome:
             _save_hf_files(model, job.model_path, tmp / "hf")
 
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    step = start
+    step, exclude, report = start, None, None
     while step < total:
+        monitor.begin(step + 1)  # the watchdog watches from here to monitor.end (not checkpoint writes)
+        injector.at_step_start(step + 1)
         t0 = time.monotonic()
         shares = [plan.micro_batches(step, r, world, cfg.micro_batch, cfg.grad_accum) for r in range(world)]
         batches = [make_batch(cache, bins, cfg.seq_len) for bins in shares[dp_rank]]
         global_targets = plan.global_target_tokens(step, world, cfg.micro_batch, cfg.grad_accum, cache)
+        slept = injector.slow_down(step + 1)
+        data_s = time.monotonic() - t0
+        # A late rank makes the others wait here, booked as their comm time rather than compute.
+        wait_s = monitor.sync(backend.barrier)
         stats = backend.train_step(batches, global_targets)
         step += 1
         out_of_time = budget_s is not None and time.monotonic() - started > budget_s
         # Every rank must stop at the same step, and clocks differ: rank 0 decides for all.
         stop = backend.any_rank(out_of_time and rank == 0)
-        if step % cfg.log_every == 0 or step == total or stop:
-            dt = time.monotonic() - t0
+        dt = time.monotonic() - t0
+        flagged = monitor.end(step, data_s=data_s, compute_s=stats.compute_s, comm_s=stats.comm_s + wait_s, step_s=dt)
+        injector.observe(data_s + stats.compute_s, slept)
+        # Every rank ran the same detector on the same gathered times: they agree without a collective.
+        exclude = next((f["node"] for f in flagged if f["policy"] == "restart_without"), None)
+        last = step == total or stop
+        if last and rank == 0:
+            report = launch_goodput(out_dir, job.launched_at, now=time.time())
+        if step % cfg.log_every == 0 or last:
             rows = [b for share in shares for mb in share for b in mb]
             real = int(sum(int(cache.lengths[b].sum()) for b in rows))
             values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                       "target_tokens": global_targets, "target_tokens_per_s": global_targets / dt,
                       "tokens_per_s": real / dt, "packing_efficiency": real / (len(rows) * cfg.seq_len),
-                      "mfu": mfu(n_params, real, dt, cfg.metrics.peak_flops, backend.world_size), "step_s": dt}
+                      "mfu": mfu(n_params, real, dt, cfg.metrics.peak_flops, backend.world_size), "step_s": dt,
+                      "data_s": data_s, "compute_s": stats.compute_s, "comm_s": stats.comm_s + wait_s,
+                      "straggler_ratio": monitor.max_ratio}
+            if report is not None:
+                values.update({f"goodput/{k}": report[k] for k in ("goodput", "wall_s", "productive_s", "lost_s",
+                                                                    "restarts")})
             metrics.log(step, values)
             metrics.progress(step, total, values)
-        if step % cfg.checkpoint.every_steps == 0 or step == total or stop:
+        if step % cfg.checkpoint.every_steps == 0 or last or exclude:
             last_ckpt = save_checkpoint(ckpt_root, step, {**signature, "total_steps": total}, rank=rank,
                                         keep_last=cfg.checkpoint.keep_last, write_parts=write_parts,
-                                        barrier=backend.barrier)
+                                        barrier=backend.barrier, checksums=cfg.fault.checksums)
+        if exclude:
+            if rank == 0:
+                monitor.record_cause(f"straggler: restart without node {exclude} after step {step}",
+                                     exclude_node=exclude)
+            break
         if stop:
             if rank == 0:
                 print(f"train: time budget train.max_minutes={cfg.max_minutes} reached after step {step}", flush=True)
             break
+    if report is not None:
+        write_goodput(out_dir, report)
     metrics.close()
-    return TrainOutcome(steps_done=step, total_steps=total, checkpoint=last_ckpt, backend=backend)
+    return TrainOutcome(steps_done=step, total_steps=total, checkpoint=last_ckpt, backend=backend, exclude_node=exclude)
 
 
 def local_env(port: int) -> dict:

@@ -24,9 +24,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from distill.train.config import FaultSection
 
 STEP_TIME_KEYS = ("step", "rank", "node", "attempt", "data_s", "compute_s", "comm_s", "step_s", "time")
 """Keys of one line of RUN/train/step_times/rank-NNNNN.jsonl (read by the run report)."""
@@ -261,3 +264,123 @@ def goodput(starts: list[dict], causes: dict[int, str], steps: list[dict], *, wa
     return {"wall_s": round(wall_s, 3), "productive_s": round(productive, 3),
             "goodput": round(productive / wall_s, 4) if wall_s > 0 else 0.0,
             "restarts": len(starts) - 1, "lost_s": round(_merged_length(intervals), 3), "failures": failures}
+
+
+# --------------------------------------------------------------------------- run records
+
+ATTEMPTS_FILE = "attempts.jsonl"
+"""RUN/train/attempts.jsonl: one "start" line per attempt (rank 0) and "cause" lines (any rank
+that knows why its attempt ended: an injected fault, an error, a hang, a straggler restart)."""
+STRAGGLERS_FILE = "stragglers.jsonl"
+GOODPUT_FILE = "goodput.json"
+
+
+def next_attempt(train_dir: Path, launch: float) -> int:
+    """The attempt number the group starting now has within launch `launch` (0 for the first)."""
+    return sum(1 for r in read_jsonl(Path(train_dir) / ATTEMPTS_FILE)
+               if r.get("event") == "start" and r.get("launch") == launch)
+
+
+def launch_records(train_dir: Path, launch: float) -> tuple[list[dict], dict[int, str], list[str]]:
+    """(start records, first cause per attempt, nodes a straggler restart excluded) of a launch."""
+    starts, causes, excluded = [], {}, []
+    for r in read_jsonl(Path(train_dir) / ATTEMPTS_FILE):
+        if r.get("launch") != launch:
+            continue
+        if r["event"] == "start":
+            starts.append(r)
+        elif r["event"] == "cause":
+            causes.setdefault(r["attempt"], r["cause"])
+            if r.get("exclude_node") and r["exclude_node"] not in excluded:
+                excluded.append(r["exclude_node"])
+    return starts, causes, excluded
+
+
+def launch_goodput(train_dir: Path, launch: float, *, now: float) -> dict:
+    """`goodput` of launch `launch` from the records on disk (rank 0's step times)."""
+    starts, causes, _ = launch_records(train_dir, launch)
+    steps = [r for r in read_jsonl(step_times_path(train_dir, 0)) if r["time"] >= launch]
+    return goodput(starts, causes, steps, wall_s=now - launch, now=now)
+
+
+def write_goodput(train_dir: Path, report: dict) -> Path:
+    path = Path(train_dir) / GOODPUT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+class StepMonitor:
+    """One rank's per-step bookkeeping: step-time records, the straggler detector over every
+    rank's gathered times, the hang watchdog armed around each step, cause records.
+
+    `gather(values)` is the collective the loop provides (all-gather of a few floats; every rank
+    calls it with the same length and gets one list per rank). With straggler policy `off`
+    nothing is gathered and the step has no sync point."""
+
+    def __init__(self, cfg: "FaultSection", train_dir: Path, *, rank: int, world: int, node: str,
+                 nodes: list[str], attempt: int, launch: float, gather: Callable[[list[float]], list[list[float]]],
+                 log: Callable[[str], None] = print):
+        self.cfg, self.train_dir, self.rank, self.node, self.nodes = cfg, Path(train_dir), rank, node, nodes
+        self.attempt, self.launch, self.gather, self.log = attempt, launch, gather, log
+        st = cfg.straggler
+        self.detector = None if st.policy == "off" else StragglerDetector(world, st.window, st.windows, st.ratio,
+                                                                          st.mad_k)
+        self.recent: list[float] = []
+        dump_dir = Path(cfg.dump_dir) if cfg.dump_dir else self.train_dir / "hang-dumps"
+        self.watchdog = HangWatchdog(hang_dump_path(dump_dir, attempt, rank), on_hang=self.record_cause,
+                                     header=f"rank {rank} (node {node}, pid {os.getpid()}), attempt {attempt}")
+
+    def record_start(self, *, started: float, resumed_from_step: int) -> None:
+        append_jsonl(self.train_dir / ATTEMPTS_FILE, {"event": "start", "launch": self.launch, "attempt": self.attempt,
+                                                      "started": started, "resumed_from_step": resumed_from_step,
+                                                      "nodes": self.nodes})
+
+    def record_cause(self, cause: str, **extra) -> None:
+        append_jsonl(self.train_dir / ATTEMPTS_FILE, {"event": "cause", "launch": self.launch, "attempt": self.attempt,
+                                                      "rank": self.rank, "cause": cause, "time": time.time(), **extra})
+
+    def begin(self, step: int) -> None:
+        """Arm the watchdog for `step` (1-based, the step about to run)."""
+        cfg = self.cfg
+        self.watchdog.arm(step, hang_timeout(cfg.hang_timeout_s, self.recent[-50:], min_s=cfg.hang_min_timeout_s,
+                                             factor=cfg.hang_factor, first_step_s=cfg.first_step_timeout_s))
+
+    def sync(self, barrier: Callable[[], None]) -> float:
+        """The step's sync point after loading data; seconds this rank waited in it."""
+        if self.detector is None:
+            return 0.0
+        t0 = time.perf_counter()
+        barrier()
+        return time.perf_counter() - t0
+
+    def end(self, step: int, *, data_s: float, compute_s: float, comm_s: float, step_s: float) -> list[dict]:
+        """Record the finished step, run the detector; the straggler lines flagged now."""
+        append_jsonl(step_times_path(self.train_dir, self.rank),
+                     {"step": step, "rank": self.rank, "node": self.node, "attempt": self.attempt, "data_s": data_s,
+                      "compute_s": compute_s, "comm_s": comm_s, "step_s": step_s, "time": time.time()})
+        self.recent.append(step_s)
+        lines = []
+        if self.detector is not None:
+            own = [row[0] for row in self.gather([data_s + compute_s])]
+            policy = self.cfg.straggler.policy
+            for flag in self.detector.add(step, own):
+                node = self.nodes[flag.rank]
+                lines.append({"step": flag.step, "rank": flag.rank, "node": node, "ratio": round(flag.ratio, 3),
+                              "windows": flag.windows, "policy": policy,
+                              "action": "warned" if policy == "warn" else "restart_without_node"})
+                if self.rank == 0:
+                    append_jsonl(self.train_dir / STRAGGLERS_FILE, lines[-1])
+                    self.log(f"train: straggler: rank {flag.rank} (node {node}) took {flag.ratio:.2f}x the other "
+                             f"ranks' median step time for {flag.windows} windows of "
+                             f"{self.cfg.straggler.window} steps (policy {policy})")
+        self.watchdog.disarm()
+        return lines
+
+    @property
+    def max_ratio(self) -> float | None:
+        return max(self.detector.last_ratios) if self.detector is not None else None
+
+    def close(self) -> None:
+        self.watchdog.close()

@@ -19,6 +19,7 @@ trainer's own state is JSON (see `distill.train.checkpoint`).
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,9 +174,13 @@ class DeepSpeedBackend:
         _set_accelerator_env()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        from datetime import timedelta
+
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        # A no-op when the launcher (Ray Train) already made the group with its own timeout.
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+                                   timeout=timedelta(seconds=cfg.fault.collective_timeout_s))
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         self.dp_rank, self.dp_size = self.rank, self.world_size  # ZeRO is pure data parallelism
@@ -213,16 +218,28 @@ class DeepSpeedBackend:
         lr = self.engine.get_lr()[0]
         undo = self.world_size * self.cfg.grad_accum
         local = torch.zeros((), dtype=torch.float64)
+        compute_s = comm_s = 0.0
         for batch in micro_batches:
+            t0 = time.perf_counter()
             loss = self._forward(batch) / global_target_tokens
+            # .cpu() waits for the device, so the clock reads finished work (a sync per
+            # micro-batch; the loss is needed on the host anyway).
             local += loss.detach().double().cpu()
             self.engine.backward(loss * undo)
+            t1 = time.perf_counter()
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            compute_s, comm_s = compute_s + (t1 - t0), comm_s + (time.perf_counter() - t1)
+        t0 = time.perf_counter()
         # One scalar all-reduce per step for the logged loss (the mean over the global batch).
         total = local.to(self.device)
         torch.distributed.all_reduce(total)
         norm = self.engine.get_global_grad_norm()
-        return StepStats(loss=float(total), grad_norm=float(norm) if norm is not None else float("nan"), lr=lr)
+        loss = float(total)  # host copy: the all-reduce has finished when the clock stops
+        comm_s += time.perf_counter() - t0
+        # Backward's time includes the gradient reductions ZeRO-2/3 overlap with it; they cannot
+        # be split from compute by wall clock without serialising them.
+        return StepStats(loss=loss, grad_norm=float(norm) if norm is not None else float("nan"), lr=lr,
+                         compute_s=compute_s, comm_s=comm_s)
 
     def any_rank(self, flag: bool) -> bool:
         import torch
