@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_, epilog=_EPILOG)
         c.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
         c.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
-        c.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
+        c.add_argument("--dry-run", action="store_true",
+                       help="validate, check inputs offline, print the resolved config and plan (Ray resources per "
+                            "stage, training parallelism, memory per GPU); run nothing. Exit 1 if the plan is "
+                            "impossible")
         if name == "curate":
             c.add_argument("--steps", default=None,
                            help="comma-separated subset of verify,filter,dedup,decontam,sft (default: all)")
@@ -132,6 +135,18 @@ def _chaos(args) -> int:
     return 0 if len(kills) >= args.count + int(args.node) else 1
 
 
+def _dry_run(cfg, stages: list[str]) -> int:
+    from distill.plan import format_plan, resolve_plan
+
+    plan = resolve_plan(cfg, stages)
+    print("\n# plan\n" + format_plan(plan))
+    if plan.problems:
+        print(f"distill: the plan has {len(plan.problems)} problem(s):\n"
+              + "\n".join(f"  - {p}" for p in plan.problems), file=sys.stderr)
+        return 1
+    return 0
+
+
 def _report(run_dir: str) -> int:
     from distill.report import format_table, write_report
 
@@ -179,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config" or args.dry_run:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-            return 0
+            return _dry_run(cfg, _stages(args, cfg)) if args.command != "config" else 0
         stages = _stages(args, cfg)
         if "generate" in stages and cfg.source is None:
             raise ConfigError(["source: required when the generate stage runs (the seed questions)"])

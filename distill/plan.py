@@ -1,0 +1,479 @@
+"""The resolved plan of a run, without running it: what `distill run CFG --dry-run` prints.
+
+For every stage: the Ray actors it asks for (replicas x CPUs / GPUs). For training: the world
+size and its split into data, tensor, pipeline and context parallel degrees, the global batch, the
+steps when they are known, and a per-GPU memory estimate. Nothing here needs a GPU or the network:
+the student's shape comes from its HF config when that is readable offline (a local directory, the
+packaged model, the local Hub cache), else from `KNOWN_MODELS`, else the estimate says what to set.
+
+The estimates are the arithmetic of the ZeRO paper (Rajbhandari et al., 2020: 2 + 2 + 12 bytes per
+parameter in bf16 mixed precision with Adam) and of Korthikanti et al., 2022 ("Reducing Activation
+Recomputation in Large Transformer Models": 34 * s * b * h bytes of activations per layer with
+FlashAttention, which never stores the s x s scores). They are rough on purpose (no allocator
+fragmentation, no NCCL buffers, no ZeRO-3 prefetch buckets): a plan well under the GPU's memory is
+a reason to try, not a guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GB = 1e9
+
+
+# --------------------------------------------------------------------------- model shapes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimates need of a decoder-only transformer (Llama / Qwen2 family layout)."""
+
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    tied_embeddings: bool
+    qkv_bias: bool = False
+    n_params: int | None = None
+    """Exact count when known (counted from the HF config); else `params()` computes it."""
+
+    def params(self) -> int:
+        """Parameter count of a Llama/Qwen2-style decoder: embeddings, per layer attention (GQA,
+        optional q/k/v bias), a gated MLP (three matrices) and two RMSNorms, a final norm, and an
+        LM head unless tied to the embeddings."""
+        if self.n_params is not None:
+            return self.n_params
+        h, kv = self.hidden, self.hidden // self.n_heads * self.n_kv_heads
+        attn = h * h + 2 * h * kv + h * h + ((h + 2 * kv) if self.qkv_bias else 0)
+        layer = attn + 3 * h * self.intermediate + 2 * h
+        embed = self.vocab * h
+        return embed + self.n_layers * layer + h + (0 if self.tied_embeddings else embed)
+
+
+# Public facts from each model's config.json on the Hugging Face Hub, so that a dry run on a
+# machine without the Hub still sizes the common students and teachers. `params()` of each
+# reproduces the count on its model card (e.g. 7.62B for Qwen2.5-7B), which a test checks.
+_QWEN2_1P5B = dict(n_layers=28, hidden=1536, n_heads=12, n_kv_heads=2, intermediate=8960, vocab=151936, qkv_bias=True)
+_QWEN2_7B = dict(n_layers=28, hidden=3584, n_heads=28, n_kv_heads=4, intermediate=18944, vocab=152064, qkv_bias=True)
+_QWEN2_32B = dict(n_layers=64, hidden=5120, n_heads=40, n_kv_heads=8, intermediate=27648, vocab=152064, qkv_bias=True)
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "Qwen/Qwen2.5-1.5B": ModelShape(**_QWEN2_1P5B, max_positions=131072, tied_embeddings=True),
+    "Qwen/Qwen2.5-1.5B-Instruct": ModelShape(**_QWEN2_1P5B, max_positions=32768, tied_embeddings=True),
+    "Qwen/Qwen2.5-Math-1.5B": ModelShape(**_QWEN2_1P5B, max_positions=4096, tied_embeddings=True),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": ModelShape(**_QWEN2_1P5B, max_positions=131072,
+                                                            tied_embeddings=False),
+    "Qwen/Qwen2.5-7B": ModelShape(**_QWEN2_7B, max_positions=131072, tied_embeddings=False),
+    "Qwen/Qwen2.5-7B-Instruct": ModelShape(**_QWEN2_7B, max_positions=32768, tied_embeddings=False),
+    "Qwen/Qwen2.5-Math-7B": ModelShape(**_QWEN2_7B, max_positions=4096, tied_embeddings=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ModelShape(**_QWEN2_7B, max_positions=131072, tied_embeddings=False),
+    "Qwen/Qwen2.5-32B": ModelShape(**_QWEN2_32B, max_positions=131072, tied_embeddings=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": ModelShape(**_QWEN2_32B, max_positions=131072,
+                                                           tied_embeddings=False),
+    "meta-llama/Llama-3.1-8B": ModelShape(n_layers=32, hidden=4096, n_heads=32, n_kv_heads=8, intermediate=14336,
+                                          vocab=128256, max_positions=131072, tied_embeddings=False),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ModelShape(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3,
+                                                      intermediate=1536, vocab=49152, max_positions=8192,
+                                                      tied_embeddings=True),
+}
+
+
+def shape_from_hf_config(config, *, count: bool = True) -> ModelShape:
+    """A `transformers` config -> ModelShape; with `count`, the exact parameter count of the
+    model built on the meta device (no memory, ~0.1 s), whatever its architecture."""
+    n_params = None
+    if count:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        n_params = sum(p.numel() for p in model.parameters())
+    heads = config.num_attention_heads
+    return ModelShape(
+        n_layers=config.num_hidden_layers, hidden=config.hidden_size, n_heads=heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        intermediate=config.intermediate_size, vocab=config.vocab_size,
+        max_positions=config.max_position_embeddings,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), n_params=n_params,
+    )
+
+
+def read_model_shape(name: str) -> tuple[ModelShape | None, str]:
+    """The student's shape and where it came from, offline and without converting anything.
+
+    Order: a local directory's config.json; the packaged model (its converted cache, else the
+    GGUF's own metadata); the local Hugging Face cache of a Hub id; `KNOWN_MODELS`. (None, why)
+    when none has it.
+    """
+    from transformers import AutoConfig
+
+    from distill.teachers.models import DEFAULT_CACHE_DIR, PACKAGED_MODELS, packaged_gguf_path
+
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return shape_from_hf_config(AutoConfig.from_pretrained(local)), f"config.json in {local}"
+    if name in PACKAGED_MODELS:
+        converted = DEFAULT_CACHE_DIR.expanduser() / f"{name}-{PACKAGED_MODELS[name].version}"
+        if converted.is_dir():
+            return shape_from_hf_config(AutoConfig.from_pretrained(converted)), f"packaged model ({converted})"
+        gguf = packaged_gguf_path(name)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return shape_from_hf_config(config), f"packaged model ({gguf.name} metadata)"
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+        return shape_from_hf_config(config), "local Hugging Face cache"
+    except (OSError, ValueError):
+        pass
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name], "built-in table of public configs (distill.plan.KNOWN_MODELS)"
+    return None, (f"unknown model {name!r}: give train.student.model as a local directory (or one of "
+                  f"{', '.join(sorted(KNOWN_MODELS))})")
+
+
+# --------------------------------------------------------------------------- parallelism
+
+
+@dataclass(frozen=True)
+class Parallel:
+    world: int
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+
+def parallel_degrees(world: int, tp: int = 1, pp: int = 1, cp: int = 1) -> Parallel:
+    """Split `world` ranks into dp x tp x pp x cp; ValueError when tp * pp * cp does not divide it."""
+    model_parallel = tp * pp * cp
+    if world % model_parallel:
+        raise ValueError(f"{world} ranks are not a multiple of tp*pp*cp = {tp}*{pp}*{cp} = {model_parallel}")
+    return Parallel(world=world, dp=world // model_parallel, tp=tp, pp=pp, cp=cp)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU rank (and what offload keeps off the GPU, per rank)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    cpu: float = 0.0
+    nvme: float = 0.0
+
+    @property
+    def gpu_total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.logits
+
+
+def bytes_per_param(precision: str) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes per parameter with AdamW.
+
+    bf16 mixed precision: bf16 weights and gradients, fp32 master weights + m + v (2 + 2 + 12, the
+    ZeRO paper's K = 12). fp32: the weights are the master copy, so the optimizer adds m + v only.
+    """
+    return (2, 2, 12) if precision == "bf16" else (4, 4, 8)
+
+
+def model_state_bytes(n_params: float, *, dp: int, tp: int = 1, pp: int = 1, zero_stage: int = 0,
+                      precision: str = "bf16", offload_optimizer: str = "none", offload_param: str = "none",
+                      distributed_optimizer: bool = False) -> tuple[float, float, float, float, float]:
+    """(params, grads, optimizer) bytes on each GPU, then (cpu, nvme) bytes each rank offloads.
+
+    Tensor and pipeline parallelism split every state by tp * pp (embeddings included: vocab-
+    parallel under TP). Over the dp replicas, ZeRO-1 (or Megatron's distributed optimizer) shards
+    the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the weights. Offload moves the
+    optimizer state (ZeRO >= 1) or the weights (ZeRO-3) to CPU RAM or NVMe.
+    """
+    wb, gb, ob = bytes_per_param(precision)
+    local = n_params / (tp * pp)
+    p, g, o = local * wb, local * gb, local * ob
+    if zero_stage >= 1 or distributed_optimizer:
+        o /= dp
+    if zero_stage >= 2:
+        g /= dp
+    if zero_stage >= 3:
+        p /= dp
+    off = {"cpu": 0.0, "nvme": 0.0}
+    if offload_optimizer != "none":
+        off[offload_optimizer] += o
+        o = 0.0
+    if offload_param != "none":
+        # The GPU still holds the layers being computed (prefetch buckets); not counted.
+        off[offload_param] += p
+        p = 0.0
+    return p, g, o, off["cpu"], off["nvme"]
+
+
+def activation_bytes(*, seq_len: int, micro_batch: int, hidden: int, n_layers: int, tp: int = 1, pp: int = 1,
+                     cp: int = 1, grad_accum: int = 1, checkpointing: bool = False, sequence_parallel: bool = False,
+                     precision: str = "bf16") -> float:
+    """Activations kept for backward on the busiest GPU (rough).
+
+    Per layer and micro-batch, 34 * s * b * h bytes in 16-bit with FlashAttention (Korthikanti et
+    al.); tensor parallelism divides 24 of the 34 (all of it with sequence parallelism), context
+    parallelism divides s. With activation checkpointing a layer keeps only its input (2 * s * b * h)
+    and one layer at a time is recomputed in full. Under 1F1B pipelining the first stage holds
+    min(pp, micro-batches) micro-batches of its L / pp layers.
+    """
+    s = seq_len / cp
+    sbh = s * micro_batch * hidden
+    full_layer = sbh * (34 / tp if sequence_parallel else 10 + 24 / tp)
+    scale = 1 if precision == "bf16" else 2
+    layers_held = math.ceil(n_layers / pp) * min(pp, grad_accum)
+    if checkpointing:
+        kept = layers_held * 2 * sbh / (tp if sequence_parallel else 1) + full_layer
+    else:
+        kept = layers_held * full_layer
+    return kept * scale
+
+
+def logits_bytes(*, seq_len: int, micro_batch: int, vocab: int, tp: int = 1, cp: int = 1) -> float:
+    """fp32 logits of one micro-batch for the loss (vocab-parallel under TP). At 16k tokens and a
+    152k vocabulary this alone is ~10 GB: why long-context recipes use a chunked loss or small b."""
+    return seq_len / cp * micro_batch * vocab * 4 / tp
+
+
+def memory_per_gpu(shape: ModelShape, par: Parallel, *, zero_stage: int, precision: str, seq_len: int,
+                   micro_batch: int, grad_accum: int = 1, checkpointing: bool = False,
+                   offload_optimizer: str = "none", offload_param: str = "none",
+                   distributed_optimizer: bool = False, sequence_parallel: bool = False) -> Memory:
+    p, g, o, cpu, nvme = model_state_bytes(
+        shape.params(), dp=par.dp, tp=par.tp, pp=par.pp, zero_stage=zero_stage, precision=precision,
+        offload_optimizer=offload_optimizer, offload_param=offload_param,
+        distributed_optimizer=distributed_optimizer)
+    act = activation_bytes(seq_len=seq_len, micro_batch=micro_batch, hidden=shape.hidden, n_layers=shape.n_layers,
+                           tp=par.tp, pp=par.pp, cp=par.cp, grad_accum=grad_accum, checkpointing=checkpointing,
+                           sequence_parallel=sequence_parallel, precision=precision)
+    logits = logits_bytes(seq_len=seq_len, micro_batch=micro_batch, vocab=shape.vocab, tp=par.tp, cp=par.cp)
+    return Memory(params=p, grads=g, optimizer=o, activations=act, logits=logits, cpu=cpu, nvme=nvme)
+
+
+# --------------------------------------------------------------------------- the plan of a run
+
+
+@dataclass
+class StagePlan:
+    name: str
+    actors: int
+    cpus: float
+    gpus: float = 0.0
+    what: str = ""
+
+
+@dataclass
+class TrainPlan:
+    backend: str
+    parallel: Parallel | None
+    precision: str
+    zero_stage: int | None
+    global_rows: int | None
+    seq_len: int
+    steps: str
+    model: str
+    model_source: str
+    shape: ModelShape | None = None
+    memory: Memory | None = None
+    on_gpu: bool = True
+
+
+@dataclass
+class Plan:
+    stages: list[StagePlan]
+    train: TrainPlan | None = None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _looks_local(path: str) -> bool:
+    """The rule of distill.sources.detect_format: a file suffix or a leading `.` / `/` means a
+    local path; anything else that does not exist is a Hub id."""
+    return Path(path).exists() or Path(path).suffix in (".jsonl", ".json", ".parquet") or path.startswith((".", "/"))
+
+
+def check_inputs(cfg, stages: list[str]) -> tuple[list[str], list[str]]:
+    """(problems, notes) about what the stages read, checked as their preflights would, minus the
+    network: local seed and benchmark files (benchmarks are parsed), SFT files, metric sinks."""
+    from distill.curate.benchmarks import BenchmarkError, load_benchmarks
+
+    problems, notes = [], []
+    if "generate" in stages and cfg.source is not None:
+        if _looks_local(cfg.source.path):
+            if not Path(cfg.source.path).exists():
+                problems.append(f"source.path={cfg.source.path!r}: no such file or directory (relative paths are "
+                                "relative to the working directory)")
+        else:
+            notes.append(f"source.path={cfg.source.path!r} is a Hub dataset: not checked offline")
+    if "decontam" in stages:
+        local = []
+        for i, b in enumerate(cfg.curate.decontam.benchmarks):
+            if _looks_local(b.path):
+                local.append(b)
+            else:
+                notes.append(f"curate.decontam.benchmarks[{i}] ({b.name}) is the Hub dataset {b.path!r}: not "
+                             "checked offline")
+        try:
+            load_benchmarks(local)
+        except BenchmarkError as e:
+            problems.append(f"curate.decontam.benchmarks: {e}")
+    if "train" in stages:
+        from distill.train.metrics import check_sinks
+
+        for i, p in enumerate(cfg.train.data.paths):
+            if not Path(p).exists():
+                problems.append(f"train.data.paths[{i}]={str(p)!r}: no such file or directory")
+        problems += check_sinks(cfg.train.metrics)
+    return problems, notes
+
+
+def stage_resources(cfg, stages: list[str]) -> list[StagePlan]:
+    """The Ray actors each stage asks for (what `ray status` will show it holding)."""
+    gen, cur = cfg.generate, cfg.curate
+    out = []
+    for stage in stages:
+        if stage == "generate":
+            model = gen.engine_config().model
+            what = f"{gen.engine} engine, teacher {model}, {gen.n_samples} samples per question"
+            if gen.engine == "vllm":
+                what += f", tensor parallel {gen.vllm.tensor_parallel_size}"
+            if gen.engine == "openai":
+                what += f" at {gen.openai.base_url} ({gen.openai.concurrency} requests in flight per replica)"
+            out.append(StagePlan(stage, gen.replicas, gen.cpus_per_replica, gen.gpus_per_replica, what))
+        elif stage == "verify":
+            out.append(StagePlan(stage, cur.workers, cur.verify.workers,
+                                 what=f"{cur.verify.workers} verifier processes per actor"))
+        elif stage == "dedup":
+            out.append(StagePlan(stage, 1, 1, what="MinHash signatures as Ray tasks, index in the driver"))
+        elif stage == "decontam":
+            what = "n-gram index in the object store"
+            if cur.decontam.judge.enabled:
+                what += f"; the {gen.engine} teacher judges candidates in each actor"
+            out.append(StagePlan(stage, cur.workers, 1, what=what))
+        elif stage == "train":
+            ln = cfg.train.launch
+            out.append(StagePlan(stage, ln.num_workers, ln.cpus_per_worker, ln.gpus_per_worker,
+                                 f"{cfg.train.backend} ranks via {ln.launcher}"))
+        else:
+            out.append(StagePlan(stage, cur.workers, 1))
+    return out
+
+
+def _train_parallel(train) -> tuple[Parallel | None, list[str]]:
+    world = train.launch.num_workers
+    if train.backend == "megatron":
+        m = train.megatron
+        tp, pp, cp = m.tensor_parallel, m.pipeline_parallel, m.context_parallel
+    else:
+        tp = pp = cp = 1
+    try:
+        return parallel_degrees(world, tp, pp, cp), []
+    except ValueError as e:
+        return None, [f"train.launch.num_workers={world}: {e}; set it to a multiple of {tp * pp * cp}"]
+
+
+def _shape_problems(train, shape: ModelShape, par: Parallel) -> list[str]:
+    problems = []
+    if train.seq_len > shape.max_positions:
+        problems.append(f"train.seq_len={train.seq_len} exceeds the context of train.student.model="
+                        f"{train.student.model!r} ({shape.max_positions} positions): lower train.seq_len")
+    if par.tp > 1:
+        for what, n in (("attention heads", shape.n_heads), ("key/value heads", shape.n_kv_heads)):
+            if n % par.tp:
+                problems.append(f"train.megatron.tensor_parallel={par.tp}: the student has {n} {what}, not "
+                                f"divisible by {par.tp}; use a divisor of {n}")
+    if par.pp > 1 and shape.n_layers % par.pp:
+        problems.append(f"train.megatron.pipeline_parallel={par.pp}: the student has {shape.n_layers} layers, not "
+                        f"divisible by {par.pp}")
+    if par.cp > 1 and train.seq_len % (2 * par.cp):
+        problems.append(f"train.megatron.context_parallel={par.cp}: train.seq_len={train.seq_len} must be a multiple "
+                        f"of 2*cp = {2 * par.cp} (each rank takes two balanced chunks)")
+    return problems
+
+
+def train_plan(train) -> tuple[TrainPlan, list[str]]:
+    from distill.train.config import resolve_precision
+
+    par, problems = _train_parallel(train)
+    precision = resolve_precision(train, has_gpu=train.launch.gpus_per_worker > 0)
+    megatron = train.backend == "megatron"
+    ds = train.deepspeed
+    zero = None if megatron else ds.zero_stage
+    shape, source = read_model_shape(train.student.model)
+    rows = par.dp * train.micro_batch * train.grad_accum if par else None
+    steps = (f"{train.max_steps} (train.max_steps)" if train.max_steps else
+             f"{train.epochs} epoch(s) over the packed SFT set: known once the sft stage has run")
+    plan = TrainPlan(train.backend, par, precision, zero, rows, train.seq_len, steps, train.student.model, source,
+                     shape, on_gpu=train.launch.gpus_per_worker > 0)
+    if shape is None:
+        problems.append(source)
+    elif par is not None:
+        problems += _shape_problems(train, shape, par)
+        checkpointing = train.megatron.activation_checkpointing if megatron else ds.activation_checkpointing
+        plan.memory = memory_per_gpu(
+            shape, par, zero_stage=zero or 0, precision=precision, seq_len=train.seq_len,
+            micro_batch=train.micro_batch, grad_accum=train.grad_accum, checkpointing=checkpointing,
+            offload_optimizer="none" if megatron else ds.offload_optimizer,
+            offload_param="none" if megatron else ds.offload_param,
+            distributed_optimizer=megatron and train.megatron.distributed_optimizer,
+            sequence_parallel=megatron and train.megatron.sequence_parallel)
+    return plan, problems
+
+
+def resolve_plan(cfg, stages: list[str] | None = None) -> Plan:
+    """Everything a dry run reports about a validated RunConfig (for `stages`, default
+    run.stages); each problem names the key to change."""
+    stages = list(cfg.run.stages if stages is None else stages)
+    problems, notes = check_inputs(cfg, stages)
+    plan = Plan(stages=stage_resources(cfg, stages), problems=problems, notes=notes)
+    if "train" in stages:
+        plan.train, train_problems = train_plan(cfg.train)
+        plan.problems += train_problems
+    return plan
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.2f} GB"
+
+
+def format_plan(plan: Plan) -> str:
+    lines = ["stages (in order; actors x resources each):"]
+    for s in plan.stages:
+        res = f"{s.cpus:g} CPU" + (f" + {s.gpus:g} GPU" if s.gpus else "")
+        lines.append(f"  {s.name:<9} {s.actors} x ({res})" + (f"  {s.what}" if s.what else ""))
+    t = plan.train
+    if t is not None:
+        lines.append(f"train: backend {t.backend}, precision {t.precision}"
+                     + (f", ZeRO-{t.zero_stage}" if t.zero_stage is not None else ""))
+        if t.parallel:
+            p = t.parallel
+            lines.append(f"  world {p.world} = dp {p.dp} x tp {p.tp} x pp {p.pp} x cp {p.cp}")
+            lines.append(f"  global batch {t.global_rows} rows x {t.seq_len} tokens = "
+                         f"{t.global_rows * t.seq_len} tokens per step")
+        lines.append(f"  steps: {t.steps}")
+        if t.shape is not None:
+            sh = t.shape
+            lines.append(f"  student {t.model}: {sh.params() / 1e9:.3f}B params, {sh.n_layers} layers, hidden "
+                         f"{sh.hidden}, {sh.n_heads} heads ({sh.n_kv_heads} kv), vocab {sh.vocab}, context "
+                         f"{sh.max_positions}  [from {t.model_source}]")
+        if t.memory is not None:
+            m = t.memory
+            where = "GPU" if t.on_gpu else "worker (CPU RAM: no GPU in train.launch)"
+            lines.append(f"  memory per {where} (estimate): params {_gb(m.params)}, grads {_gb(m.grads)}, optimizer "
+                         f"{_gb(m.optimizer)}, activations {_gb(m.activations)}, logits {_gb(m.logits)}; "
+                         f"total {_gb(m.gpu_total)}")
+            if m.cpu or m.nvme:
+                lines.append(f"  offloaded per rank: CPU RAM {_gb(m.cpu)}, NVMe {_gb(m.nvme)}")
+    for n in plan.notes:
+        lines.append(f"note: {n}")
+    for p in plan.problems:
+        lines.append(f"problem: {p}")
+    return "\n".join(lines)
