@@ -1,4 +1,4 @@
-"""Command line: `distill run | generate | curate | train | export | report | config`."""
+"""Command line: `distill run | generate | curate | train | export | eval | report | config`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,30 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="dtype of the written weights (auto: the training precision)")
     _chaos_parser(sub)
+    ev = sub.add_parser("eval", help="greedy accuracy, pass@k and maj@k of a model on benchmarks",
+                        description="Evaluate MODEL with the same answer extraction and verifier as curation; "
+                                    "writes OUT/results.json and OUT/records.jsonl (every completion and verdict).")
+    ev.add_argument("model", help="a local model directory, a Hub id, smollm2-135m-instruct, a run's exported "
+                                  "model (RUN/model), or the served model's name with --engine openai")
+    ev.add_argument("--benchmarks", required=True,
+                    help="comma-separated: NAME (NAME.jsonl in --benchmark-dir, else gsm8k / math500 from the Hub), "
+                         "a file or directory, NAME=PATH, or a Hub dataset id")
+    ev.add_argument("--benchmark-dir", default=None, help="directory holding NAME.jsonl / NAME.parquet benchmark files")
+    ev.add_argument("--engine", choices=("hf", "vllm", "openai"), default="hf", help="generation engine (default hf)")
+    ev.add_argument("--base-url", default="", help="--engine openai: the server root, e.g. http://127.0.0.1:8000/v1")
+    ev.add_argument("--samples", type=int, default=0, help="sampled completions per question for pass@k / maj@k "
+                                                           "(default 0: greedy only)")
+    ev.add_argument("--k", default=None, help="comma-separated k values (default: 1, 2, 4, ... and --samples)")
+    ev.add_argument("--no-greedy", action="store_true", help="skip the greedy completion per question")
+    ev.add_argument("--limit", type=int, default=None, help="first Q questions of each benchmark")
+    ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of the samples")
+    ev.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass of the samples")
+    ev.add_argument("--max-new-tokens", type=int, default=1024, help="longest completion (tokens)")
+    ev.add_argument("--seed", type=int, default=0, help="base seed of the samples")
+    ev.add_argument("--batch-size", type=int, default=16, help="--engine hf: sequences decoded together")
+    ev.add_argument("--template", default=None, help="user message with {problem} (default: reason step by step, "
+                                                     "answer in \\boxed{})")
+    ev.add_argument("--out", default=None, help="output directory (default eval/<model name>)")
     rep = sub.add_parser("report", help="funnel table of a run, plus report.json and report.html")
     rep.add_argument("run_dir", help="a run directory (run.dir of the config)")
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
@@ -147,6 +171,38 @@ def _dry_run(cfg, stages: list[str]) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from pydantic import ValidationError
+
+    from distill.config import EvalConfig, HFEngineConfig, OpenAIEngineConfig, VLLMEngineConfig
+    from distill.evaluate import EvalRun, ModelSpec, evaluate, load_eval_set, resolve_benchmark, write_json, write_records
+
+    try:
+        refs = [resolve_benchmark(b, args.benchmark_dir) for b in args.benchmarks.split(",") if b.strip()]
+        ks = [int(k) for k in args.k.split(",")] if args.k else []
+        ev = EvalConfig(benchmarks=refs, limit=args.limit, greedy=not args.no_greedy, samples=args.samples, k=ks,
+                        sampling={"temperature": args.temperature, "top_p": args.top_p,
+                                  "max_new_tokens": args.max_new_tokens, "seed": args.seed},
+                        **({"prompt": {"template": args.template}} if args.template else {}))
+        engine_cfg = {"hf": lambda: HFEngineConfig(model=args.model, batch_size=args.batch_size),
+                      "vllm": lambda: VLLMEngineConfig(model=args.model),
+                      "openai": lambda: OpenAIEngineConfig(model=args.model, base_url=args.base_url)}[args.engine]()
+    except ValidationError as e:
+        raise ConfigError([m for err in e.errors() for m in err["msg"].removeprefix("Value error, ").split("\n")]) from None
+    except ValueError as e:  # a --k item that is not a number
+        raise ConfigError([f"--k={args.k}: comma-separated integers expected ({e})"]) from None
+    if args.engine == "openai" and not args.base_url:
+        raise ConfigError(["--engine openai needs --base-url (the server root, e.g. http://127.0.0.1:8000/v1)"])
+    sets = [load_eval_set(ref, ev.limit) for ref in ev.benchmarks]
+    run = EvalRun(prompt=ev.prompt, sampling=ev.sampling, greedy=ev.greedy, samples=ev.samples, ks=ev.k_values())
+    out = Path(args.out or Path("eval") / Path(args.model.rstrip("/")).name)
+    result, records = evaluate(ModelSpec(args.engine, engine_cfg), sets, run)
+    result["records"] = "records.jsonl"
+    write_records(out / "records.jsonl", records)
+    print(f"eval: results in {write_json(out / 'results.json', result)}; every completion in {out / 'records.jsonl'}")
+    return 0
+
+
 def _report(run_dir: str) -> int:
     from distill.report import format_table, write_report
 
@@ -182,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args.run_dir)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "chaos":
             return _chaos(args)
         if args.command == "export":
