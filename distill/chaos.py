@@ -309,8 +309,10 @@ def protected_nodes() -> set[str]:
     from ray.util.state import list_nodes, list_workers
 
     head = {n.node_id for n in list_nodes(detail=True, limit=10_000) if n.is_head_node}
-    drivers = {w.node_id for w in list_workers(filters=[("worker_type", "=", "DRIVER"), ("is_alive", "=", "True")],
-                                               detail=True, limit=10_000)}
+    # Filtered here, not by the State API: its server-side filters count the unfiltered rows
+    # against the limit and then raise on "missing output".
+    drivers = {w.node_id for w in list_workers(detail=True, limit=10_000, raise_on_missing_output=False)
+               if w.worker_type == "DRIVER" and w.is_alive}
     return head | drivers
 
 
@@ -318,9 +320,14 @@ def alive_actors(pattern: str) -> list:
     """Live actors whose class name matches the regex `pattern` (re.search)."""
     from ray.util.state import list_actors
 
+    from ray.util.state import list_nodes
+
     rx = re.compile(pattern)
+    # The actor table lags a node's death by the GCS's health-check period; an actor still
+    # listed as alive on a dead node cannot be reached (and is dying anyway).
+    nodes = {n.node_id for n in list_nodes(filters=[("state", "=", "ALIVE")], limit=10_000)}
     return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-            if rx.search(a.class_name or "") and a.pid]
+            if rx.search(a.class_name or "") and a.pid and a.node_id in nodes]
 
 
 def killable_nodes() -> list[str]:
@@ -369,6 +376,7 @@ def run_killer(pattern: str, *, every_s: float, count: int, node: bool = False, 
     node_at = count // 2 if node else -1
     deadline = time.monotonic() + max_wait_s
     done_actors = 0
+    dead_nodes: set[str] = set()  # killed here; the actor table takes a while to notice
     while done_actors < count or (node and not any(k.what == "node" for k in kills)):
         if time.monotonic() > deadline:
             say(f"chaos kill: gave up after {max_wait_s:g}s with {len(kills)} kills")
@@ -378,6 +386,7 @@ def run_killer(pattern: str, *, every_s: float, count: int, node: bool = False, 
             if nodes:
                 k = kill_node(rng.choice(nodes))
                 kills.append(k)
+                dead_nodes.add(k.node_id)
                 say(f"chaos kill: node {k.node_id[:12]} (raylet pid {k.pid})")
                 time.sleep(every_s)
                 continue
@@ -386,7 +395,7 @@ def run_killer(pattern: str, *, every_s: float, count: int, node: bool = False, 
             continue
         if done_actors >= count:
             break
-        actors = [a for a in alive_actors(pattern)]
+        actors = [a for a in alive_actors(pattern) if a.node_id not in dead_nodes]
         if not actors:
             time.sleep(min(every_s, 1.0))
             continue
