@@ -163,11 +163,15 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
     # Data is sharded over data-parallel replicas; ranks of one model-parallel group get the same rows.
     rank, world, dp_rank = backend.rank, backend.dp_size, backend.dp_rank
     out_dir = Path(job.out_dir)
-    # Rank 0 numbers the attempt (restarts of this launch) from the records; all ranks agree.
-    attempt = int(_gather_floats([float(next_attempt(out_dir, job.launched_at)) if rank == 0 else 0.0])[0][0])
+    # Rank 0 numbers the attempt (restarts of this launch) from the records; all ranks agree. A
+    # job run without `launch` (no launch time) is its own launch, starting now.
+    launched_at = job.launched_at or started_unix
+    ours = [float(next_attempt(out_dir, launched_at)), launched_at] if rank == 0 else [0.0, 0.0]
+    number, launched_at = _gather_floats(ours)[0]
+    attempt = int(number)
     nodes = _gather_names(node)
     monitor = StepMonitor(cfg.fault, out_dir, rank=rank, world=backend.world_size, node=node, nodes=nodes,
-                          attempt=attempt, launch=job.launched_at, gather=_gather_floats)
+                          attempt=attempt, launch=launched_at, gather=_gather_floats)
     live["monitor"] = monitor
     injector = FaultInjector(parse_faults(cfg.fault.inject), rank=rank, attempt=attempt,
                              record_cause=monitor.record_cause)
@@ -246,7 +250,7 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
         exclude = next((f["node"] for f in flagged if f["policy"] == "restart_without"), None)
         last = step == total or stop
         if last and rank == 0:
-            report = launch_goodput(out_dir, job.launched_at, now=time.time())
+            report = launch_goodput(out_dir, launched_at, now=time.time())
         if step % cfg.log_every == 0 or last:
             rows = [b for share in shares for mb in share for b in mb]
             real = int(sum(int(cache.lengths[b].sum()) for b in rows))

@@ -305,6 +305,7 @@ def launch_goodput(train_dir: Path, launch: float, *, now: float) -> dict:
 
 def write_goodput(train_dir: Path, report: dict) -> Path:
     path = Path(train_dir) / GOODPUT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, path)
