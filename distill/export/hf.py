@@ -37,8 +37,10 @@ class ExportError(ValueError):
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory, or a checkpoints root (its `latest` one)."""
+    from distill.train.backends.megatron import CHECKPOINT_TAG as MEGATRON_TAG
+
     path = Path(path)
-    if (path / CHECKPOINT_TAG).is_dir():
+    if (path / CHECKPOINT_TAG).is_dir() or (path / MEGATRON_TAG).is_dir():
         return path
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
@@ -126,23 +128,40 @@ def _hf_name(name: str) -> str:
 def export_checkpoint(ckpt_dir: Path, out_dir: Path, *, max_shard_size_mb: int = 2000, dtype: str = "auto") -> Path:
     """Write a Hugging Face model directory from a training checkpoint; returns `out_dir`.
 
-    `ckpt_dir` is a `step-*` checkpoint or the checkpoints root (then `latest`). `dtype` `auto`
-    keeps the dtype the model was trained in (config.json `dtype`). The directory appears by
-    rename when complete; an existing `out_dir` is replaced."""
-    import torch
-    from safetensors.torch import save_file
+    `ckpt_dir` is a `step-*` checkpoint or the checkpoints root (then `latest`), of either
+    backend (DeepSpeed `ds/` or Megatron `megatron/` shards). `dtype` `auto` keeps the dtype the
+    model was trained in (config.json `dtype`). The directory appears by rename when complete;
+    an existing `out_dir` is replaced."""
+    from distill.train.backends.megatron import CHECKPOINT_TAG as MEGATRON_TAG
 
     if dtype != "auto" and dtype not in _DTYPES:
         raise ExportError(f"dtype={dtype!r}: expected auto, {', '.join(sorted(_DTYPES))}")
     ckpt = resolve_checkpoint(Path(ckpt_dir))
-    hf_src = ckpt / "hf"
+    if (ckpt / MEGATRON_TAG).is_dir():
+        from distill.export.megatron import iter_hf_tensors
+
+        return write_model_dir(iter_hf_tensors(ckpt / MEGATRON_TAG), ckpt / "hf", Path(out_dir),
+                               max_shard_size_mb=max_shard_size_mb, dtype=dtype)
+    model_state_names = _shared_params(ckpt / CHECKPOINT_TAG)
+    tied = bool(json.loads((ckpt / "hf" / "config.json").read_text()).get("tie_word_embeddings", False))
+    # lm_head shares the embedding; transformers ties it again on load
+    tensors = ((_hf_name(name), t) for name, t in iter_fp32_params(ckpt / CHECKPOINT_TAG)
+               if not (tied and name in model_state_names))
+    return write_model_dir(tensors, ckpt / "hf", Path(out_dir), max_shard_size_mb=max_shard_size_mb, dtype=dtype)
+
+
+def write_model_dir(tensors, hf_src: Path, out_dir: Path, *, max_shard_size_mb: int, dtype: str) -> Path:
+    """Write (HF name, tensor) pairs as sharded safetensors, plus the config, tokenizer and chat
+    template files of `hf_src`, into `out_dir` (atomically, by rename). Tensors are consumed one
+    at a time: peak memory is one shard plus one tensor."""
+    import torch
+    from safetensors.torch import save_file
+
     config = json.loads((hf_src / "config.json").read_text())
     if dtype == "auto":
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
         dtype = dtype if dtype in _DTYPES else "float32"
     torch_dtype = getattr(torch, dtype)
-    tied = bool(config.get("tie_word_embeddings", False))
-    model_state_names = _shared_params(ckpt / CHECKPOINT_TAG)
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -163,14 +182,11 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, *, max_shard_size_mb: int =
                 shards.append({})
                 size = 0
 
-        for name, tensor in iter_fp32_params(ckpt / CHECKPOINT_TAG):
-            if tied and name in model_state_names:
-                continue  # lm_head shares the embedding; transformers ties it again on load
+        for key, tensor in tensors:
             t = tensor.to(torch_dtype).contiguous()
             nbytes = t.numel() * t.element_size()
             if size and size + nbytes > limit:
                 flush()
-            key = _hf_name(name)
             shards[-1][key] = t
             weight_map[key] = len(files)
             size += nbytes
