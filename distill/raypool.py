@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 from distill.config import RaySection
 
 log = logging.getLogger("distill.ray")
+
+_STALL_WARN_S = 60.0
 
 
 def connect(cfg: RaySection) -> str:
@@ -48,6 +51,11 @@ class ReplicaPool:
     a fresh actor up to `max_retries` times; the dead actor is replaced. Results come back in
     completion order, each exactly once. Two items are kept queued per actor so that the next
     one starts the moment the previous finishes (one extra item of memory per replica).
+
+    Work goes only to actors that have started: an actor the cluster cannot place (more replicas
+    than free CPUs/GPUs, or a replacement after a node was lost) would otherwise sit on its queued
+    items for ever while the others run out of work. An actor whose constructor fails counts as
+    `replica_start_failed`; more than `max_retries` such failures per replica end the stage.
     """
 
     def __init__(self, actor_cls: Any, args: tuple, *, replicas: int, options: dict, max_retries: int,
@@ -55,6 +63,7 @@ class ReplicaPool:
         self._cls, self._args, self._options = actor_cls, args, options
         self._max_retries, self._describe = max_retries, describe
         self.actors = [self._spawn() for _ in range(replicas)]
+        self._started = [False] * replicas
         self.retries: Counter = Counter()
 
     def _spawn(self):
@@ -66,6 +75,7 @@ class ReplicaPool:
         if self.actors[i] is dead:  # several in-flight calls fail for one death: replace once
             ray.kill(dead, no_restart=True)
             self.actors[i] = self._spawn()
+            self._started[i] = False
 
     def map_unordered(self, method: str, items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
         import ray
@@ -75,15 +85,42 @@ class ReplicaPool:
         inflight: dict[Any, tuple[int, Any, Any]] = {}
         attempts: Counter = Counter()
         load = Counter()
+        probes: dict[Any, tuple[int, Any]] = {}  # __ray_ready__ of actors not known to have started
+        start_failures = 0
+        idle_since = time.monotonic()
         while pending or inflight:
-            for i in range(len(self.actors)):
+            for i, actor in enumerate(self.actors):
+                if not self._started[i]:
+                    if not any(a is actor for _, a in probes.values()):
+                        probes[actor.__ray_ready__.remote()] = (i, actor)
+                    continue
                 while pending and load[i] < depth:
                     item = pending.pop()
-                    actor = self.actors[i]
                     inflight[getattr(actor, method).remote(item)] = (i, actor, item)
                     load[i] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight) + list(probes), num_returns=1, timeout=_STALL_WARN_S)
+            if inflight or ready:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= _STALL_WARN_S:
+                log.warning("none of %d replicas has started after %.0fs: the cluster lacks the resources "
+                            "they ask for (%s), or is still starting them", len(self.actors),
+                            time.monotonic() - idle_since, self._options)
             for ref in ready:
+                if ref in probes:
+                    i, actor = probes.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError as e:  # its constructor raised, or its node died first
+                        start_failures += 1
+                        self.retries["replica_start_failed"] += 1
+                        log.warning("replica %d failed to start (%d so far): %s", i, start_failures,
+                                    str(e).splitlines()[0][:300])
+                        if start_failures > self._max_retries * len(self.actors):
+                            raise ShardFailed(f"replicas failed to start {start_failures} times; last error:\n{e}") from e
+                        self._replace(i, actor)
+                    else:
+                        self._started[i] = self._started[i] or self.actors[i] is actor
+                    continue
                 i, actor, item = inflight.pop(ref)
                 load[i] -= 1
                 try:

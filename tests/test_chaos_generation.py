@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -228,3 +229,43 @@ def test_sustained_endpoint_faults_through_the_proxy(cluster, tmp_path, gsm8k_tr
     # The stage's last line reports them by cause, as the manifest does.
     assert re.search(r"requests .*retries_429=\d+", out.stdout), out.stdout[-2000:]
     print(f"\nchaos proxy run: {elapsed:.1f}s, {n} samples, {proxy.counts()}, client retries {got}")
+
+
+def test_pool_with_more_replicas_than_the_cluster_places_still_finishes(cluster):
+    """Replicas the cluster cannot start (too few CPUs, or nodes lost) get no work; one whose
+    constructor fails is retried a bounded number of times and then ends the map."""
+    import ray
+
+    from distill.raypool import ReplicaPool, ShardFailed
+
+    class Square:
+        def __init__(self, fail: bool = False):
+            if fail:
+                raise RuntimeError("this replica cannot start")
+
+        def run(self, x: int) -> int:
+            time.sleep(0.05)
+            return x * x
+
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        pool = ReplicaPool(ray.remote(Square), (), replicas=cpus + 3, options={"num_cpus": 1}, max_retries=1)
+        got: list[int] = []
+        # On a thread, so that a pool that waits on a replica that never starts fails the test
+        # instead of hanging it.
+        mapper = threading.Thread(target=lambda: got.extend(pool.map_unordered("run", range(40))), daemon=True)
+        mapper.start()
+        mapper.join(timeout=90)
+        assert not mapper.is_alive(), f"the pool hung with {len(got)} of 40 results"
+        assert sorted(got) == [x * x for x in range(40)]
+        assert sum(pool._started) <= cpus
+        pool.shutdown()
+
+        broken = ReplicaPool(ray.remote(Square), (True,), replicas=2, options={"num_cpus": 0}, max_retries=1)
+        with pytest.raises(ShardFailed, match="failed to start 3 times"):
+            list(broken.map_unordered("run", range(4)))
+        assert broken.retries["replica_start_failed"] == 3
+        broken.shutdown()
+    finally:
+        ray.shutdown()
