@@ -300,31 +300,42 @@ def _looks_local(path: str) -> bool:
     return Path(path).exists() or Path(path).suffix in (".jsonl", ".json", ".parquet") or path.startswith((".", "/"))
 
 
+def _check_benchmarks(key: str, refs: list, problems: list[str], notes: list[str]) -> None:
+    """Parse the local benchmark files now (as the stage's preflight does); list the Hub ones."""
+    from distill.curate.benchmarks import BenchmarkError, load_benchmarks
+
+    local = []
+    for i, b in enumerate(refs):
+        if _looks_local(b.path):
+            local.append(b)
+        else:
+            notes.append(f"{key}[{i}] ({b.name}) is the Hub dataset {b.path!r}: not checked offline")
+    try:
+        load_benchmarks(local)
+    except BenchmarkError as e:
+        problems.append(f"{key}: {e}")
+
+
 def check_inputs(cfg, stages: list[str]) -> tuple[list[str], list[str]]:
     """(problems, notes) about what the stages read, checked as their preflights would, minus the
     network: local seed and benchmark files (benchmarks are parsed), SFT files, metric sinks."""
-    from distill.curate.benchmarks import BenchmarkError, load_benchmarks
+    from distill.sources import SourceError, detect_format
 
     problems, notes = [], []
     if "generate" in stages and cfg.source is not None:
-        if _looks_local(cfg.source.path):
-            if not Path(cfg.source.path).exists():
-                problems.append(f"source.path={cfg.source.path!r}: no such file or directory (relative paths are "
-                                "relative to the working directory)")
-        else:
-            notes.append(f"source.path={cfg.source.path!r} is a Hub dataset: not checked offline")
-    if "decontam" in stages:
-        local = []
-        for i, b in enumerate(cfg.curate.decontam.benchmarks):
-            if _looks_local(b.path):
-                local.append(b)
-            else:
-                notes.append(f"curate.decontam.benchmarks[{i}] ({b.name}) is the Hub dataset {b.path!r}: not "
-                             "checked offline")
         try:
-            load_benchmarks(local)
-        except BenchmarkError as e:
-            problems.append(f"curate.decontam.benchmarks: {e}")
+            fmt = detect_format(cfg.source)
+        except SourceError as e:
+            problems.append(str(e))
+        else:
+            if fmt == "hub":
+                notes.append(f"source.path={cfg.source.path!r} is a Hub dataset: not checked offline")
+            elif not Path(cfg.source.path).exists():
+                problems.append(f"source.path={cfg.source.path!r}: no such file or directory")
+    if "decontam" in stages:
+        _check_benchmarks("curate.decontam.benchmarks", cfg.curate.decontam.benchmarks, problems, notes)
+    if "eval" in stages:
+        _check_benchmarks("eval.benchmarks", cfg.eval.benchmarks, problems, notes)
     if "train" in stages:
         from distill.train.metrics import check_sinks
 
@@ -362,8 +373,15 @@ def stage_resources(cfg, stages: list[str]) -> list[StagePlan]:
             ln = cfg.train.launch
             out.append(StagePlan(stage, ln.num_workers, ln.cpus_per_worker, ln.gpus_per_worker,
                                  f"{cfg.train.backend} ranks via {ln.launcher}"))
-        else:
+        elif stage == "eval":
+            ev = cfg.eval
+            out.append(StagePlan(stage, 1, ev.cpus, ev.gpus,
+                                 f"one Ray task per model, in turn ({', '.join(ev.models)}) on {len(ev.benchmarks)} "
+                                 "benchmark(s); the teacher's task takes generate's replica resources"))
+        elif stage in ("filter", "sft"):
             out.append(StagePlan(stage, cur.workers, 1))
+        else:
+            out.append(StagePlan(stage, 0, 0, what="resources not modelled by distill.plan"))
     return out
 
 
