@@ -6,6 +6,7 @@ worker nodes, all processes of this test (`ray.cluster_utils.Cluster`). `distill
 user's cluster. The teacher is the deterministic loopback server, so every stored sample can be
 checked against the one answer it must be.
 
+The cluster tests are slow (about 3 minutes together); the proxy's unit tests at the end are not.
 DISTILL_CHAOS_SECONDS sets how long the sustained endpoint-fault run lasts (default 60).
 """
 
@@ -27,14 +28,12 @@ import pytest
 import yaml
 
 from conftest import distill_cmd, free_port
-from distill.chaos import FaultProxy, ProxyFaults, expected_retries, parse_mix
+from distill.chaos import FaultProxy, ProxyFaults, expected_retries, parse_duration, parse_mix
 from distill.config import PromptConfig
 from distill.generation import build_messages
 from distill.store import Manifest, read_records
 from distill.teachers.base import derive_seed
 from distill.testing.fault_server import FaultServer, respond
-
-pytestmark = pytest.mark.slow
 
 PROMPT = PromptConfig(template="Q: {problem}")
 SEED = 11
@@ -126,6 +125,7 @@ def _stop(proc: subprocess.Popen) -> str:
     return proc.communicate()[0]
 
 
+@pytest.mark.slow
 def test_actors_and_a_worker_node_killed_while_generating(cluster, tmp_path, gsm8k_train):
     source, questions = _seeds(tmp_path, gsm8k_train, 48)
     with FaultServer(latency_s=1.0) as server:
@@ -162,6 +162,7 @@ def test_actors_and_a_worker_node_killed_while_generating(cluster, tmp_path, gsm
     assert "replica_died=" in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_stage_then_resumed_on_the_cluster(cluster, tmp_path, gsm8k_train):
     source, questions = _seeds(tmp_path, gsm8k_train, 32)
     with FaultServer(latency_s=0.3) as server:
@@ -190,6 +191,7 @@ def test_driver_killed_mid_stage_then_resumed_on_the_cluster(cluster, tmp_path, 
     assert Manifest.read(tmp_path / "run" / "generate").status == "complete"
 
 
+@pytest.mark.slow
 def test_sustained_endpoint_faults_through_the_proxy(cluster, tmp_path, gsm8k_train):
     """20% of requests fail (429, 500, 503, timeout, reset, malformed) for about
     DISTILL_CHAOS_SECONDS: the stage completes, exactly once, and reports the retries by cause
@@ -231,6 +233,7 @@ def test_sustained_endpoint_faults_through_the_proxy(cluster, tmp_path, gsm8k_tr
     print(f"\nchaos proxy run: {elapsed:.1f}s, {n} samples, {proxy.counts()}, client retries {got}")
 
 
+@pytest.mark.slow
 def test_pool_with_more_replicas_than_the_cluster_places_still_finishes(cluster):
     """Replicas the cluster cannot start (too few CPUs, or nodes lost) get no work; one whose
     constructor fails is retried a bounded number of times and then ends the map."""
@@ -269,3 +272,55 @@ def test_pool_with_more_replicas_than_the_cluster_places_still_finishes(cluster)
         broken.shutdown()
     finally:
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------- the proxy alone
+
+
+def test_parse_mix_and_duration():
+    assert parse_mix("429=1, 500=2,timeout") == {"429": 1.0, "500": 2.0, "timeout": 1.0}
+    for bad, msg in (("429=1,teapot=1", "unknown fault 'teapot'"), ("500=x", "not a number"),
+                     ("500=-1", ">= 0"), ("429=0", "no fault")):
+        with pytest.raises(ValueError, match=msg):
+            parse_mix(bad)
+    assert [parse_duration(s) for s in ("5s", "500ms", "2m", "1.5")] == [5.0, 0.5, 120.0, 1.5]
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+def test_fault_draws_follow_rate_and_mix():
+    import random
+
+    faults = ProxyFaults(rate=0.2, mix={"429": 1, "reset": 3}, seed=0)
+    rng = random.Random(0)
+    draws = Counter(faults.draw(rng) for _ in range(20_000))
+    # Binomial counts: 4000 +- 57 faults; 1000 +- 29 of them 429s (5 sigma bounds).
+    assert abs(draws["429"] + draws["reset"] - 4000) < 5 * 57, draws
+    assert abs(draws["429"] - 1000) < 5 * 29, draws
+    assert set(draws) == {None, "429", "reset"}
+
+
+@pytest.mark.parametrize("kind", ["429", "500", "503", "timeout", "reset", "malformed"])
+def test_each_proxy_fault_is_one_client_retry_of_its_cause(kind):
+    """Through the real engine: every injected fault of `kind` costs exactly one retry of the
+    cause `expected_retries` names, nothing else is retried, and every request gets its answer."""
+    from distill.config import OpenAIEngineConfig
+    from distill.teachers.base import Request, SamplingParams
+    from distill.teachers.openai import OpenAIEngine
+
+    with FaultServer() as server, \
+            FaultProxy(server.base_url, ProxyFaults(rate=0.4, mix={kind: 1}, seed=1, hold_s=1.0,
+                                                    retry_after_s=0)) as proxy:
+        cfg = OpenAIEngineConfig(base_url=proxy.base_url, model="m", api_key_env=None, timeout_s=0.4,
+                                 backoff_base_s=0.01, backoff_max_s=0.02, max_retries=30, concurrency=8)
+        with OpenAIEngine(cfg) as engine:
+            requests = [Request([{"role": "user", "content": f"question {i}"}], n=1, seed=i) for i in range(24)]
+            results = engine.generate(requests, SamplingParams(temperature=0.5, top_p=1.0, max_new_tokens=20,
+                                                               seed=0, stop=()))
+            stats = engine.stats()
+    assert all(r.ok for r in results)
+    assert [r.completions[0].text for r in results] == [respond(f"question {i}", i, 20)[0] for i in range(24)]
+    assert proxy.injected[kind] >= 3 and set(proxy.injected) == {kind}, proxy.counts()
+    assert proxy.passed == 24 and proxy.requests == 24 + proxy.injected[kind]
+    got = {k.removeprefix("retries_"): int(v) for k, v in stats.items() if k.startswith("retries_") and v}
+    assert got == dict(expected_retries(proxy.injected)), (got, proxy.counts())
