@@ -45,6 +45,10 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
     model_path = resolve_model(cfg.student.model)
     model_cfg = AutoConfig.from_pretrained(model_path)
     problems = check_against_model(cfg, getattr(model_cfg, "max_position_embeddings", None), cfg.student.model)
+    if cfg.backend == "megatron":  # heads / kv heads / layers vs the parallel degrees, the family
+        from distill.train.backends.megatron import model_problems
+
+        problems += model_problems(cfg, model_cfg)
     problems += check_sinks(cfg.metrics)
     if problems:
         raise ConfigError(problems)
