@@ -244,21 +244,24 @@ class EvalRun:
                 "verify": output_fields(self.verify)}
 
 
-def _requests(eval_set: EvalSet, run: EvalRun) -> tuple[list, list[tuple[int, str, int]]]:
-    """Engine requests for a benchmark and, per request, (question index, mode, sample index)."""
+def _requests(sets: Sequence[EvalSet], run: EvalRun, mode: str) -> tuple[list, list[tuple[int, int, int]]]:
+    """Engine requests of one mode (`greedy` / `sample`) for every benchmark and, per request,
+    (benchmark index, question index, sample index)."""
     from distill.generation import build_messages
     from distill.teachers.base import Request, derive_seed
 
     requests, where = [], []
-    for qi, (qid, problem, _) in enumerate(eval_set.items):
-        messages = build_messages(problem, run.prompt)
-        if run.greedy:
-            requests.append(Request(messages, n=1, seed=None))
-            where.append((qi, "greedy", 0))
-        for s in range(run.samples):
-            # One request per sample, each with its own seed (as teacher generation does).
-            requests.append(Request(messages, n=1, seed=derive_seed(run.sampling.seed, eval_set.name, qid, s)))
-            where.append((qi, "sample", s))
+    for bi, eval_set in enumerate(sets):
+        for qi, (qid, problem, _) in enumerate(eval_set.items):
+            messages = build_messages(problem, run.prompt)
+            if mode == "greedy":
+                requests.append(Request(messages, n=1, seed=None))
+                where.append((bi, qi, 0))
+                continue
+            for s in range(run.samples):
+                # One request per sample, each with its own seed (as teacher generation does).
+                requests.append(Request(messages, n=1, seed=derive_seed(run.sampling.seed, eval_set.name, qid, s)))
+                where.append((bi, qi, s))
     return requests, where
 
 
@@ -272,29 +275,29 @@ def _params(run: EvalRun, mode: str):
                           stop=tuple(s.stop))
 
 
-def evaluate_set(engine, eval_set: EvalSet, run: EvalRun, verifier, *, chunk: int = 64,
-                 log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
-    """Generate, extract, verify and score one benchmark with a built engine.
+def generate_all(engine, sets: Sequence[EvalSet], run: EvalRun, *, chunk: int = 256,
+                 log: Callable[[str], None] = print) -> list[dict]:
+    """Every completion the run asks for, as records (benchmark, id, mode, sample_idx, answer,
+    completion, reasoning, response, finish_reason, n_tokens, rejected).
 
-    Returns (scores, per-completion records). Requests go to the engine `chunk` at a time so that
-    progress shows on long benchmarks (an engine batches within a chunk; larger chunks batch better)."""
-    from distill.curate.verify import verify_records
+    All benchmarks' requests of one mode go to the engine together, `chunk` at a time, so an
+    engine that batches (hf, vllm) fills its batches across benchmarks; smaller chunks only show
+    progress more often."""
     from distill.teachers.base import split_reasoning
 
-    requests, where = _requests(eval_set, run)
     records: list[dict] = []
     started = time.monotonic()
-    for mode in ("greedy", "sample"):
-        idx = [i for i, w in enumerate(where) if w[1] == mode]
-        for lo in range(0, len(idx), chunk):
-            part = idx[lo : lo + chunk]
-            results = engine.generate([requests[i] for i in part], _params(run, mode))
+    modes = (["greedy"] if run.greedy else []) + (["sample"] if run.samples else [])
+    for mode in modes:
+        requests, where = _requests(sets, run, mode)
+        for lo in range(0, len(requests), chunk):
+            part = requests[lo : lo + chunk]
+            results = engine.generate(part, _params(run, mode))
             if len(results) != len(part):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(part)} requests")
-            for i, res in zip(part, results):
-                qi, _, s = where[i]
-                qid, problem, answer = eval_set.items[qi]
-                base = {"benchmark": eval_set.name, "id": qid, "mode": mode, "sample_idx": s, "answer": answer}
+            for (bi, qi, s), res in zip(where[lo : lo + chunk], results):
+                qid, _, answer = sets[bi].items[qi]
+                base = {"benchmark": sets[bi].name, "id": qid, "mode": mode, "sample_idx": s, "answer": answer}
                 if not res.ok:
                     records.append({**base, "completion": None, "reasoning": None, "response": None,
                                     "finish_reason": "rejected", "n_tokens": 0, "rejected": res.rejected})
@@ -303,8 +306,15 @@ def evaluate_set(engine, eval_set: EvalSet, run: EvalRun, verifier, *, chunk: in
                 reasoning, response = split_reasoning(c.text)
                 records.append({**base, "completion": c.text, "reasoning": reasoning, "response": response,
                                 "finish_reason": c.finish_reason, "n_tokens": c.completion_tokens, "rejected": None})
-            log(f"eval: {eval_set.name}: {mode} {min(lo + chunk, len(idx))}/{len(idx)} completions "
+            log(f"eval: {mode} {min(lo + chunk, len(requests))}/{len(requests)} completions "
                 f"({time.monotonic() - started:.0f}s)")
+    return records
+
+
+def score_set(eval_set: EvalSet, records: list[dict], run: EvalRun, verifier) -> dict:
+    """Extract, verify and score one benchmark's completion records (updated in place with
+    `pred_answer`, `verdict`, `correct`)."""
+    from distill.curate.verify import verify_records
 
     # Verification groups by `id` for pass rates: one group per (question, mode), so greedy and
     # sampled completions never share a majority vote. Rejected prompts have no answer.
@@ -327,9 +337,8 @@ def evaluate_set(engine, eval_set: EvalSet, run: EvalRun, verifier, *, chunk: in
         truncated_rate=sum(r["finish_reason"] == "length" for r in done) / len(done) if done else None,
         mean_tokens=sum(r["n_tokens"] for r in done) / len(done) if done else None,
         rejected=len(records) - len(done),
-        seconds=round(time.monotonic() - started, 2),
     )
-    return scores, records
+    return scores
 
 
 def evaluate(model: ModelSpec, sets: Sequence[EvalSet], run: EvalRun, *, engine=None,
@@ -337,7 +346,7 @@ def evaluate(model: ModelSpec, sets: Sequence[EvalSet], run: EvalRun, *, engine=
     """Scores of `model` on every benchmark in `sets`, and all completions with their verdicts.
 
     Builds the engine from the registry unless a built one is passed (it is then not closed).
-    The result is the results-JSON object: {model, engine, settings, benchmarks: {name:
+    The result is the results-JSON object: {model, engine, settings, eval, benchmarks: {name:
     {n_questions, greedy_acc, pass@k: {k: v}, maj@k: {k: v}, sha256, files, ...}}, seconds}."""
     from distill.curate.verify import Verifier
     from distill.teachers import build_engine
@@ -346,20 +355,21 @@ def evaluate(model: ModelSpec, sets: Sequence[EvalSet], run: EvalRun, *, engine=
     own = engine is None
     if own:
         engine = build_engine(model.engine, model.config)
-    out: dict[str, Any] = {"model": model.config.model, "engine": model.engine, "settings": model.settings(),
-                           "eval": run.settings(), "benchmarks": {}}
-    records: list[dict] = []
     try:
-        with Verifier(run.verify) as verifier:
-            for s in sets:
-                scores, recs = evaluate_set(engine, s, run, verifier, log=log)
-                scores.update(sha256=s.sha256, files=dict(s.files), total_questions=s.total)
-                out["benchmarks"][s.name] = scores
-                records.extend(recs)
-                log(f"eval: {model.name} on {s.name}: " + format_scores(scores))
+        records = generate_all(engine, sets, run, log=log)
     finally:
         if own:
             engine.close()
+    generate_s = time.monotonic() - started
+    out: dict[str, Any] = {"model": model.config.model, "engine": model.engine, "settings": model.settings(),
+                           "eval": run.settings(), "benchmarks": {}}
+    with Verifier(run.verify) as verifier:
+        for s in sets:
+            scores = score_set(s, [r for r in records if r["benchmark"] == s.name], run, verifier)
+            scores.update(sha256=s.sha256, files=dict(s.files), total_questions=s.total)
+            out["benchmarks"][s.name] = scores
+            log(f"eval: {model.name} on {s.name}: " + format_scores(scores))
+    out["generate_s"] = round(generate_s, 2)
     out["seconds"] = round(time.monotonic() - started, 2)
     return out, records
 

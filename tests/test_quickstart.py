@@ -1,9 +1,10 @@
 """The README's first command, minus the install: `distill run configs/quickstart.yaml`, end to
-end on the real SmolLM2 model and the real GSM8K seeds (generate, curate, train, export), then
+end on the real SmolLM2 model and the real GSM8K seeds (generate, curate, train, export, eval), then
 again to show it resumes with nothing left to do."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections import Counter
 
@@ -55,8 +56,6 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     assert set(decontam.summary["benchmarks"]) == {"gsm8k", "math500"}
 
     # Training ran, and the exported model loads with plain transformers and answers.
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,6 +70,36 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
 
+    # Eval: the teacher (== the student before training: evaluated once) and the trained student,
+    # on the configured slices of GSM8K and MATH-500; the scores are the records' own aggregates.
+    from distill.curate.benchmarks import sha256_file
+    from distill.evaluate import pass_at_k
+
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    models = results["models"]
+    assert list(models) == ["teacher", "student_before", "student_after"]
+    assert models["student_before"]["same_as"] == "teacher" and models["student_after"]["same_as"] is None
+    assert models["student_after"]["model"] == str(run_dir / "model")
+    ev = cfg["eval"]
+    for b in ev["benchmarks"]:
+        assert results["benchmarks"][b["name"]]["sha256"] == sha256_file(REPO / b["path"])
+    for role in ("teacher", "student_after"):
+        recs = [json.loads(x) for x in (run_dir / "eval" / models[role]["records"]).read_text().splitlines()]
+        assert len(recs) == len(ev["benchmarks"]) * ev["limit"] * (1 + ev["samples"])
+        for name, scores in models[role]["benchmarks"].items():
+            mine = [r for r in recs if r["benchmark"] == name]
+            greedy = [r["correct"] for r in mine if r["mode"] == "greedy"]
+            assert scores["n_questions"] == ev["limit"] and scores["greedy_acc"] == sum(greedy) / len(greedy)
+            per_q = Counter(r["id"] for r in mine if r["mode"] == "sample" and r["correct"])
+            expect = sum(pass_at_k(ev["samples"], per_q[q], 2) for q in {r["id"] for r in mine}) / ev["limit"]
+            assert scores["pass@k"]["2"] == pytest.approx(expect) and set(scores["maj@k"]) == {"1", "2"}
+            assert all(r["n_tokens"] <= ev["sampling"]["max_new_tokens"] for r in mine)
+    assert "eval: student_before is the same model with the same settings as teacher" in first.stdout
+    rep = subprocess.run(distill_cmd("report", str(run_dir)), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    page = (run_dir / "report.html").read_text()
+    assert 'id="eval-table"' in page and 'id="plot-loss"' in page and "(= teacher)" in page
+
     second = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "source: 32 questions (unchanged, reused)" in second.stdout
@@ -78,3 +107,6 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     assert len(read_records(run_dir / "generate")) == n_q * n_s
     # Training reached train.max_steps the first time: the rerun only re-exports.
     assert "train: step" not in second.stdout and "train: model written to" in second.stdout
+    # The re-exported model has the same weights: nothing is evaluated again.
+    assert "eval: teacher (hf:smollm2-135m-instruct) already evaluated with these settings; reused" in second.stdout
+    assert "eval: student_after (hf:" in second.stdout and "eval: greedy" not in second.stdout
