@@ -58,8 +58,9 @@ class TrainOutcome:
     backend: object
     """The backend, still holding the trained weights (closed by `close_backend` / the caller)."""
     exclude_node: str | None = None
-    """Set when a straggler stopped this attempt early (policy restart_without): the node the
-    launcher must restart the group without."""
+    """Set when a straggler stopped this attempt early (policy restart_without): the node to
+    restart the group without. The Ray launcher reads it from RUN/train/attempts.jsonl (Ray Train
+    passes no return value back), which is why RUN/ must be storage every node sees."""
 
 
 def planned_steps(cfg: TrainConfig, steps_in_plan: int) -> int:
@@ -246,9 +247,10 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
         dt = time.monotonic() - t0
         flagged = monitor.end(step, data_s=data_s, compute_s=stats.compute_s, comm_s=stats.comm_s + wait_s, step_s=dt)
         injector.observe(data_s + stats.compute_s, slept)
-        # Every rank ran the same detector on the same gathered times: they agree without a collective.
-        exclude = next((f["node"] for f in flagged if f["policy"] == "restart_without"), None)
         last = step == total or stop
+        # Every rank ran the same detector on the same gathered times: they agree without a
+        # collective. After the last step there is nothing left to move.
+        exclude = None if last else next((f["node"] for f in flagged if f["policy"] == "restart_without"), None)
         if last and rank == 0:
             report = launch_goodput(out_dir, launched_at, now=time.time())
         if step % cfg.log_every == 0 or last:
