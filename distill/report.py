@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from distill.store import MANIFEST, REJECTED, Manifest, reason_code
+from distill.train.monitor import read_jsonl
 
 FUNNEL = ("source", "generate", "verify", "filter", "dedup", "decontam", "sft")
 """Stage directories in pipeline order; the report covers those present in the run."""
@@ -117,17 +118,6 @@ MAX_POINTS = 1000
 bins): a 100k-step run must still give a page a browser opens at once."""
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Lines of a JSONL file; a torn last line (a process killed mid-write) is skipped."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def read_config(run_dir: Path) -> dict | None:
     """The resolved config `distill run` saved (RUN/config.yaml), verbatim, with its sha256."""
     path = Path(run_dir) / "config.yaml"
@@ -146,9 +136,9 @@ def read_train(train_dir: Path) -> dict:
     stragglers = train_dir / "stragglers.jsonl"
     goodput = train_dir / "goodput.json"
     return {
-        "metrics": _read_jsonl(metrics) if metrics.is_file() else None,
-        "step_times": [r for p in ranks for r in _read_jsonl(p)] if ranks else None,
-        "stragglers": _read_jsonl(stragglers) if stragglers.is_file() else None,
+        "metrics": read_jsonl(metrics) if metrics.is_file() else None,
+        "step_times": [r for p in ranks for r in read_jsonl(p)] if ranks else None,
+        "stragglers": read_jsonl(stragglers) if stragglers.is_file() else None,
         "goodput": json.loads(goodput.read_text()) if goodput.is_file() else None,
     }
 
