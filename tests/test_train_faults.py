@@ -1,6 +1,7 @@
 """Training under injected faults, end to end on CPU (tiny llama, 2 ranks, gloo, DeepSpeed ZeRO-2):
 
 - a clean run flags no straggler; a rank slowed 2x is flagged within 20 steps (torchrun);
+- a truncated shard in the newest checkpoint: the next run resumes from the one before (torchrun);
 - on Ray Train: one rank SIGKILLed at step 3, then (in the restarted group) one rank blocked in a
   collective at step 6: the run finishes on its own, its losses equal the uninterrupted run's,
   the hang left stack dumps naming the stuck frames, goodput.json prices both failures;
@@ -88,6 +89,25 @@ def test_clean_run_flags_no_straggler(baseline):
     assert good["productive_s"] == pytest.approx(sum(x["step_s"] for x in records[0]), abs=0.01)
     last = _read(out / "metrics.jsonl")[-1]
     assert last["goodput/goodput"] == good["goodput"] and last["goodput/restarts"] == 0
+
+
+def test_truncated_latest_checkpoint_resumes_from_the_previous_one(assets, baseline, capfd):
+    import shutil
+
+    job = _job(assets, "corrupt", max_steps=STEPS)
+    out, done = Path(job.out_dir), Path(baseline.out_dir)
+    shutil.copytree(done / "checkpoints", out / "checkpoints")
+    shutil.copy(done / "metrics.jsonl", out / "metrics.jsonl")
+    latest = out / "checkpoints" / f"step-{STEPS:08d}"
+    shard = next((latest / "ds").rglob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    capfd.readouterr()
+    _launch_torchrun(job)
+    printed = capfd.readouterr().out
+    assert f"{latest} is unusable" in printed and shard.name in printed and "truncated" in printed
+    starts = [r for r in _read(out / "attempts.jsonl") if r["event"] == "start"]
+    assert [s["resumed_from_step"] for s in starts] == [STEPS - 2]
+    assert _losses(job) == _losses(baseline)  # steps 7-8 retrained from step 6, identically
 
 
 def test_rank_slowed_twice_is_flagged_within_20_steps(assets, baseline):
