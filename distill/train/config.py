@@ -223,8 +223,9 @@ class StragglerSection(Section):
     multiple of the other ranks' median. Lower catches milder stragglers, and more noise."""
 
     mad_k: float = Field(default=5.0, ge=0)
-    """...or, if higher, the others' median + mad_k * 1.4826 * their MAD (a robust standard
-    deviation): with many ranks a naturally wide spread raises the bar."""
+    """Robust margin: the rank must also exceed the others' median + mad_k * 1.4826 * their
+    median absolute deviation (a standard deviation that ignores outliers), so with many ranks a
+    naturally wide spread raises the bar. 0: the ratio alone decides."""
 
     window: int = Field(default=10, ge=2)
     """Steps per window; each rank's median over a window is compared."""
