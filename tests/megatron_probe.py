@@ -103,8 +103,11 @@ def main() -> None:
         shards = [None] * be.world_size
         torch.distributed.all_gather_object(shards, ((be.tp_rank, be.pp_rank), be.shard_grads()))
         merged = to_hf(dict(shards), be.spec, tp=tp, pp=pp)
+        result["norm_megatron"] = np.array(be.optimizer.grad_norm())  # what clipping uses (collective)
         for b in mbs:
             (forward_loss(ref, b)[0] / total).backward()
+        # fp64: an fp32 sum over millions of squares is off by ~1e-5 relative.
+        result["norm_hf"] = np.array(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()) ** 0.5)
         for name, p in ref.named_parameters():
             result["hf/" + name] = p.grad.numpy()
             result["megatron/" + name] = merged[name].numpy()

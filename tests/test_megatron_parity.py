@@ -46,5 +46,7 @@ def test_gradients_equal_hf(tmp_path, arch, tp, pp):
         hf, mg = d["hf/" + name], d["megatron/" + name]
         assert mg.shape == hf.shape, name
         np.testing.assert_allclose(mg, hf, rtol=0, atol=1e-4, err_msg=name)
+    # The global norm the optimizer clips with counts every logical parameter once.
+    assert float(d["norm_megatron"]) == pytest.approx(float(d["norm_hf"]), rel=1e-5)
     # The gradients are not all ~0 (a tolerance of 1e-4 would then prove nothing).
     assert max(np.abs(d["hf/" + n]).max() for n in names) > 1e-2

@@ -122,6 +122,21 @@ def parallel_problems(spec: ModelSpec, *, tp: int, pp: int, key: str = "train.me
     return out
 
 
+_COLUMN = ("embedding.word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
+           "linear_fc1.weight")
+_ROW = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def split_dim(name: str) -> int | None:
+    """The dimension a Megatron parameter is split along over tensor ranks (0: column parallel
+    and vocabulary, 1: row parallel), None for replicated ones (norms). Pure."""
+    if name.endswith(_COLUMN):
+        return 0
+    if name.endswith(_ROW):
+        return 1
+    return None
+
+
 def _rows(t, tp: int, r: int):
     n = t.shape[0] // tp
     return t[r * n:(r + 1) * n]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from distill.train.backends.megatron.convert import ModelSpec, padded_vocab
+from distill.train.backends.megatron.convert import ModelSpec, padded_vocab, split_dim
 
 if TYPE_CHECKING:
     import torch
@@ -98,18 +98,29 @@ def layer_spec():
 def build_gpt(spec: ModelSpec, config, *, pre_process: bool, post_process: bool, divisible_by: int = 128):
     """This rank's GPTModel shard (parallel_state must be initialised). Its forward returns the
     final hidden states [tokens, 1, hidden] (the output projection is the caller's)."""
+    from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
     class HiddenGPTModel(GPTModel):
         def _postprocess(self, hidden_states, *args, **kwargs):
             return hidden_states
 
-    return HiddenGPTModel(
+    model = HiddenGPTModel(
         config=config, transformer_layer_spec=layer_spec(),
         vocab_size=padded_vocab(spec.vocab_size, config.tensor_model_parallel_size, divisible_by),
         max_sequence_length=spec.max_positions, pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=spec.tied, position_embedding_type="rope", rotary_base=spec.rope_theta,
     )
+    # Megatron marks split parameters only in its weight initialisers, which perform_initialization
+    # =False skips; gradient norms and grad syncs read these marks to count replicas once.
+    for name, param in model.named_parameters():
+        dim = split_dim(name)
+        if dim is not None and not getattr(param, "tensor_model_parallel", False):
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(param, attr):
+                    delattr(param, attr)
+            tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
+    return model
 
 
 def packed_seq_params(cu_seqlens: "torch.Tensor", max_seqlen: int):
