@@ -171,3 +171,16 @@ def test_config_rejects_bad_fault_specs_and_restart_without_off_ray():
     with pytest.raises(ValidationError, match="restart_without needs train.launch.launcher=ray"):
         TrainConfig(launch={"launcher": "torchrun"}, fault={"straggler": {"policy": "restart_without"}})
     assert json.loads(TrainConfig().model_dump_json())["fault"]["max_failures"] == 3
+
+
+def test_excluded_nodes_become_a_label_selector_ray_accepts():
+    from ray._private.label_utils import validate_label_selector
+
+    from distill.train.launch import excluded_nodes_selector
+
+    ids = ["87ebc790691a5ce160a86845defcf20eeab1ab6ed33fef25cc990359",
+           "03987871bf936c843e8db3950a362e7a2144307bb4b159696e6a2a0b"]
+    assert excluded_nodes_selector([]) is None
+    selector = excluded_nodes_selector(ids)
+    assert selector == {"ray.io/node-id": f"!in({ids[0]},{ids[1]})"}
+    assert validate_label_selector(selector) is None  # None: no error
