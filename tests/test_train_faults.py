@@ -2,6 +2,7 @@
 
 - a clean run flags no straggler; a rank slowed 2x is flagged within 20 steps (torchrun);
 - a truncated shard in the newest checkpoint: the next run resumes from the one before (torchrun);
+- torchrun restarts the group after a Python error and continues with the same losses;
 - on Ray Train: one rank SIGKILLed at step 3, then (in the restarted group) one rank blocked in a
   collective at step 6: the run finishes on its own, its losses equal the uninterrupted run's,
   the hang left stack dumps naming the stuck frames, goodput.json prices both failures;
@@ -127,6 +128,17 @@ def test_rank_slowed_twice_is_flagged_within_20_steps(assets, baseline):
     # Slowing a rank down changes no number.
     base = _losses(baseline)
     assert {s: v for s, v in _losses(job).items() if s in base} == base
+
+
+def test_torchrun_restarts_after_an_error(assets, baseline):
+    job = _job(assets, "torchrun-restart", max_steps=4, **{"fault.inject": ["raise:rank=0:step=3"]})
+    _launch_torchrun(job)
+    base = _losses(baseline)
+    assert _losses(job) == {s: base[s] for s in range(1, 5)}
+    good = json.loads((Path(job.out_dir) / "goodput.json").read_text())
+    assert good["restarts"] == 1
+    assert good["failures"][0]["cause"] == "error on rank 0: RuntimeError: injected failure (rank 0, step 3)"
+    assert good["failures"][0]["resumed_from_step"] == 2
 
 
 @pytest.fixture(scope="module")

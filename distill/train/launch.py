@@ -121,8 +121,11 @@ def torchrun_command(job_file: Path, num_workers: int, max_restarts: int = 0) ->
 def _launch_torchrun(job: TrainJob, cfg: TrainConfig) -> None:
     job_file = job.write(Path(job.out_dir) / "job.json")
     cmd = torchrun_command(job_file, cfg.launch.num_workers, cfg.fault.max_failures)
-    # OMP threads per rank: torchrun would otherwise force 1.
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(cfg.launch.cpus_per_worker)))}
+    # OMP threads per rank: torchrun would otherwise force 1. A fresh store per restart: with the
+    # rendezvous store shared (torch's default), a restarted group reads its dead predecessor's
+    # addresses for new process groups (pytorch/pytorch#135712) and fails to connect.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(cfg.launch.cpus_per_worker))),
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
         raise RuntimeError(f"torchrun exited with status {rc}: {' '.join(cmd)}")
