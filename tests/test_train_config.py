@@ -38,7 +38,7 @@ def test_defaults_validate_and_every_field_has_help():
      "train.deepspeed.offload_param=nvme needs train.deepspeed.nvme_path"),
     ({"deepspeed": {"zero_stage": 0, "offload_optimizer": "cpu"}},
      "train.deepspeed.offload_optimizer=cpu needs train.deepspeed.zero_stage >= 1"),
-    ({"backend": "megatron"}, "train.backend='megatron': unknown"),
+    ({"backend": "colossal"}, "train.backend='colossal': unknown"),
     ({"launch": {"launcher": "local", "num_workers": 2}}, "train.launch.launcher=local runs one process"),
     ({"deepspeed": {"precision": "bf16"}, "student": {"dtype": "float32"}}, "contradicts"),
     ({"max_steps": 5, "schedule": {"warmup_steps": 10}}, "train.schedule.warmup_steps=10 exceeds train.max_steps=5"),
