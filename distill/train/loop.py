@@ -219,7 +219,7 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
     if rank == 0:
         print(f"train: {cache.n_samples} samples ({cache.n_dropped} over seq_len dropped) in {len(plan.bins)} rows, "
               f"packing efficiency {packing_efficiency(cache, plan.bins, cfg.seq_len):.1%}; steps {start}..{total} of "
-              f"{in_plan} planned; world {world}, ZeRO-{cfg.deepspeed.zero_stage}, {precision}", flush=True)
+              f"{in_plan} planned; {_parallel_layout(cfg, backend)}, {precision}", flush=True)
 
     def write_parts(tmp: Path) -> None:
         backend.save_checkpoint(tmp)
@@ -284,6 +284,15 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
         write_goodput(out_dir, report)
     metrics.close()
     return TrainOutcome(steps_done=step, total_steps=total, checkpoint=last_ckpt, backend=backend, exclude_node=exclude)
+
+
+def _parallel_layout(cfg: TrainConfig, backend) -> str:
+    """How the ranks split the work, for the start-up line."""
+    if cfg.backend == "megatron":
+        m = cfg.megatron
+        return (f"world {backend.world_size} = dp {backend.dp_size} x tp {m.tensor_parallel} x pp "
+                f"{m.pipeline_parallel} x cp {m.context_parallel} (megatron)")
+    return f"world {backend.world_size}, ZeRO-{cfg.deepspeed.zero_stage}"
 
 
 def local_env(port: int) -> dict:
