@@ -44,7 +44,10 @@ def plan_models(cfg: RunConfig, run_dir: Path) -> list[tuple[str, ModelSpec, dic
     """(role, model, Ray resources) for every model in eval.models, in table order."""
     ev, gen = cfg.eval, cfg.generate
     student_cfg = {"hf": gen.hf, "vllm": gen.vllm}[ev.student_engine]
-    students = {"student_before": cfg.train.student.model, "student_after": str(_student_dir(cfg, run_dir))}
+    # Absolute: the models are loaded in Ray tasks, whose working directory is not the driver's.
+    before = cfg.train.student.model
+    before = str(Path(before).resolve()) if Path(before).exists() else before
+    students = {"student_before": before, "student_after": str(_student_dir(cfg, run_dir).resolve())}
     plan = []
     for role in ("teacher", "student_before", "student_after"):
         if role not in ev.models:

@@ -41,8 +41,14 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
     from distill.train.data import build_token_cache
     from distill.train.metrics import check_sinks
 
-    run_dir = Path(run_dir)
+    # Every path a worker reads is made absolute here: Ray Train workers do not run in the
+    # driver's working directory, so a relative run.dir (the quickstart's) would not resolve there.
+    run_dir = Path(run_dir).resolve()
     model_path = resolve_model(cfg.student.model)
+    if Path(model_path).exists():
+        model_path = str(Path(model_path).resolve())
+    if cfg.fault.dump_dir is not None:
+        cfg = cfg.model_copy(update={"fault": cfg.fault.model_copy(update={"dump_dir": cfg.fault.dump_dir.resolve()})})
     model_cfg = AutoConfig.from_pretrained(model_path)
     problems = check_against_model(cfg, getattr(model_cfg, "max_position_embeddings", None), cfg.student.model)
     if cfg.backend == "megatron":  # heads / kv heads / layers vs the parallel degrees, the family
@@ -62,8 +68,8 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
           f"{cache.n_rejected} malformed rows rejected", flush=True)
     if cache.n_samples == 0:
         raise ConfigError([f"no usable training samples in {', '.join(map(str, files))} (see {cache.path}/rejected/)"])
-    return TrainJob(train=cfg.model_dump(mode="json"), model_path=model_path, cache_path=str(cache.path),
-                    out_dir=str(out_dir), checkpoint_dir=str(cfg.checkpoint.dir or out_dir / "checkpoints"))
+    return TrainJob(train=cfg.model_dump(mode="json"), model_path=model_path, cache_path=str(Path(cache.path).resolve()),
+                    out_dir=str(out_dir), checkpoint_dir=str(Path(cfg.checkpoint.dir or out_dir / "checkpoints").resolve()))
 
 
 def launch(job: TrainJob) -> Path:
