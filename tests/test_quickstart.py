@@ -5,6 +5,7 @@ again to show it resumes with nothing left to do."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections import Counter
 
@@ -22,7 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     run_dir = tmp_path / "quickstart"
-    args = ["run", "configs/quickstart.yaml", f"run.dir={run_dir}", "run.progress=false"]
+    # A relative run.dir, as the README's user has (runs/quickstart): Ray workers do not share the
+    # driver's working directory, so every path they read must be made absolute by the driver.
+    args = ["run", "configs/quickstart.yaml", f"run.dir={os.path.relpath(run_dir, REPO)}", "run.progress=false"]
     first = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
 
@@ -81,7 +84,7 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     models = results["models"]
     assert list(models) == ["teacher", "student_before", "student_after"]
     assert models["student_before"]["same_as"] == "teacher" and models["student_after"]["same_as"] is None
-    assert models["student_after"]["model"] == str(run_dir / "model")
+    assert models["student_after"]["model"] == str((run_dir / "model").resolve())
     ev = cfg["eval"]
     for b in ev["benchmarks"]:
         assert results["benchmarks"][b["name"]]["sha256"] == sha256_file(REPO / b["path"])
