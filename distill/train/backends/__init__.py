@@ -76,6 +76,25 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class TorchCollectives:
+    """`any_rank` and `barrier` over the default torch.distributed group, shared by the backends
+    (each sets `self.device`: a CUDA device under NCCL, the CPU under gloo)."""
+
+    device: "torch.device"
+
+    def any_rank(self, flag: bool) -> bool:
+        import torch
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        import torch
+
+        torch.distributed.barrier()
+
+
 def backend_class(name: str) -> type:
     if name not in BACKENDS:
         raise KeyError(f"unknown training backend {name!r}; registered: {', '.join(sorted(BACKENDS))}")

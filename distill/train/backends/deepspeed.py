@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distill.train.backends import StepStats, lr_factor
+from distill.train.backends import StepStats, TorchCollectives, lr_factor
 
 if TYPE_CHECKING:
     import torch
@@ -139,7 +139,7 @@ def _set_accelerator_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(TorchCollectives):
     """One rank's DeepSpeed engine. Construct on every rank; `setup` then wraps the model."""
 
     @staticmethod
@@ -240,18 +240,6 @@ class DeepSpeedBackend:
         # be split from compute by wall clock without serialising them.
         return StepStats(loss=loss, grad_norm=float(norm) if norm is not None else float("nan"), lr=lr,
                          compute_s=compute_s, comm_s=comm_s)
-
-    def any_rank(self, flag: bool) -> bool:
-        import torch
-
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        import torch
-
-        torch.distributed.barrier()
 
     def save_checkpoint(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)

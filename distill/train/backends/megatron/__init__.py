@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distill.train.backends import StepStats, lr_factor
+from distill.train.backends import StepStats, TorchCollectives, lr_factor
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +71,7 @@ def model_problems(cfg: "TrainConfig", model_config) -> list[str]:
     return out
 
 
-class MegatronBackend:
+class MegatronBackend(TorchCollectives):
     """One rank of a Megatron-core run. Construct on every rank; `setup` then shards the model."""
 
     @staticmethod
@@ -260,18 +260,6 @@ class MegatronBackend:
         return {names[id(p)]: p.main_grad.detach().clone() for p in self._gpt().parameters()}
 
     # ------------------------------------------------------------------ helpers
-
-    def any_rank(self, flag: bool) -> bool:
-        import torch
-
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        import torch
-
-        torch.distributed.barrier()
 
     def logits(self, input_ids: "torch.Tensor") -> "torch.Tensor":
         """Full-vocabulary logits [B, T, V] of unpacked rows (each row one sample), on every rank."""
