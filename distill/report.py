@@ -84,6 +84,8 @@ def build_report(run_dir: Path) -> dict:
                                  "yield": st["yield"], "reasons": st["rejected_by_reason"]})
         prev_kept = st["kept"]
     report["final_records"] = prev_kept
+    if "generate" in stages:
+        report["generation"] = generation_summary(report["stages"]["generate"]["summary"])
 
     if "verify" in stages:
         v = _columns(run_dir / "verify", ["id", "pass_rate", "verdict"])
@@ -109,6 +111,27 @@ def build_report(run_dir: Path) -> dict:
             "benchmarks": report["stages"]["decontam"]["summary"].get("benchmarks", {}),
         }
     return report
+
+
+def generation_summary(summary: dict) -> dict:
+    """Throughput and retries by cause from the generate manifest's summary. Pure.
+
+    Two kinds of retry: a request retried by the engine (429, 5xx, timeout, reset, malformed
+    body: `retries_<cause>` in the engine's counters) and a whole shard retried on a fresh
+    replica (`replica_died`, `task_error`, `replica_start_failed`). Both are what a run paid for
+    faults without losing records; a user sizing `max_retries` or a rate limit reads them here.
+    Only the last `distill generate` invocation's counters are in the manifest (a resumed stage
+    counts from its restart)."""
+    engine = summary.get("engine") or {}
+    return {
+        "generated": summary.get("generated_this_run"),
+        "samples_per_s": summary.get("samples_per_s"),
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "seconds": summary.get("seconds"),
+        "request_retries": {k.removeprefix("retries_"): v for k, v in sorted(engine.items())
+                            if k.startswith("retries_") and v},
+        "shard_retries": {k: v for k, v in sorted((summary.get("shard_retries") or {}).items()) if v},
+    }
 
 
 # --------------------------------------------------------------------------- training, eval, config
@@ -251,6 +274,38 @@ def eval_rows(results: dict) -> list[dict]:
 
 
 def format_table(report: dict) -> str:
+    """The funnel as a text table, or, for a run without curation output (a `distill train` or
+    `distill eval` run dir), one line saying so followed by what the run does have."""
+    if not report["funnel"]:
+        return "\n".join(["no curation output in this run (no RUN/<stage>/_manifest.json)", *_summary_lines(report)])
+    return "\n".join([_funnel_text(report), *_summary_lines(report)])
+
+
+def _summary_lines(report: dict) -> list[str]:
+    out = []
+    g = report.get("generation")
+    if g and (g["request_retries"] or g["shard_retries"]):
+        out.append("generation retries: requests " + (", ".join(f"{k}={v}" for k, v in g["request_retries"].items()) or "-")
+                   + "; shards " + (", ".join(f"{k}={v}" for k, v in g["shard_retries"].items()) or "-"))
+    train = report.get("train") or {}
+    loss = (train.get("curves") or {}).get("loss")
+    if loss:
+        out.append(f"train: {len(loss)} logged points, loss {loss[0][1]:.4g} at step {loss[0][0]:g} -> "
+                   f"{loss[-1][1]:.4g} at step {loss[-1][0]:g}")
+    gp = train.get("goodput")
+    if gp:
+        out.append(f"goodput: {gp.get('goodput', 0):.1%} ({gp.get('restarts', 0)} restart(s), "
+                   f"{gp.get('lost_s', 0):.4g} s lost to failures)")
+    for r in eval_rows(report["eval"]) if report.get("eval") else []:
+        if r["metric"] != "greedy":
+            continue
+        vals = ", ".join(f"{role} {r['values'][role]:.1%}" for role, _ in EVAL_ROLES
+                         if r["values"].get(role) is not None)
+        out.append(f"eval {r['benchmark']} greedy: {vals}")
+    return out
+
+
+def _funnel_text(report: dict) -> str:
     rows = [("stage", "in", "kept", "rejected", "yield", "questions", "tokens kept", "top reasons")]
     for f in report["funnel"]:
         reasons = ", ".join(f"{k}={v}" for k, v in list(f["reasons"].items())[:4]) or "-"
@@ -489,6 +544,23 @@ def _funnel_sections(report: dict) -> list[str]:
     return out
 
 
+def _generation_section(g: dict | None) -> str:
+    if g is None:
+        return _section("sec-generation", "Generation", _missing("RUN/generate/_manifest.json"))
+    facts = [("samples generated (last invocation)", g["generated"]), ("samples / s", g["samples_per_s"]),
+             ("tokens / s", g["tokens_per_s"]), ("seconds", g["seconds"])]
+    body = _table(["", "value"], [[_esc(k), _esc(_fmt(v) if v is not None else "-")] for k, v in facts],
+                  "generation-table")
+    retries = {**{f"request: {k}": v for k, v in g["request_retries"].items()},
+               **{f"shard: {k}": v for k, v in g["shard_retries"].items()}}
+    if retries:
+        body += _svg_bars("Retries by cause", list(retries), {"retries": list(retries.values())},
+                          plot_id="plot-retries")
+    else:
+        body += "<p>No request or shard was retried.</p>"
+    return _section("sec-generation", "Generation", body)
+
+
 def _train_sections(train: dict) -> list[str]:
     out = []
     curves = train.get("curves")
@@ -602,11 +674,12 @@ max-height:40em}.missing{color:#888;font-style:italic}.note{color:#666;font-size
 
 def render_html(report: dict) -> str:
     sections = _funnel_sections(report)
+    sections.insert(1, _generation_section(report.get("generation")))
     sections += _train_sections(report.get("train") or {})
     sections.append(_eval_section(report.get("eval")))
     sections.append(_provenance_section(report))
     nav = "".join(f'<a href="#{sid}">{_esc(t)}</a>' for sid, t in (
-        ("sec-funnel", "funnel"), ("sec-lengths", "lengths"), ("sec-passrate", "pass rate"),
+        ("sec-funnel", "funnel"), ("sec-generation", "generation"), ("sec-lengths", "lengths"), ("sec-passrate", "pass rate"),
         ("sec-decontam", "decontamination"), ("sec-loss", "training"), ("sec-steptimes", "step times"),
         ("sec-stragglers", "stragglers"), ("sec-goodput", "goodput"), ("sec-eval", "evaluation"),
         ("sec-config", "config")))

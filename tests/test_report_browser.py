@@ -20,7 +20,7 @@ from conftest import DATA
 from distill.config import HFEngineConfig, PromptConfig, RunConfig, SamplingConfig
 from distill.curate.verify import VerifyConfig
 from distill.evaluate import EvalRun, ModelSpec, evaluate, load_eval_set, resolve_benchmark
-from distill.report import build_report, eval_rows, render_html, step_time_grid, write_report
+from distill.report import build_report, eval_rows, format_table, render_html, step_time_grid, write_report
 from distill.store import ShardStore
 from distill.teachers.base import Completion, Result
 from distill.train.monitor import STEP_TIME_KEYS, append_jsonl, goodput, step_times_path
@@ -29,10 +29,15 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 EXPECTED_PLOTS = ["plot-funnel", "plot-reasons", "plot-lengths", "plot-passrate", "plot-decontam", "plot-loss",
                   "plot-throughput", "plot-step-s", "plot-lr", "plot-grad-norm", "plot-steptime-heatmap",
-                  "plot-goodput", "plot-eval"]
+                  "plot-goodput", "plot-eval", "plot-retries"]
 
 
 # --------------------------------------------------------------------------- fixture run directory
+
+# What stages/generate.py writes: the engine's counters (retries_<cause>) and the pool's shard retries.
+GENERATE_SUMMARY = {"engine": {"sequences": 40, "retries_429": 7, "retries_5xx": 3, "retries_timeout": 0},
+                    "generated_this_run": 40, "samples_per_s": 2.5, "tokens_per_s": 310.0, "seconds": 16.0,
+                    "shard_retries": {"replica_died": 2}}
 
 
 class RightOnEvenEngine:
@@ -73,7 +78,8 @@ def make_run_dir(run: Path, *, eval_results: bool = True, train: bool = True) ->
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     samples = [{"id": f"q{i}", "key": f"q{i}#{s}", "n_tokens": rng.randint(40, 400), "sample_idx": s}
                for i in range(20) for s in range(2)]
-    _stage(run, "generate", samples, [{**samples[0], "key": "q99#0", "reason": "prompt_too_long: 5000 > 4096"}])
+    _stage(run, "generate", samples, [{**samples[0], "key": "q99#0", "reason": "prompt_too_long: 5000 > 4096"}],
+           GENERATE_SUMMARY)
     verified = [{**r, "pass_rate": (i % 5) / 4, "verdict": "equal" if i % 3 else "not_equal"}
                 for i, r in enumerate(samples)]
     _stage(run, "verify", verified, [])
@@ -152,6 +158,34 @@ def test_report_has_every_section_and_says_not_recorded_for_missing_files(full_r
                  "RUN/train/goodput.json", "RUN/eval/results.json"):
         assert f"not recorded ({what} is absent)" in page
     assert 'id="plot-loss"' not in page and 'id="plot-funnel"' in page
+
+
+def test_generation_retries_by_cause_are_in_the_report_and_the_cli_table(full_run):
+    report = build_report(full_run)
+    assert report["generation"]["request_retries"] == {"429": 7, "5xx": 3}  # zero counts are left out
+    assert report["generation"]["shard_retries"] == {"replica_died": 2}
+    page = render_html(report)
+    assert 'id="sec-generation"' in page and "request: 429" in page and "shard: replica_died" in page
+    table = format_table(report)
+    assert table.startswith("stage") and "generation retries: requests 429=7, 5xx=3; shards replica_died=2" in table
+
+
+def test_a_run_without_curation_still_gets_a_useful_table(full_run, tmp_path):
+    """`distill train` / `distill eval` run dirs have no funnel; the CLI used to print an empty table."""
+    import shutil
+
+    run = tmp_path / "train_only"
+    run.mkdir()
+    shutil.copytree(full_run / "train", run / "train")
+    shutil.copytree(full_run / "eval", run / "eval")
+    report = build_report(run)
+    table = format_table(report).splitlines()
+    assert table[0].startswith("no curation output")
+    loss = report["train"]["curves"]["loss"]
+    assert any(line.startswith("train: ") and f"{loss[-1][1]:.4g} at step 40" in line for line in table), table
+    assert any(line.startswith("goodput: ") for line in table), table
+    assert {line.split(" greedy")[0] for line in table if line.startswith("eval ")} == {"eval gsm8k", "eval svamp"}
+    assert 'not recorded (RUN/generate/_manifest.json is absent)' in render_html(report)
 
 
 def test_eval_rows_have_three_models_and_the_delta_after_minus_before(full_run):
