@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -296,7 +297,7 @@ def test_recall_and_false_positive_targets_on_the_labelled_set(real_index):
         assert hits[source] / totals[source] <= 0.005, (source, hits[source], totals[source])
 
 
-def test_embedding_index_scores_a_reworded_problem_above_others():
+def test_embedding_index_scores_a_reworded_problem_above_others(tmp_path):
     problems = [
         "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
         "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 "
@@ -304,7 +305,7 @@ def test_embedding_index_scores_a_reworded_problem_above_others():
         "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
         "Find the number of positive divisors of 3600.",
     ]
-    emb = EmbeddingIndex([bench("gsm8k", *problems)], EmbeddingConfig(enabled=True, threshold=0.8))
+    emb = EmbeddingIndex([bench("gsm8k", *problems)], EmbeddingConfig(enabled=True, threshold=0.8, cache_dir=tmp_path))
     reworded = ("Every day Janet's ducks produce sixteen eggs; three are eaten at breakfast and four go into "
                 "muffins she bakes for friends. The rest she sells at the market at two dollars each. "
                 "What are her daily market earnings?")
@@ -316,3 +317,36 @@ def test_embedding_index_scores_a_reworded_problem_above_others():
     assert none is None
     clone = pickle.loads(pickle.dumps(emb))  # the model is dropped and reloaded
     assert clone._model is None and clone.check_many([reworded])[0].item_id == "gsm8k-0"
+
+
+def test_benchmark_embeddings_are_cached_by_model_and_text_and_survive_a_corrupt_file(tmp_path, caplog):
+    """A second index over the same problems reads the vectors from disk without loading the model;
+    a changed problem misses; a corrupt cache file is recomputed with a warning."""
+    problems = ["Find the number of positive divisors of 3600.",
+                "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?"]
+    cfg = EmbeddingConfig(enabled=True, cache_dir=tmp_path)
+    first = EmbeddingIndex([bench("math500", *problems)], cfg)
+    assert not first.cache_hit and first._model is not None
+    files = list(tmp_path.glob("*.npy"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+
+    second = EmbeddingIndex([bench("math500", *problems)], cfg)
+    assert second.cache_hit and second._model is None  # the model was never loaded
+    np.testing.assert_array_equal(second.vectors, first.vectors)
+    # The cached vectors are the ones the model computes (not merely the same file twice).
+    np.testing.assert_allclose(second.vectors, first.embed([normalize_text(t) for t in problems]), atol=1e-6)
+
+    changed = EmbeddingIndex([bench("math500", problems[0], problems[1] + " Explain.")], cfg)
+    assert not changed.cache_hit and len(list(tmp_path.glob("*.npy"))) == 2
+    longer = EmbeddingIndex([bench("math500", *problems)], EmbeddingConfig(enabled=True, cache_dir=tmp_path, max_length=64))
+    assert not longer.cache_hit  # max_length changes the vectors of long texts: part of the key
+
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated by a crash or a full disk
+    with caplog.at_level("WARNING"):
+        again = EmbeddingIndex([bench("math500", *problems)], cfg)
+    assert not again.cache_hit and "unreadable" in caplog.text
+    np.testing.assert_allclose(again.vectors, first.vectors, atol=1e-6)
+    assert EmbeddingIndex([bench("math500", *problems)], cfg).cache_hit  # rewritten whole
+
+    off = EmbeddingIndex([bench("math500", *problems)], EmbeddingConfig(enabled=True, cache=False, cache_dir=tmp_path / "off"))
+    assert not off.cache_hit and not (tmp_path / "off").exists()

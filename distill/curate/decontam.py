@@ -28,6 +28,7 @@ would silently stop matching), compact to pickle, and queried for a whole batch 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from pydantic import Field, model_validator
 from distill.curate.benchmarks import Benchmark, BenchmarkRef
 from distill.curate.normalize import normalize_text, words_of_normalized
 from distill.section import Section
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BenchmarkIndex", "BenchmarkRef", "DecontamConfig", "EmbeddingConfig", "EmbeddingIndex",
@@ -74,7 +77,18 @@ class EmbeddingConfig(Section):
     max_length: int = 256
     """Tokens per text fed to the model (the model's own limit is 256); longer texts are cut."""
 
-    _volatile = frozenset({"batch_size"})
+    cache: bool = True
+    """Keep the benchmark problems' embeddings on disk between runs. Embedding the ten bundled
+    benchmarks (6,039 problems) takes minutes on a laptop CPU; a cache hit takes well under a
+    second and never loads the model. Keyed by the model files' contents, `max_length` and the
+    normalised texts, so a changed benchmark or model is a miss, never a stale hit. Models given
+    as a Hub id (no local directory to hash) are not cached."""
+
+    cache_dir: Path | None = None
+    """Where the cache lives (unset: ~/.cache/distill/embeddings). One float32 .npy per key
+    (~9 MB for the bundled benchmarks at 384 dimensions)."""
+
+    _volatile = frozenset({"batch_size", "cache", "cache_dir"})
 
     @model_validator(mode="after")
     def _check(self) -> EmbeddingConfig:
@@ -427,6 +441,73 @@ def resolve_embedder(name_or_path: str) -> str:
     return name_or_path
 
 
+DEFAULT_EMBEDDING_CACHE = Path("~/.cache/distill/embeddings")
+_CACHE_FORMAT = "distill-embeddings-v1"  # bump when pooling/normalisation changes the vectors
+
+
+def _hash_model_dir(path: Path, h) -> None:
+    # Every file's bytes, not names and sizes: a re-downloaded or fine-tuned model with the same
+    # layout must miss. sha256 runs at ~1 GB/s, so ~0.1 s for MiniLM's 90 MB.
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+
+
+def embedding_cache_path(model_path: str, cfg: EmbeddingConfig, texts: list[str]) -> Path | None:
+    """The cache file for these texts embedded by this model, or None when the model is not a
+    local directory (a Hub id names no fixed bytes to key on)."""
+    import hashlib
+
+    model_dir = Path(model_path)
+    if not model_dir.is_dir():
+        return None
+    h = hashlib.sha256(f"{_CACHE_FORMAT}\0{cfg.max_length}\0".encode())
+    _hash_model_dir(model_dir, h)
+    for t in texts:
+        h.update(t.encode() + b"\0")
+    return (cfg.cache_dir or DEFAULT_EMBEDDING_CACHE).expanduser() / f"{h.hexdigest()[:32]}.npy"
+
+
+def load_cached_vectors(path: Path, rows: int) -> np.ndarray | None:
+    """The cached (rows, dim) float32 unit vectors, or None (absent, or unreadable / the wrong
+    shape: then a warning and a recompute, never a crash and never wrong vectors)."""
+    if not path.is_file():
+        return None
+    try:
+        v = np.load(path, allow_pickle=False)  # plain array format: nothing from disk is unpickled
+    except (OSError, ValueError) as e:
+        log.warning("embedding cache %s unreadable (%s); recomputing", path, e)
+        return None
+    norms = np.linalg.norm(v, axis=1) if v.ndim == 2 else None
+    if v.dtype != np.float32 or v.ndim != 2 or v.shape[0] != rows or not np.allclose(norms, 1.0, atol=1e-3):
+        log.warning("embedding cache %s holds %s %s, not %d unit vectors; recomputing", path, v.dtype, v.shape, rows)
+        return None
+    return v
+
+
+def store_cached_vectors(path: Path, vectors: np.ndarray) -> None:
+    """Written to a temporary file and renamed: concurrent runs and a kill mid-write leave
+    either no file or a whole one. A read-only cache directory only costs the cache."""
+    import os
+    import tempfile
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, vectors, allow_pickle=False)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        log.warning("could not write the embedding cache %s: %s", path, e)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 class EmbeddingIndex:
     """Cosine similarity of mean-pooled, L2-normalised sentence embeddings against every
     benchmark problem. Texts are embedded in their normalised form, so formatting differences
@@ -440,7 +521,14 @@ class EmbeddingIndex:
         self.item_bench = [i for i, b in enumerate(benchmarks) for _ in b.items]
         self.item_ids = [item_id for b in benchmarks for item_id, _ in b.items]
         self.item_texts = [text for b in benchmarks for _, text in b.items]
-        self.vectors = self.embed([normalize_text(t) for t in self.item_texts])
+        normalized = [normalize_text(t) for t in self.item_texts]
+        cache = embedding_cache_path(self.model_path, cfg, normalized) if cfg.cache else None
+        self.vectors = load_cached_vectors(cache, len(normalized)) if cache else None
+        self.cache_hit = self.vectors is not None
+        if self.vectors is None:
+            self.vectors = self.embed(normalized)
+            if cache:
+                store_cached_vectors(cache, self.vectors)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
