@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import socket
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 from urllib.parse import urlsplit
+
+from distill.loopback import LoopbackServer
 
 FAULTS = ("429", "500", "503", "timeout", "reset", "malformed")
 
@@ -112,8 +112,8 @@ class ProxyFaults:
         return rng.choices(kinds, weights=[self.mix[k] for k in kinds])[0]
 
 
-class FaultProxy:
-    """The proxy on its own thread and event loop; use it as a context manager.
+class FaultProxy(LoopbackServer):
+    """The proxy on its own thread and event loop (LoopbackServer); use it as a context manager.
 
     Counters (written by the proxy thread; read them once the client is done): `requests`
     received, `injected` faults by kind, `passed` requests answered from upstream untouched,
@@ -123,97 +123,50 @@ class FaultProxy:
     reproducible for a sequential client and statistically the same for a concurrent one.
     """
 
+    thread_name = "fault-proxy"
+
     def __init__(self, upstream: str, faults: ProxyFaults | None = None, host: str = "127.0.0.1", port: int = 0):
         parts = urlsplit(upstream)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"upstream {upstream!r}: expected http(s)://host:port[/prefix]")
         self.upstream_origin = f"{parts.scheme}://{parts.netloc}"
         self.prefix = parts.path.rstrip("/")
+        super().__init__(host, port)
         self.faults = faults or ProxyFaults()
-        self.host, self.port = host, port
         self.requests = 0
         self.passed = 0
         self.upstream_errors = 0
         self.injected: Counter[str] = Counter()
         self._rng = random.Random(self.faults.seed)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._session = None
 
     @property
     def base_url(self) -> str:
         """The upstream's URL with the proxy's host and port (same path prefix, e.g. /v1)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{self.prefix}"
+        return f"{self.origin}{self.prefix}"
 
     def counts(self) -> dict:
         return {"requests": self.requests, "passed": self.passed, "upstream_errors": self.upstream_errors,
                 "injected": dict(sorted(self.injected.items()))}
 
-    # ----------------------------------------------------------------------- lifecycle
-
-    def start(self) -> FaultProxy:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        self._loop = asyncio.new_event_loop()
-        started, failure = threading.Event(), []
-        self._thread = threading.Thread(target=self._serve, args=(sock, started, failure), name="fault-proxy",
-                                        daemon=True)
-        self._thread.start()
-        started.wait()
-        if failure:
-            self._thread.join()
-            self._thread = None
-            raise failure[0]
-        return self
-
-    def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _serve(self, sock: socket.socket, started: threading.Event, failure: list) -> None:
-        import aiohttp
+    def _app(self):
         from aiohttp import web
 
-        loop = self._loop
-        asyncio.set_event_loop(loop)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+        app.cleanup_ctx.append(self._upstream_session)
+        return app
 
-        async def setup():
-            # No total timeout towards upstream: a slow model is the client's timeout to judge.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                  timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
+    async def _upstream_session(self, app):
+        """The client session towards upstream, open while the proxy serves (closed after the
+        server stops taking requests)."""
+        import aiohttp
 
-        try:
-            loop.run_until_complete(setup())
-        except BaseException as e:  # noqa: BLE001 (handed to the starting thread)
-            failure.append(e)
-            sock.close()
-            started.set()
-            loop.close()
-            return
-        started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            loop.run_until_complete(self._session.close())
-            loop.close()
+        # No total timeout towards upstream: a slow model is the client's timeout to judge.
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                              timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
+        yield
+        await self._session.close()
 
     # ----------------------------------------------------------------------- handling
 

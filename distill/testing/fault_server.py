@@ -21,13 +21,14 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from distill.loopback import LoopbackServer
 
 FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed")
 
@@ -119,14 +120,17 @@ def _last_user_message(messages: list[dict]) -> str:
     return ""
 
 
-class FaultServer:
-    """The server, run on its own thread and event loop; use it as a context manager.
+class FaultServer(LoopbackServer):
+    """The server, run on its own thread and event loop (LoopbackServer); use it as a context
+    manager.
 
     Counters (read them after the client is done; the server thread writes them):
     `requests` POSTs received, `faults` injected by kind, `rejections` by reason,
     `completions` successful answers fully written per (prompt, seed), `abandoned` answers
     whose client hung up first (a slow response past the client's timeout), `max_in_flight`.
     """
+
+    thread_name = "fault-server"
 
     def __init__(
         self,
@@ -141,7 +145,7 @@ class FaultServer:
         """`latency_s` is added to every request, `tokens_per_s` (None: instant) paces answers.
         With `api_key` set, requests without that bearer token get a 401 that echoes the key
         they sent, unmasked, so a client's redaction can be tested."""
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.plan = faults or FaultPlan()
         self.latency_s, self.tokens_per_s = latency_s, tokens_per_s
         self.model = model
@@ -154,76 +158,19 @@ class FaultServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._attempts: Counter[str] = Counter()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        return f"FaultServer({self.base_url if self._thread else 'stopped'}, {self.plan})"
+        return f"FaultServer({self.base_url if self.running else 'stopped'}, {self.plan})"
 
     @property
     def base_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
+        return f"{self.origin}/v1"
 
-    # ----------------------------------------------------------------------- lifecycle
-
-    def start(self) -> FaultServer:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-        failure: list[BaseException] = []
-        self._thread = threading.Thread(
-            target=self._serve, args=(sock, started, failure), name="fault-server", daemon=True
-        )
-        self._thread.start()
-        started.wait()
-        if failure:
-            self._thread.join()
-            self._thread = None
-            raise failure[0]
-        return self
-
-    def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._thread = None
-
-    def __enter__(self) -> FaultServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _serve(self, sock: socket.socket, started: threading.Event, failure: list) -> None:
-        loop = self._loop
-        asyncio.set_event_loop(loop)
+    def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
-        # handler_cancellation: a client that hangs up cancels its handler, which is how a
-        # slow answer past the client's timeout is told apart from a delivered one.
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-        try:
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.SockSite(runner, sock).start())
-        except BaseException as e:  # noqa: BLE001 (handed to the starting thread)
-            failure.append(e)
-            sock.close()
-            started.set()
-            loop.close()
-            return
-        started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
+        return app
 
     # ----------------------------------------------------------------------- handlers
 
