@@ -71,6 +71,13 @@ def test_resume_refuses_a_different_data_plan():
     problems = resume_problems(saved, plan_signature(TrainConfig(grad_accum=4), "abd", 4))
     text = "; ".join(problems)
     assert "token cache" in text and "train.grad_accum" in text and "train.launch.num_workers" in text
+    # A backend that reshards (Megatron) may split the same global batch differently...
+    resplit = plan_signature(TrainConfig(grad_accum=2), "abc", 1)
+    assert resume_problems(saved, resplit, resplit=True) == []
+    assert "train.launch.num_workers" in "; ".join(resume_problems(saved, resplit))
+    # ...but not change it, nor anything else of the plan.
+    problems = resume_problems(saved, plan_signature(TrainConfig(grad_accum=4, seed=1), "abc", 1), resplit=True)
+    assert len(problems) == 2 and "global batch changed from 2 to 4 rows" in problems[1] and "train.seed" in problems[0]
     assert planned_steps(TrainConfig(max_steps=50), 100) == 50 and planned_steps(TrainConfig(), 7) == 7
 
 

@@ -9,6 +9,7 @@ of how it was launched (Ray Train, torchrun, or in-process); the launcher passes
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -19,6 +20,9 @@ from distill.train.checkpoint import latest_good_checkpoint, list_checkpoints, l
 from distill.train.config import TrainConfig, resolve_precision
 
 _PLAN_KEYS = ("cache", "seq_len", "seed", "epochs", "micro_batch", "grad_accum", "world_size")
+_SPLIT_KEYS = ("micro_batch", "grad_accum", "world_size")
+"""How each global batch is split over ranks and accumulation steps; the rows of a step depend
+only on their product (`StepPlan.micro_batches`)."""
 
 
 @dataclass
@@ -74,12 +78,24 @@ def plan_signature(cfg: TrainConfig, cache_fingerprint: str, world_size: int) ->
             "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "world_size": world_size}
 
 
-def resume_problems(saved: dict, current: dict) -> list[str]:
-    """Why a checkpoint cannot continue this run (empty when it can). Pure."""
+def resume_problems(saved: dict, current: dict, *, resplit: bool = False) -> list[str]:
+    """Why a checkpoint cannot continue this run (empty when it can). Pure.
+
+    `resplit`: the backend can load its state under another data-parallel size (Megatron's
+    resharding). Then only the global batch (data ranks x micro_batch x grad_accum rows) must
+    stay, since it alone decides which rows each step trains on; e.g. 2 data ranks x grad_accum 2
+    may continue as 1 data rank x grad_accum 4."""
     keys = {"cache": "the training data or tokenizer (token cache fingerprint)", "seq_len": "train.seq_len",
             "seed": "train.seed", "epochs": "train.epochs", "micro_batch": "train.micro_batch",
-            "grad_accum": "train.grad_accum", "world_size": "train.launch.num_workers (world size)"}
-    return [f"{keys[k]} changed from {saved.get(k)!r} to {current[k]!r}" for k in _PLAN_KEYS if saved.get(k) != current[k]]
+            "grad_accum": "train.grad_accum", "world_size": "the data-parallel size (train.launch.num_workers)"}
+    check = [k for k in _PLAN_KEYS if not (resplit and k in _SPLIT_KEYS)]
+    problems = [f"{keys[k]} changed from {saved.get(k)!r} to {current[k]!r}" for k in check if saved.get(k) != current[k]]
+    if resplit:
+        rows = [math.prod(sig.get(k) or 0 for k in _SPLIT_KEYS) for sig in (saved, current)]
+        if rows[0] != rows[1]:
+            problems.append(f"the global batch changed from {rows[0]} to {rows[1]} rows (data-parallel size x "
+                            "train.micro_batch x train.grad_accum); keep the product")
+    return problems
 
 
 def _save_hf_files(model, model_path: str, out: Path) -> None:
@@ -201,7 +217,7 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
     latest = _resume_point(ckpt_root, rank, cfg.fault.checksums)
     if latest is not None:
         state = read_state(latest)
-        problems = resume_problems(state, signature)
+        problems = resume_problems(state, signature, resplit=getattr(backend, "reshards_on_resume", False))
         if problems:
             raise RuntimeError(f"cannot resume from {latest}: " + "; ".join(problems)
                                + f". Restore the setting, or use a new run.dir / train.checkpoint.dir")

@@ -20,6 +20,9 @@ Checkpoints (`CHECKPOINT_TAG/` inside the trainer's atomic step directory):
     megatron/model-tp00-pp00.pt        each (tensor, pipeline) shard's weights, from data rank 0
     megatron/optim-tp00-pp00-dp000.pt  each rank's optimizer state (its distributed shard)
 
+A run resumes from these under other degrees too (reshard.py rebuilds every rank's shard of the
+weights, master copies and Adam moments); the student and precision must be the same.
+
 All are plain tensors / dicts written with torch.save and read with weights_only=True.
 """
 
@@ -77,6 +80,10 @@ class MegatronBackend(TorchCollectives):
     @staticmethod
     def prepare(cfg: "TrainConfig") -> None:
         """Nothing to build ahead: the local layer spec has no native ops."""
+
+    reshards_on_resume = True
+    """Checkpoints load under other tensor / pipeline / data degrees (reshard.py), so the loop
+    lets a resumed run keep the global batch with another split over data ranks."""
 
     def __init__(self, cfg: "TrainConfig", *, precision: str):
         import torch
@@ -314,15 +321,22 @@ class MegatronBackend(TorchCollectives):
     def load_checkpoint(self, path: Path) -> None:
         import torch
 
+        from distill.train.backends.megatron.reshard import LAYOUT_KEYS
+
         src = Path(path) / CHECKPOINT_TAG
         meta = json.loads((src / META_FILE).read_text())
         mine = self._meta()
-        changed = [k for k in ("tensor_parallel", "pipeline_parallel", "data_parallel", "distributed_optimizer",
-                               "vocab_divisible_by", "precision", "spec") if meta.get(k) != mine[k]]
+        changed = [k for k in ("precision", "spec") if meta.get(k) != mine[k]]
         if changed:
             raise RuntimeError(f"cannot resume from {path}: " + ", ".join(
                 f"{k} was {meta.get(k)!r}, now {mine[k]!r}" for k in changed)
-                + " (train.megatron.* / train.launch.num_workers must match the checkpoint)")
+                + " (the student and train.precision must match the checkpoint)")
+        relayout = [k for k in LAYOUT_KEYS if meta.get(k) != mine[k]]
+        if relayout:
+            if self.rank == 0:
+                print(f"resharding {path} for the new layout: " + ", ".join(
+                    f"{k} {meta.get(k)} -> {mine[k]}" for k in relayout), flush=True)
+            return self._load_resharded(src, meta)
         weights = torch.load(src / model_file(self.tp_rank, self.pp_rank), map_location="cpu", weights_only=True)
         missing, unexpected = self._gpt().load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -332,6 +346,31 @@ class MegatronBackend(TorchCollectives):
                          weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self._step = int(opt["step"])
+
+    def _load_resharded(self, src: Path, meta: dict) -> None:
+        """Resume under other degrees than the checkpoint's (reshard.py): this rank's weights,
+        fp32 master copies and Adam moments rebuilt from every old shard."""
+        from distill.train.backends.megatron.reshard import load_resharded
+
+        m = self.cfg.megatron
+        weights, tensors, adam_step, step = load_resharded(
+            src, meta, spec=self.spec, tp=m.tensor_parallel, tp_rank=self.tp_rank, pp=m.pipeline_parallel,
+            pp_rank=self.pp_rank, divisible_by=m.vocab_divisible_by, model_file=model_file, optim_file=optim_file)
+        missing, unexpected = self._gpt().load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"{src}: resharded weights do not match the model (missing {missing}, "
+                               f"unexpected {unexpected})")
+        own = list(self.optimizer.master)  # the parameters this data rank's optimizer owns
+        template = self.optimizer.optimizer.state_dict()
+        index = template["param_groups"][0]["params"]
+        self.optimizer.load_state_dict({
+            "master": {n: tensors["master"][n] for n in own},
+            "adam": {"param_groups": template["param_groups"],
+                     "state": {i: {"step": adam_step.clone(), "exp_avg": tensors["exp_avg"][n],
+                                   "exp_avg_sq": tensors["exp_avg_sq"][n]} for n, i in zip(own, index)}},
+        })
+        self._step = step
 
     def close(self) -> None:
         import torch
