@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, distill_cmd
-from train_probe import PROBE_IDS, tiny_train_config, write_sft_jsonl
+from conftest import distill_cmd
+from train_probe import PROBE_IDS, make_assets, make_job, read_losses, run_probe
 
 pytestmark = pytest.mark.slow
 N = 2
@@ -26,78 +25,26 @@ N = 2
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, gsm8k_train):
-    from distill.train.config import TrainConfig
-    from distill.train.launch import prepare
-
-    root = tmp_path_factory.mktemp("mg")
     # 4 layers so that PP=2 has two per stage.
-    model = _tiny_model(root / "tiny")
-    data = write_sft_jsonl(gsm8k_train, root / "sft.jsonl", 48)
-    job = prepare(TrainConfig.model_validate(_cfg(model, data)), root / "base")
-    return root, model, data, job.cache_path
-
-
-def _tiny_model(out: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    from distill.teachers.models import resolve_model
-    from distill.train.model import tiny_student
-
-    tok_dir = resolve_model("smollm2-135m-instruct")
-    tiny_student(tok_dir, num_hidden_layers=4).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
-    return out
-
-
-def _cfg(model, data, **overrides):
-    return tiny_train_config(model, data, backend="megatron", **{"megatron.tensor_parallel": 2, **overrides})
-
-
-def _job(assets, name: str, **overrides):
-    from distill.train.config import TrainConfig
-    from distill.train.loop import TrainJob
-
-    root, model, data, cache = assets
-    cfg = TrainConfig.model_validate(_cfg(model, data, **overrides))
-    out = root / name
-    return TrainJob(train=cfg.model_dump(mode="json"), model_path=str(model), cache_path=cache,
-                    out_dir=str(out / "train"), checkpoint_dir=str(out / "train" / "checkpoints"))
-
-
-def _run(job) -> np.ndarray:
-    out = Path(job.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    job_file = job.write(out / "job.json")
-    logits = out / f"logits-{len(list(out.glob('logits-*')))}.npy"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(REPO / "tests" / "train_probe.py"), str(job_file), str(logits)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return np.load(logits)
-
-
-def _losses(job) -> dict[int, float]:
-    from distill.train.metrics import read_jsonl
-
-    return {r["step"]: r["loss"] for r in read_jsonl(Path(job.out_dir) / "metrics.jsonl")}
+    return make_assets(tmp_path_factory.mktemp("mg"), gsm8k_train, rows=48, num_hidden_layers=4,
+                       backend="megatron", **{"megatron.tensor_parallel": 2})
 
 
 @pytest.fixture(scope="module")
 def resumed(assets):
     common = {"schedule.total_steps": 2 * N, "checkpoint.every_steps": N}
-    straight = _job(assets, "straight", max_steps=2 * N, **common)
-    straight_logits = _run(straight)
-    first = _job(assets, "resumed", max_steps=N, **common)
-    _run(first)
-    assert sorted(_losses(first)) == list(range(1, N + 1))
-    second = _job(assets, "resumed", max_steps=2 * N, **common)
-    return straight, straight_logits, second, _run(second)
+    straight = make_job(assets, "straight", max_steps=2 * N, **common)
+    straight_logits = run_probe(straight)
+    first = make_job(assets, "resumed", max_steps=N, **common)
+    run_probe(first)
+    assert sorted(read_losses(first)) == list(range(1, N + 1))
+    second = make_job(assets, "resumed", max_steps=2 * N, **common)
+    return straight, straight_logits, second, run_probe(second)
 
 
 def test_resume_gives_identical_losses(resumed):
     straight, straight_logits, second, resumed_logits = resumed
-    a, b = _losses(straight), _losses(second)
+    a, b = read_losses(straight), read_losses(second)
     assert sorted(a) == sorted(b) == list(range(1, 2 * N + 1))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)
@@ -127,14 +74,13 @@ def test_distill_export_loads_in_transformers(resumed, tmp_path):
 def test_pipeline_parallel_trains_through_the_torchrun_launcher(assets):
     from distill.train.launch import launch
 
-    job = _job(assets, "pp2", max_steps=3, **{"megatron.tensor_parallel": 1, "megatron.pipeline_parallel": 2,
+    job = make_job(assets, "pp2", max_steps=3, **{"megatron.tensor_parallel": 1, "megatron.pipeline_parallel": 2,
                                                  "schedule.total_steps": 3, "checkpoint.every_steps": 3})
-    Path(job.out_dir).mkdir(parents=True)  # `prepare` makes it in a real run
     final = launch(job)
     assert final.name == "step-00000003"
     assert sorted(p.name for p in (final / "megatron").glob("model-*.pt")) == ["model-tp00-pp00.pt",
                                                                                 "model-tp00-pp01.pt"]
-    losses = _losses(job)
+    losses = read_losses(job)
     assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1]
 
 
@@ -146,12 +92,12 @@ def test_data_parallel_and_sharded_optimizer(assets):
     where a wrong data split differs by ~1e-2)."""
     common = {"schedule.total_steps": 2 * N, "checkpoint.every_steps": 2 * N, "max_steps": 2 * N,
               "megatron.tensor_parallel": 1}
-    sharded = _job(assets, "dp2-sharded", **{**common, "megatron.distributed_optimizer": True})
-    replicated = _job(assets, "dp2-replicated", **{**common, "megatron.distributed_optimizer": False})
-    tp2 = _job(assets, "tp2-ga4", grad_accum=4, **{**common, "megatron.tensor_parallel": 2})
+    sharded = make_job(assets, "dp2-sharded", **{**common, "megatron.distributed_optimizer": True})
+    replicated = make_job(assets, "dp2-replicated", **{**common, "megatron.distributed_optimizer": False})
+    tp2 = make_job(assets, "tp2-ga4", grad_accum=4, **{**common, "megatron.tensor_parallel": 2})
     for job in (sharded, replicated, tp2):
-        _run(job)
-    a, b, c = _losses(sharded), _losses(replicated), _losses(tp2)
+        run_probe(job)
+    a, b, c = read_losses(sharded), read_losses(replicated), read_losses(tp2)
     assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 2 * N + 1))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6), (step, a, b)

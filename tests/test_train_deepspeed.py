@@ -9,16 +9,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO
-from train_probe import PROBE_IDS, make_tiny_model, tiny_train_config, write_sft_jsonl
+from train_probe import PROBE_IDS, make_assets, make_job, read_losses, run_probe
 
 pytestmark = pytest.mark.slow
 N = 2  # steps before the stop; the straight run takes 2N
@@ -26,46 +22,7 @@ N = 2  # steps before the stop; the straight run takes 2N
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, gsm8k_train):
-    from distill.train.config import TrainConfig
-    from distill.train.launch import prepare
-
-    root = tmp_path_factory.mktemp("ds")
-    model = make_tiny_model(root / "tiny")
-    data = write_sft_jsonl(gsm8k_train, root / "sft.jsonl", 48)
-    # Build the token cache once; every job below shares it.
-    job = prepare(TrainConfig.model_validate(tiny_train_config(model, data)), root / "base")
-    return root, model, data, job.cache_path
-
-
-def _job(assets, name: str, **overrides):
-    from distill.train.config import TrainConfig
-    from distill.train.loop import TrainJob
-
-    root, model, data, cache = assets
-    cfg = TrainConfig.model_validate(tiny_train_config(model, data, **overrides))
-    out = root / name
-    return TrainJob(train=cfg.model_dump(mode="json"), model_path=str(model), cache_path=cache,
-                    out_dir=str(out / "train"), checkpoint_dir=str(out / "train" / "checkpoints"))
-
-
-def _run(job, world: int = 2) -> np.ndarray:
-    """Train `job` under torchrun in fresh processes; the trained weights' probe logits."""
-    out = Path(job.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    job_file = job.write(out / "job.json")
-    logits = out / f"logits-{len(list(out.glob('logits-*')))}.npy"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           str(REPO / "tests" / "train_probe.py"), str(job_file), str(logits)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return np.load(logits)
-
-
-def _losses(job) -> dict[int, float]:
-    from distill.train.metrics import read_jsonl
-
-    return {r["step"]: r["loss"] for r in read_jsonl(Path(job.out_dir) / "metrics.jsonl")}
+    return make_assets(tmp_path_factory.mktemp("ds"), gsm8k_train, rows=48)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
@@ -73,19 +30,19 @@ def resumed(request, assets):
     """(straight job, its logits, resumed job, its logits) for one ZeRO stage."""
     stage = request.param
     common = {"deepspeed.zero_stage": stage, "schedule.total_steps": 2 * N, "checkpoint.every_steps": N}
-    straight = _job(assets, f"z{stage}-straight", max_steps=2 * N, **common)
-    straight_logits = _run(straight)
-    first = _job(assets, f"z{stage}-resumed", max_steps=N, **common)
-    _run(first)
-    assert sorted(_losses(first)) == list(range(1, N + 1))
-    second = _job(assets, f"z{stage}-resumed", max_steps=2 * N, **common)
-    resumed_logits = _run(second)
+    straight = make_job(assets, f"z{stage}-straight", max_steps=2 * N, **common)
+    straight_logits = run_probe(straight)
+    first = make_job(assets, f"z{stage}-resumed", max_steps=N, **common)
+    run_probe(first)
+    assert sorted(read_losses(first)) == list(range(1, N + 1))
+    second = make_job(assets, f"z{stage}-resumed", max_steps=2 * N, **common)
+    resumed_logits = run_probe(second)
     return stage, straight, straight_logits, second, resumed_logits
 
 
 def test_resume_gives_identical_losses(resumed):
     stage, straight, straight_logits, second, resumed_logits = resumed
-    a, b = _losses(straight), _losses(second)
+    a, b = read_losses(straight), read_losses(second)
     assert sorted(a) == sorted(b) == list(range(1, 2 * N + 1))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (stage, step, a, b)
@@ -119,11 +76,11 @@ def test_world_size_and_accumulation_do_not_change_the_step(resumed, assets):
     stage, straight, *_ = resumed
     if stage != 2:
         pytest.skip("one stage is enough for the normalisation check")
-    single = _job(assets, "z2-world1", max_steps=2 * N, grad_accum=4, **{
+    single = make_job(assets, "z2-world1", max_steps=2 * N, grad_accum=4, **{
         "deepspeed.zero_stage": 2, "schedule.total_steps": 2 * N, "checkpoint.every_steps": 2 * N,
         "launch.num_workers": 1})
-    _run(single, world=1)
-    a, b = _losses(straight), _losses(single)
+    run_probe(single, world=1)
+    a, b = read_losses(straight), read_losses(single)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
 
@@ -138,12 +95,12 @@ def test_zero_infinity_nvme_offload_trains_and_resumes(assets, tmp_path):
     common = {"deepspeed.zero_stage": 3, "deepspeed.offload_param": "nvme", "deepspeed.offload_optimizer": "nvme",
               "deepspeed.nvme_path": str(tmp_path / "nvme"), "schedule.total_steps": 2 * N,
               "checkpoint.every_steps": N}
-    first = _job(assets, "nvme", max_steps=N, **common)
+    first = make_job(assets, "nvme", max_steps=N, **common)
     DeepSpeedBackend.prepare(first.config())  # builds DeepSpeedCPUAdam + async I/O once, as the driver does
-    _run(first)
-    second = _job(assets, "nvme", max_steps=2 * N, **common)
-    _run(second)
-    losses = _losses(second)
+    run_probe(first)
+    second = make_job(assets, "nvme", max_steps=2 * N, **common)
+    run_probe(second)
+    losses = read_losses(second)
     assert sorted(losses) == list(range(1, 2 * N + 1))
     assert losses[2 * N] < losses[1]
     assert any((tmp_path / "nvme").rglob("*.swp")) or any((tmp_path / "nvme").rglob("*tensor*"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from train_probe import make_tiny_model, tiny_train_config, write_sft_jsonl
+from train_probe import make_assets, make_job, read_losses
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -28,34 +28,15 @@ COMMON = {"schedule.total_steps": 12, "epochs": 4, "checkpoint.every_steps": 2, 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, gsm8k_train):
-    from distill.train.config import TrainConfig
-    from distill.train.launch import prepare
-
-    root = tmp_path_factory.mktemp("faults")
-    model = make_tiny_model(root / "tiny")
-    data = write_sft_jsonl(gsm8k_train, root / "sft.jsonl", 64)
-    job = prepare(TrainConfig.model_validate(tiny_train_config(model, data)), root / "base")
-    return root, model, data, job.cache_path
+    return make_assets(tmp_path_factory.mktemp("faults"), gsm8k_train, rows=64)
 
 
 def _job(assets, name: str, **overrides):
-    from distill.train.config import TrainConfig
-    from distill.train.loop import TrainJob
-
-    root, model, data, cache = assets
-    cfg = TrainConfig.model_validate(tiny_train_config(model, data, **{**COMMON, **overrides}))
-    out = root / name / "train"
-    out.mkdir(parents=True)
-    return TrainJob(train=cfg.model_dump(mode="json"), model_path=str(model), cache_path=cache, out_dir=str(out),
-                    checkpoint_dir=str(out / "checkpoints"))
+    return make_job(assets, name, **{**COMMON, **overrides})
 
 
 def _read(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()] if Path(path).is_file() else []
-
-
-def _losses(job) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _read(Path(job.out_dir) / "metrics.jsonl")}
 
 
 def _launch_torchrun(job):
@@ -73,7 +54,7 @@ def baseline(assets):
 
 def test_clean_run_flags_no_straggler(baseline):
     out = Path(baseline.out_dir)
-    assert sorted(_losses(baseline)) == list(range(1, STEPS + 1))
+    assert sorted(read_losses(baseline)) == list(range(1, STEPS + 1))
     assert not (out / "stragglers.jsonl").exists()
     records = {r: _read(out / "step_times" / f"rank-{r:05d}.jsonl") for r in (0, 1)}
     for rank, recs in records.items():
@@ -108,7 +89,7 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_one(assets, basel
     assert f"{latest} is unusable" in printed and shard.name in printed and "truncated" in printed
     starts = [r for r in _read(out / "attempts.jsonl") if r["event"] == "start"]
     assert [s["resumed_from_step"] for s in starts] == [STEPS - 2]
-    assert _losses(job) == _losses(baseline)  # steps 7-8 retrained from step 6, identically
+    assert read_losses(job) == read_losses(baseline)  # steps 7-8 retrained from step 6, identically
 
 
 def test_rank_slowed_twice_is_flagged_within_20_steps(assets, baseline):
@@ -126,15 +107,15 @@ def test_rank_slowed_twice_is_flagged_within_20_steps(assets, baseline):
     assert sum(r["data_s"] for r in slow[3:]) > 5 * sum(r["data_s"] for r in fast[3:])
     assert sum(r["comm_s"] for r in fast[3:]) > sum(r["comm_s"] for r in slow[3:])
     # Slowing a rank down changes no number.
-    base = _losses(baseline)
-    assert {s: v for s, v in _losses(job).items() if s in base} == base
+    base = read_losses(baseline)
+    assert {s: v for s, v in read_losses(job).items() if s in base} == base
 
 
 def test_torchrun_restarts_after_an_error(assets, baseline):
     job = _job(assets, "torchrun-restart", max_steps=4, **{"fault.inject": ["raise:rank=0:step=3"]})
     _launch_torchrun(job)
-    base = _losses(baseline)
-    assert _losses(job) == {s: base[s] for s in range(1, 5)}
+    base = read_losses(baseline)
+    assert read_losses(job) == {s: base[s] for s in range(1, 5)}
     good = json.loads((Path(job.out_dir) / "goodput.json").read_text())
     assert good["restarts"] == 1
     assert good["failures"][0]["cause"] == "error on rank 0: RuntimeError: injected failure (rank 0, step 3)"
@@ -160,7 +141,7 @@ def chaos(assets, baseline):
 
 
 def test_killed_and_hung_ranks_restart_and_match_the_uninterrupted_run(chaos, baseline):
-    assert _losses(chaos) == _losses(baseline)  # identical values, every step
+    assert read_losses(chaos) == read_losses(baseline)  # identical values, every step
     out = Path(chaos.out_dir)
     starts = [r for r in _read(out / "attempts.jsonl") if r["event"] == "start"]
     assert [(s["attempt"], s["resumed_from_step"]) for s in starts] == [(0, 0), (1, 2), (2, 4)]
@@ -225,6 +206,6 @@ def test_restart_without_moves_the_group_off_the_slow_node(assets, baseline):
     for rank in (0, 1):
         later = [r for r in _read(out / "step_times" / f"rank-{rank:05d}.jsonl") if r["attempt"] == 1]
         assert later and all(r["node"] != slow_node for r in later)
-    assert _losses(job) == _losses(baseline)
+    assert read_losses(job) == read_losses(baseline)
     good = json.loads((out / "goodput.json").read_text())
     assert good["restarts"] == 1 and "straggler: restart without node" in good["failures"][0]["cause"]

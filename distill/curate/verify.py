@@ -255,15 +255,54 @@ def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, float]:
 
 # --------------------------------------------------------------------------- symbolic path (workers)
 
+_TEXT_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+")
+
+
+def text_numbers(text: str) -> list[Fraction]:
+    """The unsigned numbers written in an answer's text (`1,000` is one number, `x_{1}` holds 1):
+    what a parse of the whole answer would have to account for."""
+    return [Fraction(m.group().replace(",", "")) for m in _TEXT_NUMBER.finditer(text)]
+
+
+def fragment_accounts_for(value: Any, text: str) -> bool:
+    """Whether a value math-verify read from a fragment of `text` (a sympy object) accounts for
+    every number written in `text`: each is, up to sign, a number of the value's tree, or the
+    numerator or denominator of one. Strict by design: a fragment that sympy rewrote while
+    parsing (`$\\sqrt{8}$` -> 2*sqrt(2), `$\\frac{6}{4}$` -> 3/2) does not account for its text
+    either, and its answer counts as unparsed, never as a wrong "equal". Runs in the workers
+    (imports sympy)."""
+    from sympy import Float, Number, Rational
+
+    try:
+        atoms = value.atoms(Number)
+    except Exception:  # noqa: BLE001 - an object without atoms accounts for nothing
+        return False
+    have: set[Fraction] = set()
+    floats: list[float] = []
+    for a in atoms:
+        if isinstance(a, Rational):
+            have |= {abs(Fraction(int(a.p), int(a.q))), abs(Fraction(int(a.p))), Fraction(int(a.q))}
+        elif isinstance(a, Float):
+            floats.append(abs(float(a)))
+    return all(
+        n in have or any(abs(float(n) - f) <= 1e-9 * max(1.0, f) for f in floats) for n in text_numbers(text)
+    )
+
+
+
 
 def _worker_handler(alarm_s: int, cache_size: int = 4096):
     """Runs in a sandbox worker: returns the function that checks one (pred, ref) pair."""
-    from math_verify import parse, verify
+    from math_verify import LatexExtractionConfig, parse, verify
     from math_verify.errors import TimeoutException
 
+    whole_box = [LatexExtractionConfig()]
     cache: OrderedDict[str, Any] = OrderedDict()
 
     def parsed(text: str):
+        """math-verify's reading of `\\boxed{text}`: (candidates, partial). `partial` is True when
+        math-verify reads a value only from a fragment of the text (the partial-parse guard below);
+        the candidates are then the raw text alone. "timeout" / "error" when parsing fails."""
         if text in cache:
             cache.move_to_end(text)
             return cache[text]
@@ -272,7 +311,7 @@ def _worker_handler(alarm_s: int, cache_size: int = 4096):
         # (`\frac{1}{2},-1,\frac{3\pm i}{2}` read as 1/2). An answer holding `$` itself stays bare.
         wrapped = "\\boxed{" + text + "}" if "$" in text else "$\\boxed{" + text + "}$"
         try:
-            out = parse(wrapped, parsing_timeout=alarm_s, raise_on_error=True)
+            out = _read_whole(wrapped)
         except TimeoutException:
             out = "timeout"
         except Exception:  # noqa: BLE001 - any parser failure is this answer's parse error
@@ -282,15 +321,38 @@ def _worker_handler(alarm_s: int, cache_size: int = 4096):
             cache.popitem(last=False)
         return out
 
+    def _read_whole(wrapped: str):
+        # Partial-parse guard. math-verify tries its matches from the most trusted down and keeps
+        # the first that parses: first the whole box, then, when the box is not LaTeX it can read,
+        # any `$…$` inside it or any bare number in it. Those fallbacks read a fragment and drop
+        # the rest: `A=x(500-2 x),\{x \mid 0 \leq x \leq 250\}` becomes 250, a sentence with
+        # `$\frac{4}{\cos 12^\circ} \approx 4.089$` becomes 4/cos(12), so a wrong answer that
+        # differs only outside the fragment is called right. The whole box is math-verify's own
+        # first attempt (`extraction_mode="first_match"`: the same match and value its default
+        # mode keeps when it parses), so answers it reads as a whole keep their verdicts exactly.
+        # A fragment is kept only when it accounts for every number of the text
+        # (`fragment_accounts_for`: "The area is 12.25 square inches." is still 12.25).
+        # Cost: nothing where the box parses; where it does not (text answers), a second parse
+        # that repeats the failed one and the fallbacks, cached per distinct text.
+        whole = parse(wrapped, whole_box, extraction_mode="first_match", parsing_timeout=alarm_s,
+                      raise_on_error=True)
+        if any(not isinstance(x, str) for x in whole):
+            return whole, False
+        full = parse(wrapped, parsing_timeout=alarm_s, raise_on_error=True)
+        values = [x for x in full if not isinstance(x, str)]
+        if all(fragment_accounts_for(v, wrapped) for v in values):
+            return full, False
+        return [x for x in full if isinstance(x, str)] or whole, True
+
     def check(pair: tuple[str, str]) -> tuple[str, str]:
         pred, ref = pair
         for side, text in (("reference", ref), ("answer", pred)):
             out = parsed(text)
             if out == "timeout":
                 return "timeout", f"math-verify parsing the {side} ran past {alarm_s} s"
-            if isinstance(out, str) or not out:
+            if isinstance(out, str) or not out[0]:
                 return "parse_error", f"math-verify could not parse the {side}"
-        gold, target = parsed(ref), parsed(pred)
+        (gold, gold_partial), (target, target_partial) = parsed(ref), parsed(pred)
         # verify() over the product of both parses, one comparison at a time so that a
         # comparison timing out is told apart from one that says "different".
         timed_out = False
@@ -307,10 +369,11 @@ def _worker_handler(alarm_s: int, cache_size: int = 4096):
             return "timeout", f"a math-verify comparison ran past {alarm_s} s"
         # math-verify falls back to comparing the raw text when LaTeX does not parse; unequal
         # text then says "could not read", not "read and found different".
-        if all(isinstance(t, str) for t in target):
-            return "parse_error", "math-verify could not parse the answer (text differs)"
-        if all(isinstance(g, str) for g in gold):
-            return "parse_error", "math-verify could not parse the reference (text differs)"
+        for side, cands, partial in (("answer", target, target_partial), ("reference", gold, gold_partial)):
+            if all(isinstance(c, str) for c in cands):
+                why = (" as a whole (partial-parse guard: its fallback reads only a fragment of it)"
+                       if partial else "")
+                return "parse_error", f"math-verify could not parse the {side}{why} (text differs)"
         return "not_equal", "math-verify"
 
     # sympy imports much of itself on first use (simplify, sets, solvers: ~0.3 s CPU); pay it at
