@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                                     max_shard_size_mb=args.max_shard_size_mb, dtype=args.dtype)
             print(f"export: wrote {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
             return 0
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, require_source=args.command not in ("train", "curate"))
         if args.command == "config" or args.dry_run:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return _dry_run(cfg, _stages(args, cfg)) if args.command != "config" else 0

@@ -536,8 +536,10 @@ def _describe(err: dict) -> str:
     return f"{path}: {err['msg'].lower()} (got {shown})"
 
 
-def build_config(tree: dict) -> RunConfig:
-    problems = _missing_source(tree)
+def build_config(tree: dict, *, require_source: bool = True) -> RunConfig:
+    """`require_source=False` for commands that never generate (`distill train`, `curate`, the
+    torchrun entry): their configs need no `source` section whatever run.stages says."""
+    problems = _missing_source(tree) if require_source else []
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
@@ -549,7 +551,7 @@ def build_config(tree: dict) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike, overrides: list[str] = (), *, require_source: bool = True) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"])
@@ -561,7 +563,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
         raise ConfigError([f"{path}: the top level must be a mapping of sections"])
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
-    return build_config(tree)
+    return build_config(tree, require_source=require_source)
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -63,3 +63,16 @@ def test_inputs_of_later_stages_are_checked_before_any_work(tmp_path):
     out = run("run", "configs/quickstart.yaml", f"run.dir={tmp_path / 'r'}", "train.seq_len=100000")
     assert out.returncode == 2 and "train.seq_len=100000 exceeds the context" in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_train_and_curate_configs_need_no_source_section(tmp_path):
+    """`distill train` never generates: a config with only run + train is complete. `distill run`
+    of the same file (whose default stages include generate) still asks for the seed questions."""
+    cfg = tmp_path / "train_only.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run")},
+                                   "train": {"data": {"paths": [str(tmp_path / "missing.jsonl")]}}}))
+    train = run("train", str(cfg), "--dry-run")
+    assert "source" not in train.stderr, train.stderr
+    assert train.returncode == 1 and "train.data.paths[0]=" in train.stdout + train.stderr  # the plan ran
+    full = run("run", str(cfg), "--dry-run")
+    assert full.returncode == 2 and "source: required key is missing" in full.stderr

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         from distill.config import load_config
         from distill.train.launch import prepare
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, require_source=False)
         run_dir = Path(cfg.run.dir)
         job = prepare(cfg.train, run_dir)
         export_dir = cfg.train.export.dir or run_dir / "model"
