@@ -12,8 +12,10 @@ Definitions (per question, then averaged over the questions of a benchmark):
   replacement from the n is correct.
 - maj@k: the probability that the majority answer of k samples drawn without replacement from the
   n is correct, computed exactly over all C(n, k) subsets (not by resampling). Votes are the
-  samples' final answers under `canonical` (the key curation's majority vote uses: `0.5`, `1/2`
-  and `50%` are one answer; `\\sqrt{4}` and `2` are two); samples without an answer do not vote. A
+  samples' final answers under `vote_keys`, the grouping curation's majority vote uses (`0.5`,
+  `1/2` and `50%` are one answer by their canonical form; `\\sqrt{4}` and `2` become one when the
+  verifier finds them equal, for questions with at most `verify.vote_max_distinct` distinct
+  answers); samples without an answer do not vote. A
   subset in which t answers share the top count, one of them correct, scores 1/t (the expectation
   of a uniformly random tie-break, so the result does not depend on sample order); a subset
   without any answer scores 0. A vote key whose samples the verifier judged differently
@@ -43,7 +45,7 @@ from typing import Any
 from distill.config import EvalBenchmarkRef, PromptConfig, SamplingConfig, fingerprint, output_fields
 from distill.curate.answers import ANSWER_EXTRACTORS, extract_answer
 from distill.curate.benchmarks import BenchmarkError, load_benchmark
-from distill.curate.verify import VerifyConfig, canonical
+from distill.curate.verify import VerifyConfig, vote_keys
 from distill.section import Section
 
 # --------------------------------------------------------------------------- estimators
@@ -324,12 +326,17 @@ def score_set(eval_set: EvalSet, records: list[dict], run: EvalRun, verifier) ->
                  correct=bool(v["correct"]) and r["rejected"] is None)
     per_q = [QuestionScore() for _ in eval_set.items]
     index = {qid: qi for qi, (qid, _, _) in enumerate(eval_set.items)}
+    sampled: list[list[dict]] = [[] for _ in eval_set.items]
     for r in sorted(records, key=lambda r: (r["mode"], r["sample_idx"])):
-        q = per_q[index[r["id"]]]
         if r["mode"] == "greedy":
-            q.greedy = r["correct"]
+            per_q[index[r["id"]]].greedy = r["correct"]
         else:
-            q.votes.append((canonical(r["pred_answer"]) if r["pred_answer"] else None, r["correct"]))
+            sampled[index[r["id"]]].append(r)
+    # Vote keys: `canonical`, merged where the verifier finds two answers equal (`\sqrt{4}`, `2`).
+    answers = [[r["pred_answer"] for r in rs] for rs in sampled]
+    same = verifier.equal_answer_pairs(answers, run.verify.vote_max_distinct)
+    for q, rs, ans, pairs in zip(per_q, sampled, answers, same):
+        q.votes = [(key, r["correct"]) for r, key in zip(rs, vote_keys(ans, pairs))]
     scores = score_questions(per_q, [k for k in run.ks if k <= run.samples])
     done = [r for r in records if r["rejected"] is None]
     scores.update(

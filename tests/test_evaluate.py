@@ -249,3 +249,29 @@ def test_evaluate_with_the_real_hf_engine_on_two_questions(tmp_path):
     per_q = Counter(r["id"] for r in records if r["mode"] == "sample" and r["correct"])
     assert b["pass@k"]["1"] == pytest.approx(sum(per_q.values()) / 4)
     assert b["truncated_rate"] == pytest.approx(sum(r["finish_reason"] == "length" for r in records) / 6)
+
+
+def test_maj_at_k_votes_symbolically_equal_answers_together():
+    """Samples `\\sqrt{4}`, `2`, `3` of a question whose answer is 2: the majority is 2 (two votes
+    to one), so maj@3 is 1; by canonical form alone three answers tie and maj@3 would be 2/3."""
+    from distill.curate.verify import Verifier
+    from distill.evaluate import EvalSet, score_set
+
+    s = EvalSet(name="t", items=[("q", "What is 1+1?", "2")], files={}, total=1)
+    records = [
+        {"benchmark": "t", "id": "q", "mode": "sample", "sample_idx": i, "answer": "2",
+         "completion": f"\\boxed{{{a}}}", "reasoning": None, "response": f"\\boxed{{{a}}}",
+         "finish_reason": "stop", "n_tokens": 5, "rejected": None}
+        for i, a in enumerate(["\\sqrt{4}", "2", "3"])
+    ]
+
+    def scores(max_distinct):
+        run = EvalRun(prompt=PromptConfig(), sampling=SamplingConfig(), greedy=False, samples=3, ks=[1, 3],
+                      verify=VerifyConfig(workers=1, vote_max_distinct=max_distinct))
+        with Verifier(run.verify) as v:
+            return score_set(s, [dict(r) for r in records], run, v)
+
+    merged = scores(8)
+    assert merged["maj@k"] == pytest.approx({"1": 2 / 3, "3": 1.0})
+    assert brute_maj([("2", True), ("2", True), ("3", False)], 3) == 1
+    assert scores(0)["maj@k"]["3"] == pytest.approx(2 / 3)

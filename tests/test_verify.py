@@ -18,9 +18,12 @@ from distill.curate.verify import (
     VerifyConfig,
     canonical,
     fast_verdict,
+    fragment_accounts_for,
     majority_vote,
     plain_number,
+    text_numbers,
     verify_records,
+    vote_keys,
 )
 
 # --------------------------------------------------------------------------- sandbox handlers
@@ -286,6 +289,100 @@ def test_default_limit_refuses_100kb_box_without_parsing(verifier):
     assert v.code == "parse_error" and time.monotonic() - t0 < 0.5
 
 
+# --------------------------------------------------------------------------- partial-parse guard
+
+
+def _benchmark_answer(prefix: str) -> str:
+    """A real reference answer from the shared benchmark copies (the one starting with `prefix`)."""
+    (answer,) = [a for a in _benchmark_answers() if a.startswith(prefix)]
+    return answer
+
+
+def _math_verify_says_equal(pred: str, ref: str) -> bool:
+    """math-verify alone, as the workers wrap answers (harmless fixed strings, run here)."""
+    from math_verify import parse, verify
+
+    def wrap(t):
+        return "\\boxed{" + t + "}" if "$" in t else "$\\boxed{" + t + "}$"
+
+    return verify(parse(wrap(ref)), parse(wrap(pred)))
+
+
+def _partial_parse_pairs() -> list[tuple[str, str]]:
+    """Wrong answers math-verify calls right because it reads only part of an answer (found by
+    tools/bench_verify.py on the real College Math answers): a near miss that changes only what
+    the fragment leaves out, or the fragment alone."""
+    area = _benchmark_answer("A=x(500-2 x)")  # `A=x(500-2 x),\{x \mid 0 \leq x \leq 250\}`: read as 250
+    hyp = _benchmark_answer("The hypotenuse has length $\\frac{4}")  # read as 4/cos(12), `\approx 4.089` dropped
+    inverses = _benchmark_answer("The matrix $A$ is right invertible.")  # read as the symbol D
+    eigen = _benchmark_answer("Eigenvalues: $\\lambda_{1}=1$ and $\\lambda_{2}=4$")
+    return [
+        (area.replace("500-2 x", "500-8 x"), area),
+        ("250", area),
+        (hyp.replace("4.089", "8.089"), hyp),
+        (inverses.replace("-2 & 1", "-7 & 1"), inverses),
+        (eigen.replace("\\lambda_{2}=4", "\\lambda_{2}=8"), eigen),
+    ]
+
+
+def test_partial_parse_guard_refuses_what_math_verify_reads_from_a_fragment(symbolic, verifier):
+    pairs = _partial_parse_pairs()
+    assert all(_math_verify_says_equal(p, r) for p, r in pairs)  # the false positives are real
+    for v in (symbolic, verifier):
+        got = v.verify(pairs)
+        assert [g.code for g in got] == ["parse_error"] * len(pairs), got
+        assert all("partial-parse guard" in g.detail for g in got), got
+
+
+# Pairs that must stay equal through the guard (checked with and without the fast path).
+TRUE_POSITIVES = [
+    ("5", "x = 5"),
+    ("x = 5", "5"),
+    ("0.5", "\\frac{1}{2}"),
+    ("\\frac{1}{2}", "0.5"),
+    ("\\sqrt{4}", "2"),
+    ("(0, 1]", "(0,1]"),
+    ("\\left(0, 1\\right]", "(0,1]"),
+    ("\\{2,1\\}", "\\{1,2\\}"),
+    ("1, 2, 3", "\\{1,2,3\\}"),
+    ("A=x(500-2x)", "A=x(500-2 x)"),
+    ("A=500x-2x^2", "A=x(500-2 x)"),
+    ("(x+1)^2", "x^2+2x+1"),
+    ("2\\sqrt{2}", "\\sqrt{8}"),
+    # Fragments that stand for the whole text are still read (every number accounted for).
+    ("12.25", "The largest rectangle has area 12.25 square inches."),
+    ("17.1", "\\approx 17.10 \\mathrm{ft}"),
+    ("\\frac{1}{3}", "The mode is $1 / 3$."),
+    ("h = 4", "$h=4$."),
+]
+
+
+def test_partial_parse_guard_keeps_true_positives(symbolic, verifier):
+    for v in (symbolic, verifier):
+        got = v.verify(TRUE_POSITIVES)
+        assert all(g.correct for g in got), [(p, g) for p, g in zip(TRUE_POSITIVES, got) if not g.correct]
+    # A text answer math-verify cannot read as a whole still equals itself.
+    area = _benchmark_answer("A=x(500-2 x)")
+    assert symbolic.verify([(area, area)])[0].code == "equal"
+
+
+def test_fragment_accounts_for_every_number_of_the_text():
+    import sympy
+
+    assert text_numbers("x_{1} = 1,000 and .5") == [1, 1000, Fraction(1, 2)]
+    assert fragment_accounts_for(sympy.Float("12.25"), "The area is 12.25 square inches.")
+    assert fragment_accounts_for(sympy.Rational(1, 3), "The mode is $1 / 3$.")
+    assert fragment_accounts_for(sympy.Integer(7), "This time, 7 diners chose the deluxe buffet.")
+    assert not fragment_accounts_for(sympy.Integer(250), "A=x(500-2 x),\\{x \\mid 0 \\leq x \\leq 250\\}")
+    assert not fragment_accounts_for(sympy.Integer(2014), "11:55 p.m. on 24 December 2014.")
+    assert not fragment_accounts_for(sympy.sympify("4/cos(12)"), "$\\frac{4}{\\cos 12^\\circ} \\approx 4.089$")
+    # A bare number is not all that a relation says, and 1 is not accounted for by an integer's
+    # denominator.
+    assert not fragment_accounts_for(sympy.Integer(0), "\\{x \\mid x \\geq 0\\}")
+    assert not fragment_accounts_for(sympy.Integer(3), "\\{x \\mid-1 / 3<x<1 / 3\\}")
+    assert not fragment_accounts_for(sympy.Integer(2), "\\min$ at $x=1 / 2")
+
+
 # --------------------------------------------------------------------------- sandbox
 
 
@@ -332,6 +429,32 @@ def test_majority_vote():
         assert majority_vote(answers) == ("4", pytest.approx(0.4))
 
 
+def test_majority_vote_merges_the_pairs_it_is_given():
+    assert vote_keys(["\\sqrt{4}", "2", "2.0", "3", None, " "], [("2", "\\sqrt{4}")]) == ["2", "2", "2", "3", None, None]
+    # Merges are transitive, under the smallest key.
+    assert vote_keys(["c", "b", "a"], [("c", "b"), ("b", "a")]) == ["a", "a", "a"]
+    assert majority_vote(["\\sqrt{4}", "2", "3"], [("2", "\\sqrt{4}")]) == ("2", pytest.approx(2 / 3))
+    assert majority_vote(["\\sqrt{4}", "\\sqrt{4}", "3", "3", "3", "2"], [("2", "\\sqrt{4}")]) == ("\\sqrt{4}", 0.5)
+    assert majority_vote(["\\sqrt{4}", "\\sqrt{4}", "3", "3", "3", "2"]) == ("3", 0.5)
+
+
+def test_equal_answer_pairs_are_found_by_the_symbolic_path(verifier):
+    questions = [
+        ["\\sqrt{4}", "2", "2.0", "3", None],
+        ["x = 5", "5", "\\frac{10}{2}"],
+        ["(0,1]", "[0,1)", "\\left(0, 1\\right]"],
+        ["1", "2", "3"],  # plain numbers: canonical keys already decide
+        [f"\\sqrt{{{i}}}" for i in range(2, 12)],  # over the bound: not compared
+    ]
+    got = verifier.equal_answer_pairs(questions, max_distinct=8)
+    assert got[0] == [("2", "\\sqrt{4}")]
+    assert len({k for k in vote_keys(questions[0], got[0]) if k}) == 2  # 2 and 3
+    assert len(set(vote_keys(questions[1], got[1]))) == 1
+    assert vote_keys(questions[2], got[2])[0] == vote_keys(questions[2], got[2])[2] != vote_keys(questions[2], got[2])[1]
+    assert got[3] == [] and got[4] == []
+    assert verifier.equal_answer_pairs(questions[:1], max_distinct=1) == [[]]
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -373,3 +496,15 @@ def test_verify_records(verifier):
     assert "verdict" not in recs[0]
     again = verify_records(recs[:3], verifier, VerifyConfig(use_reasoning=True))
     assert again[2]["verdict"] == "equal"
+
+
+def test_verify_records_votes_symbolically_equal_answers_together(verifier):
+    """No reference: `\\sqrt{4}` x2, `2`, `2.0` (one answer, 4 of 7) outvote `3` x3, which wins
+    when answers are grouped by canonical form alone (`vote_max_distinct=0`)."""
+    answers = ["\\sqrt{4}", "\\sqrt{4}", "2", "2.0", "3", "3", "3"]
+    recs = [_rec("q", None, i, f"\\boxed{{{a}}}") for i, a in enumerate(answers)]
+    out = verify_records(recs, verifier, VerifyConfig(min_agreement=0.5))
+    assert [r["correct"] for r in out] == [True] * 4 + [False] * 3
+    assert out[0]["verdict_detail"].startswith("vs majority (agreement 0.57)")
+    plain = verify_records(recs, verifier, VerifyConfig(min_agreement=0.4, vote_max_distinct=0))
+    assert [r["correct"] for r in plain] == [False] * 4 + [True] * 3

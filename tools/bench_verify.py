@@ -14,7 +14,8 @@ fractions, tuples, intervals, LaTeX expressions), `--samples` responses per ques
   curate actor that verifies shard after shard. CPU seconds include the workers' (start-up too).
 
 Verdicts are compared as correct / not correct (math-verify has no finer verdict); every
-disagreement is printed.
+disagreement is printed, and so is the count of pairs that the verifier's partial-parse guard
+refused (math-verify reads only a fragment of one side; see `distill/curate/verify.py`).
 
     python tools/bench_verify.py                    # ~1-2 minutes on 2 CPU cores
     python tools/bench_verify.py --questions 100    # quicker
@@ -204,9 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     diff = [i for i, (a, b) in enumerate(zip(baseline, ours)) if a != b]
     n = len(pairs)
     cmd = "python tools/bench_verify.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    guarded = sum("partial-parse guard" in v.detail for v in verdicts)
     print(f"\n{n} pairs ({args.questions} questions x {args.samples} samples, mix={args.mix}), "
           f"{sum(baseline)} correct per math-verify; distill: {info.get('fast', 0)} by the fast path, "
-          f"{info.get('symbolic', 0)} distinct symbolic checks, {info['restarts']} worker restarts\n")
+          f"{info.get('symbolic', 0)} distinct symbolic checks, {info['restarts']} worker restarts, "
+          f"{guarded} pairs refused by the partial-parse guard\n")
     print("| verifier | references | pairs | seconds | verdicts/s | speed-up | CPU seconds | agreement |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| math-verify, sequential | all | {n} | {t_mv:.1f} | {n / t_mv:.0f} | 1.0x | {c_mv:.1f} | - |")

@@ -13,8 +13,9 @@ fractions vs decimals, LaTeX, sets, intervals, tuples, units and `^\\circ` dropp
   (a tower of powers) where math-verify's own SIGALRM cannot interrupt it. No model output is
   ever parsed by sympy in the calling process. Workers parse each distinct reference once.
 
-Without a reference the pseudo-label is the majority answer (`majority_vote`), compared by the
-fast path's canonical form.
+Without a reference the pseudo-label is the majority answer (`majority_vote`): answers are grouped
+by the fast path's canonical form, and groups the symbolic path finds equal (`\\sqrt{4}` and `2`)
+are merged (`Verifier.equal_answer_pairs`, bounded by `vote_max_distinct`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ class VerifyConfig(Section):
     """Questions without a reference: samples are checked against the majority answer when that
     answer's share of the extracted answers is at least this; otherwise they get `no_answer`.
     Higher is stricter (fewer pseudo-labelled questions, fewer wrong labels)."""
+
+    vote_max_distinct: int = Field(default=8, ge=0)
+    """Majority voting merges distinct answers that the symbolic check finds equal (`\\sqrt{4}`,
+    `2`) only for questions with at most this many distinct answers (after the fast path's
+    canonical form). Cost: n(n-1) checks for n distinct answers (each pair both ways), free for two
+    plain numbers, milliseconds to `timeout_s` for LaTeX. 0 or 1: vote by canonical form only."""
 
     _volatile: ClassVar[frozenset[str]] = frozenset({"workers", "batch_size"})
 
@@ -229,22 +236,55 @@ def fast_verdict(pred: str, ref: str) -> Verdict | None:
 def canonical(answer: str) -> str:
     """A key under which equal answers meet for majority voting: the exact value of a plain
     number (`0.5`, `1/2`, `50%` -> `1/2`), else the normalised string. Answers equal only
-    symbolically (`\\sqrt{4}` vs `2`) stay apart: voting never runs sympy."""
+    symbolically (`\\sqrt{4}` vs `2`) get different keys here; `vote_keys` joins them when the
+    verifier says so (`Verifier.equal_answer_pairs`)."""
     p = plain_number(answer)
     if p is not None:
         return f"{p.value.numerator}/{p.value.denominator}" if p.value.denominator != 1 else str(p.value.numerator)
     return normalize(answer)
 
 
-def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, float]:
-    """(pseudo-label, agreement): the most frequent answer among the non-None ones, grouped by
-    `canonical`, and the share of those answers in its group. Ties go to the smallest canonical
-    key, so the label does not depend on sample order. The label is the group's most frequent
-    spelling (ties: smallest string). (None, 0.0) when no sample has an answer."""
+def _has_answer(a: str | None) -> bool:
+    return a is not None and bool(a.strip())
+
+
+def vote_spellings(answers: Sequence[str | None]) -> dict[str, str]:
+    """One spelling per canonical key: the key's most frequent spelling (ties: smallest string).
+    The answers a symbolic comparison of one question's keys needs."""
     groups: dict[str, Counter[str]] = defaultdict(Counter)
     for a in answers:
-        if a is not None and a.strip():
+        if _has_answer(a):
             groups[canonical(a)][a] += 1
+    return {k: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for k, c in groups.items()}
+
+
+def vote_keys(answers: Sequence[str | None], same: Sequence[tuple[str, str]] = ()) -> list[str | None]:
+    """Each answer's vote key: its canonical form, with the canonical keys that `same` pairs join
+    (transitively) merged under the group's smallest key; None where there is no answer."""
+    parent: dict[str, str] = {}
+
+    def root(k: str) -> str:
+        while parent.get(k, k) != k:
+            k = parent[k]
+        return k
+
+    for a, b in same:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return [root(canonical(a)) if _has_answer(a) else None for a in answers]
+
+
+def majority_vote(answers: Sequence[str | None], same: Sequence[tuple[str, str]] = ()) -> tuple[str | None, float]:
+    """(pseudo-label, agreement): the most frequent answer among the non-None ones, grouped by
+    `vote_keys` (`canonical`, merged by the `same` pairs of canonical keys), and the share of
+    those answers in its group. Ties go to the smallest key, so the label does not depend on
+    sample order. The label is the group's most frequent spelling (ties: smallest string).
+    (None, 0.0) when no sample has an answer."""
+    groups: dict[str, Counter[str]] = defaultdict(Counter)
+    for a, key in zip(answers, vote_keys(answers, same)):
+        if key is not None:
+            groups[key][a] += 1  # type: ignore[index]
     if not groups:
         return None, 0.0
     total = sum(sum(c.values()) for c in groups.values())
@@ -256,6 +296,8 @@ def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, float]:
 # --------------------------------------------------------------------------- symbolic path (workers)
 
 _TEXT_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+")
+# A relation or condition written in the answer (`x \leq 250`, `x \neq \pm 5`, `\{x \mid x > 0\}`).
+_RELATION = re.compile(r"[<>=]|\\(?:leq?|geq?|leqslant|geqslant|neq?|pm|mp|mid|in|subset|subseteq|cup|cap)(?![A-Za-z])")
 
 
 def text_numbers(text: str) -> list[Fraction]:
@@ -265,14 +307,17 @@ def text_numbers(text: str) -> list[Fraction]:
 
 
 def fragment_accounts_for(value: Any, text: str) -> bool:
-    """Whether a value math-verify read from a fragment of `text` (a sympy object) accounts for
-    every number written in `text`: each is, up to sign, a number of the value's tree, or the
-    numerator or denominator of one. Strict by design: a fragment that sympy rewrote while
-    parsing (`$\\sqrt{8}$` -> 2*sqrt(2), `$\\frac{6}{4}$` -> 3/2) does not account for its text
-    either, and its answer counts as unparsed, never as a wrong "equal". Runs in the workers
-    (imports sympy)."""
+    """Whether a value math-verify read from a fragment of `text` (a sympy object) stands for all
+    of `text`: every number written in `text` is, up to sign, a number of the value's tree (or the
+    numerator or denominator of a fraction there), and a bare number is not all that a text with a
+    relation says (`\\{x \\mid x \\geq 0\\}` is not 0). Strict by design: a fragment that sympy
+    rewrote while parsing (`$\\sqrt{8}$` -> 2*sqrt(2), `$\\frac{6}{4}$` -> 3/2) does not account for
+    its text either, so its answer counts as unparsed, never as a wrong "equal". Runs in the
+    workers (imports sympy)."""
     from sympy import Float, Number, Rational
 
+    if isinstance(value, Number) and _RELATION.search(text):
+        return False
     try:
         atoms = value.atoms(Number)
     except Exception:  # noqa: BLE001 - an object without atoms accounts for nothing
@@ -281,14 +326,13 @@ def fragment_accounts_for(value: Any, text: str) -> bool:
     floats: list[float] = []
     for a in atoms:
         if isinstance(a, Rational):
-            have |= {abs(Fraction(int(a.p), int(a.q))), abs(Fraction(int(a.p))), Fraction(int(a.q))}
+            q = Fraction(int(a.p), int(a.q))
+            have |= {abs(q)} if q.denominator == 1 else {abs(q), abs(Fraction(q.numerator)), Fraction(q.denominator)}
         elif isinstance(a, Float):
             floats.append(abs(float(a)))
     return all(
         n in have or any(abs(float(n) - f) <= 1e-9 * max(1.0, f) for f in floats) for n in text_numbers(text)
     )
-
-
 
 
 def _worker_handler(alarm_s: int, cache_size: int = 4096):
@@ -465,6 +509,33 @@ class Verifier:
                         out[i] = v
         return out  # type: ignore[return-value]
 
+    def equal_answer_pairs(
+        self, questions: Sequence[Sequence[str | None]], max_distinct: int
+    ) -> list[list[tuple[str, str]]]:
+        """Per question (its samples' answers), the pairs of canonical keys (`canonical`) whose
+        answers are equal both ways, prediction against reference and back (math-verify is not
+        symmetric: a merge must not depend on which answer plays the reference). Only questions
+        with 2..`max_distinct` distinct keys are compared: n keys cost n(n-1) checks, all sent
+        in one `verify` call (plain numbers take the fast path)."""
+        pairs: list[tuple[str, str]] = []
+        owners: list[tuple[int, str, str]] = []
+        for qi, answers in enumerate(questions):
+            spelled = vote_spellings(answers)
+            if not 2 <= len(spelled) <= max_distinct:
+                continue
+            keys = sorted(spelled)
+            for i, a in enumerate(keys):
+                for b in keys[i + 1 :]:
+                    pairs += [(spelled[a], spelled[b]), (spelled[b], spelled[a])]
+                    owners.append((qi, a, b))
+        out: list[list[tuple[str, str]]] = [[] for _ in questions]
+        if pairs:
+            verdicts = self.verify(pairs)
+            for j, (qi, a, b) in enumerate(owners):
+                if verdicts[2 * j].correct and verdicts[2 * j + 1].correct:
+                    out[qi].append((a, b))
+        return out
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
@@ -494,17 +565,24 @@ def verify_records(records: list[dict], verifier: Verifier, cfg: VerifyConfig) -
     for i, r in enumerate(out):
         by_id[r["id"]].append(i)
 
+    def has_ref(idx: list[int]) -> bool:
+        return out[idx[0]]["answer"] is not None and bool(str(out[idx[0]]["answer"]).strip())
+
+    # Questions without a reference vote; answers the symbolic path finds equal vote together.
+    unlabelled = [[out[i]["pred_answer"] for i in idx] for idx in by_id.values() if not has_ref(idx)]
+    same = iter(verifier.equal_answer_pairs(unlabelled, cfg.vote_max_distinct))
+
     pairs: list[tuple[str | None, str]] = []
     where: list[int] = []
     notes: dict[int, str] = {}
     for idx in by_id.values():
         ref = out[idx[0]]["answer"]
-        if ref is not None and str(ref).strip():
+        if has_ref(idx):
             for i in idx:
                 pairs.append((out[i]["pred_answer"], str(ref)))
                 where.append(i)
             continue
-        label, agreement = majority_vote([out[i]["pred_answer"] for i in idx])
+        label, agreement = majority_vote([out[i]["pred_answer"] for i in idx], next(same))
         if label is None or agreement < cfg.min_agreement:
             for i in idx:
                 out[i]["verdict"] = "no_answer"
