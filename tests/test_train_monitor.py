@@ -109,6 +109,25 @@ def test_disarmed_watchdog_does_not_fire(tmp_path):
     assert fired == [] and not (tmp_path / "d.txt").exists()
 
 
+def test_a_guarded_phase_is_named_in_the_dump_and_the_cause(tmp_path):
+    """Start-up and checkpoint writes are watched like steps, with their own timeout and name."""
+    import time
+
+    from distill.train.monitor import HangWatchdog
+
+    fired, causes = [], []
+    dog = HangWatchdog(tmp_path / "d.txt", header="rank 1", on_hang=causes.append, grace_s=0.0, exit=fired.append,
+                       poll_s=0.01)
+    dog.arm(0, 0.2, "checkpoint write after step 4")
+    deadline = time.monotonic() + 10
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.02)
+    dog.close()
+    assert fired == [86] and causes and causes[0].startswith("hang: checkpoint write after step 4 made no progress")
+    text = (tmp_path / "d.txt").read_text()
+    assert "checkpoint write after step 4" in text and "test_a_guarded_phase_is_named" in text
+
+
 def _rec(attempt, step, end, step_s=1.0):
     return {"attempt": attempt, "step": step, "time": end, "step_s": step_s, "rank": 0}
 
@@ -154,9 +173,13 @@ def test_fault_specs_parse_and_errors_say_what_is_wrong():
     assert parse_fault("kill:rank=1:step=5") == Fault("kill", rank=1, step=5)
     assert parse_fault("sleep:rank=1:factor=2.5") == Fault("sleep", rank=1, factor=2.5)
     assert parse_fault("hang:rank=0:step=4:attempt=*").attempt is None
+    assert parse_fault("hang:rank=1:step=2:phase=checkpoint") == Fault("hang", rank=1, step=2, phase="checkpoint")
+    assert parse_fault("kill:rank=1:step=2").phase == "step"
     for bad, needle in (("kil:rank=1", "unknown kind"), ("kill:rank=1", "step=N is required"),
                         ("sleep:factor=2", "rank=R is required"), ("kill:rank=x:step=1", "not a number"),
-                        ("sleep:rank=0:factor=0.5", "factor must be >= 1"), ("kill:rank=0:when=3", "not one of")):
+                        ("sleep:rank=0:factor=0.5", "factor must be >= 1"), ("kill:rank=0:when=3", "not one of"),
+                        ("hang:rank=0:step=1:phase=save", "phase must be one of step, checkpoint"),
+                        ("sleep:rank=0:phase=checkpoint", "only for kill, hang, raise")):
         with pytest.raises(FaultSpecError, match=needle):
             parse_fault(bad)
 

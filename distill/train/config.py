@@ -243,8 +243,19 @@ class FaultSection(Section):
 
     collective_timeout_s: float = Field(default=1800.0, gt=0)
     """torch.distributed timeout of the process group: a collective waiting longer raises. The
-    hang watchdog usually fires first; this is the backstop for phases it does not watch
-    (startup, checkpoint writes)."""
+    hang watchdog usually fires first; this is the backstop for what it does not watch (joining
+    the group, and a hang that blocks the watchdog's own thread)."""
+
+    startup_timeout_s: float = Field(default=1800.0, gt=0)
+    """Seconds from an attempt's start (after the group formed) to its first step: reading the
+    token cache, loading the student, backend setup (ZeRO-3 partitioning, Megatron conversion)
+    and loading the checkpoint. Longer is treated as a hang: stack dumps, then a restart. Raise
+    it for very large students on slow storage."""
+
+    checkpoint_timeout_s: float = Field(default=1800.0, gt=0)
+    """Seconds a checkpoint write may take on every rank (shards, RNG, manifest with checksums,
+    the commit) before it is treated as a hang (a stuck filesystem or a rank blocked in the save's
+    barriers): stack dumps, then a restart from the last committed checkpoint."""
 
     hang_timeout_s: float | None = Field(default=None, gt=0)
     """Seconds a training step may run before the watchdog dumps every rank's Python stacks and

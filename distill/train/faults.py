@@ -11,6 +11,10 @@ recovery the same way the tests do, e.g.
                               loading data (a slow host or input pipeline)
     raise:rank=0:step=3       rank 0 raises RuntimeError at step 3 (an ordinary Python failure)
 
+kill, hang and raise take `phase=checkpoint` to fire inside the checkpoint write after step N
+instead (e.g. `hang:rank=1:step=2:phase=checkpoint`: a rank stuck while the others wait in the
+save's barrier), which the watchdog catches with `train.fault.checkpoint_timeout_s`.
+
 Steps count from 1 (step N is the N-th optimizer step of the plan, so it is the same step after a
 resume). A fault fires in attempt 0 of a launch only, so the restarted group runs clean; add
 `attempt=N` for another attempt or `attempt=*` for every one.
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 FAULT_KINDS = ("kill", "hang", "sleep", "raise")
+PHASES = ("step", "checkpoint")
 
 
 class FaultSpecError(ValueError):
@@ -42,6 +47,9 @@ class Fault:
     """sleep: the rank's own step time is multiplied by this."""
     attempt: int | None = 0
     """The attempt of the launch it fires in; None: every attempt."""
+    phase: str = "step"
+    """kill / hang / raise: as step N begins (`step`) or inside the checkpoint write after
+    step N (`checkpoint`)."""
 
 
 def parse_fault(spec: str) -> Fault:
@@ -52,8 +60,15 @@ def parse_fault(spec: str) -> Fault:
     values: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in ("rank", "step", "factor", "attempt"):
-            raise FaultSpecError(f"fault {spec!r}: {pair!r} is not one of rank=R, step=N, factor=F, attempt=N|*")
+        if not sep or key not in ("rank", "step", "factor", "attempt", "phase"):
+            raise FaultSpecError(f"fault {spec!r}: {pair!r} is not one of rank=R, step=N, factor=F, attempt=N|*, "
+                                 f"phase={'|'.join(PHASES)}")
+        if key == "phase":
+            if value not in PHASES or kind == "sleep":
+                raise FaultSpecError(f"fault {spec!r}: phase must be one of {', '.join(PHASES)} "
+                                     "(and only for kill, hang, raise)")
+            values[key] = value
+            continue
         try:
             if key == "factor":
                 values[key] = float(value)
@@ -110,10 +125,17 @@ class FaultInjector:
             self._group = dist.new_group(backend="gloo")
 
     def at_step_start(self, step: int) -> None:
+        self._fire(step, "step")
+
+    def at_checkpoint(self, step: int) -> None:
+        """Inside the checkpoint write after step `step` (before this rank writes its parts)."""
+        self._fire(step, "checkpoint")
+
+    def _fire(self, step: int, phase: str) -> None:
         for f in self.mine:
-            if f.step != step:
+            if f.step != step or f.phase != phase or f.kind == "sleep":
                 continue
-            where = f"rank {self.rank}, step {step}"
+            where = f"rank {self.rank}, step {step}" + (", checkpoint write" if phase == "checkpoint" else "")
             if f.kind == "kill":
                 self.record_cause(f"injected kill ({where})")
                 os.kill(os.getpid(), signal.SIGKILL)

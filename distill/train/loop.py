@@ -190,6 +190,9 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
     monitor = StepMonitor(cfg.fault, out_dir, rank=rank, world=backend.world_size, node=node, nodes=nodes,
                           attempt=attempt, launch=launched_at, gather=_gather_floats)
     live["monitor"] = monitor
+    # Watched until the first step begins: a rank stuck loading (a dead filesystem, a collective
+    # in backend setup or resume that a peer never joins) dumps its stacks and the group restarts.
+    monitor.guard("startup (token cache, student, backend setup, resume)", cfg.fault.startup_timeout_s)
     injector = FaultInjector(parse_faults(cfg.fault.inject), rank=rank, attempt=attempt,
                              record_cause=monitor.record_cause)
     injector.setup()
@@ -238,14 +241,16 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
               f"{in_plan} planned; {_parallel_layout(cfg, backend)}, {precision}", flush=True)
 
     def write_parts(tmp: Path) -> None:
+        injector.at_checkpoint(step)
         backend.save_checkpoint(tmp)
         if rank == 0:
             _save_hf_files(model, job.model_path, tmp / "hf")
 
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     step, exclude, report = start, None, None
+    monitor.unguard()  # start-up is over (a resumed run may have no step left to arm the next phase)
     while step < total:
-        monitor.begin(step + 1)  # the watchdog watches from here to monitor.end (not checkpoint writes)
+        monitor.begin(step + 1)  # the watchdog watches from here to monitor.end
         injector.at_step_start(step + 1)
         t0 = time.monotonic()
         shares = [plan.micro_batches(step, r, world, cfg.micro_batch, cfg.grad_accum) for r in range(world)]
@@ -284,9 +289,11 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
             metrics.log(step, values)
             metrics.progress(step, total, values)
         if step % cfg.checkpoint.every_steps == 0 or last or exclude:
+            monitor.guard(f"checkpoint write after step {step}", cfg.fault.checkpoint_timeout_s)
             last_ckpt = save_checkpoint(ckpt_root, step, {**signature, "total_steps": total}, rank=rank,
                                         keep_last=cfg.checkpoint.keep_last, write_parts=write_parts,
                                         barrier=backend.barrier, checksums=cfg.fault.checksums)
+            monitor.unguard()
         if exclude:
             if rank == 0:
                 monitor.record_cause(f"straggler: restart without node {exclude} after step {step}",

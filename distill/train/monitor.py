@@ -173,14 +173,18 @@ class HangWatchdog:
         self._deadline: float | None = None
         self._armed_at = 0.0
         self._step = 0
+        self._what = ""
         self._stop = threading.Event()
         self.fired = threading.Event()
         self._thread = threading.Thread(target=self._run, name="distill-hang-watchdog", daemon=True)
         self._thread.start()
 
-    def arm(self, step: int, timeout_s: float) -> None:
+    def arm(self, step: int, timeout_s: float, what: str | None = None) -> None:
+        """Watch from now for `timeout_s`; `what` names the phase in the dump and the cause
+        (default "step N")."""
         with self._lock:
             self._step, self._armed_at = step, time.monotonic()
+            self._what = what or f"step {step}"
             self._deadline = self._armed_at + timeout_s
 
     def disarm(self) -> None:
@@ -194,11 +198,11 @@ class HangWatchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             with self._lock:
-                deadline, step, armed_at = self._deadline, self._step, self._armed_at
+                deadline, what, armed_at = self._deadline, self._what, self._armed_at
             if deadline is None or time.monotonic() < deadline:
                 continue
             waited = time.monotonic() - armed_at
-            message = (f"hang: step {step} made no progress for {waited:.1f}s "
+            message = (f"hang: {what} made no progress for {waited:.1f}s "
                        f"(timeout {deadline - armed_at:.1f}s)")
             self.dump_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.dump_path, "w") as f:
@@ -347,6 +351,15 @@ class StepMonitor:
         cfg = self.cfg
         self.watchdog.arm(step, hang_timeout(cfg.hang_timeout_s, self.recent[-50:], min_s=cfg.hang_min_timeout_s,
                                              factor=cfg.hang_factor, first_step_s=cfg.first_step_timeout_s))
+
+    def guard(self, what: str, timeout_s: float) -> None:
+        """Watch a phase that is not a step (start-up, a checkpoint write) with its own timeout;
+        a hang there dumps stacks and restarts the group like a hung step. `begin` or `unguard`
+        ends it."""
+        self.watchdog.arm(0, timeout_s, what)
+
+    def unguard(self) -> None:
+        self.watchdog.disarm()
 
     def sync(self, barrier: Callable[[], None]) -> float:
         """The step's sync point after loading data; seconds this rank waited in it."""
