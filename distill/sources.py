@@ -8,6 +8,7 @@ configured error budget, and even then the quarantine is written first so it can
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from collections import Counter
@@ -55,9 +56,13 @@ class IngestSummary:
 # --------------------------------------------------------------------------- readers
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
+def _read_jsonl(path: Path, start: int = 0, stop: int | None = None, first_line: int = 1) -> Iterator[Row]:
+    """Rows of a JSON Lines file; with `start`/`stop`, only the lines in bytes [start, stop),
+    where `start` is the first byte of line `first_line` (one parallel reader's share)."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        f.seek(start)
+        lines = f if stop is None else io.BytesIO(f.read(stop - start))
+        for lineno, raw in enumerate(lines, start=first_line):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"

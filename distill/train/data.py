@@ -27,10 +27,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -278,21 +278,285 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _iter_rows(files: list[Path]) -> Iterator[Any]:
-    from distill.sources import _read_jsonl, _read_parquet
+# --------------------------------------------------------------------------- parallel build
+#
+# The input is cut into chunks (a byte range of a JSONL file, a row range of a Parquet file). Each
+# chunk is tokenised on its own by `tokenize_chunk`, wherever a `ChunkMap` runs it (this process,
+# a local process pool, Ray tasks), and ONE writer merges the results in input order. A chunk's
+# result depends only on its rows and shards are cut from the merged stream, so the cache is the
+# same bytes whatever the number of workers or the chunk size.
 
-    for f in files:
-        yield from (_read_parquet(f) if f.suffix == ".parquet" else _read_jsonl(f))
+ChunkMap = Callable[[Callable[..., "ChunkResult"], list[tuple]], Iterator["ChunkResult"]]
+"""`map_chunks(fn, calls)` yields `fn(*call)` for each call IN ORDER; where the calls run is its
+business (`serial_chunk_map`, `local_chunk_map`, the launcher's Ray tasks). `fn` is a module-level
+function, so it pickles by name."""
+
+_CHUNK_BYTES = 4 << 20
+"""Text per chunk: ~1M tokens of chat, ~12 s on one core. Many chunks keep every worker busy to the
+end; each costs a task round trip and ~8 bytes a token shipped back to the driver."""
+_MAX_AUTO_WORKERS = 64
+"""Unset train.data.tokenize_workers uses every CPU up to this: each worker process holds
+transformers and a tokenizer (~0.3-0.5 GB), and the single writer has to keep up with them."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of tokenisation work: JSONL bytes [start, stop), the first of which begins line
+    `line`; or Parquet rows [start, stop), 0-based (`line` unused)."""
+
+    path: str
+    start: int
+    stop: int
+    line: int = 1
+
+
+@dataclass
+class Samples:
+    """Kept samples in input order: token arrays concatenated (int32), one length per sample."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    n_targets: np.ndarray
+    locations: list[str]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @staticmethod
+    def concat(parts: list["Samples"]) -> "Samples":
+        if len(parts) == 1:
+            return parts[0]
+        return Samples(*(np.concatenate([getattr(p, k) for p in parts]).astype(np.int32, copy=False)
+                         for k in ("ids", "labels", "lengths", "n_targets")),
+                       [loc for p in parts for loc in p.locations])
+
+    def split(self, n: int) -> tuple["Samples", "Samples"]:
+        """The first n samples and the rest."""
+        cut = int(self.lengths[:n].sum())
+        return (Samples(self.ids[:cut], self.labels[:cut], self.lengths[:n], self.n_targets[:n], self.locations[:n]),
+                Samples(self.ids[cut:], self.labels[cut:], self.lengths[n:], self.n_targets[n:], self.locations[n:]))
+
+    def table(self) -> pa.Table:
+        offsets = pa.array(np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]), pa.int32())
+        return pa.Table.from_arrays(
+            [pa.ListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
+             pa.ListArray.from_arrays(offsets, pa.array(self.labels, pa.int32())),
+             pa.array(self.lengths, pa.int32()), pa.array(self.n_targets, pa.int32()),
+             pa.array(self.locations, pa.string())], schema=SAMPLE_SCHEMA)
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk became: its samples, and its rejected rows ({location, reason, raw}) in input
+    order, of which `n_dropped` are samples over max_len and the rest malformed rows."""
+
+    samples: Samples
+    rejected: list[dict]
+    n_dropped: int
+
+
+def plan_chunks(files: list[Path], chunk_bytes: int = _CHUNK_BYTES) -> list[Chunk]:
+    """The input cut into chunks of about `chunk_bytes` of text, in input order. Pure but for
+    reading the files."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes}: must be positive")
+    return [c for f in files for c in (_parquet_chunks(f, chunk_bytes) if f.suffix == ".parquet"
+                                       else _jsonl_chunks(f, chunk_bytes))]
+
+
+def _jsonl_chunks(path: Path, chunk_bytes: int) -> list[Chunk]:
+    # Cut at line ends, and count lines on the way (one read of the file at ~GB/s), so that each
+    # chunk names its rows `file:line` exactly as one serial read would.
+    chunks, start, line = [], 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            block += f.readline()  # finish the line the block cut into (b"" at the end of the file)
+            chunks.append(Chunk(str(path), start, start + len(block), line))
+            start += len(block)
+            line += block.count(b"\n")
+    return chunks
+
+
+def _parquet_chunks(path: Path, chunk_bytes: int) -> list[Chunk]:
+    meta = pq.ParquetFile(path).metadata
+    if meta.num_rows == 0:
+        return []
+    text = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))  # uncompressed
+    rows = max(1, int(meta.num_rows * chunk_bytes / max(text, 1)))
+    return [Chunk(str(path), a, min(a + rows, meta.num_rows)) for a in range(0, meta.num_rows, rows)]
+
+
+def _parquet_rows(path: str, start: int, stop: int) -> Iterator[Any]:
+    """Rows [start, stop) named `file:row N` (1-based), as `distill.sources` names them. Only the
+    row groups that overlap are decoded; a group split over k chunks is decoded k times, which
+    costs little next to tokenising it."""
+    from distill.sources import Row
+
+    pf = pq.ParquetFile(path)
+    groups, first, base = [], 0, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if first < stop and first + n > start:
+            base = base if groups else first
+            groups.append(g)
+        first += n
+    table = pf.read_row_groups(groups).slice(start - base, stop - start)
+    for i, row in enumerate(table.to_pylist(), start=start + 1):
+        yield Row(f"{path}:row {i}", row, "")
+
+
+def _chunk_rows(chunk: Chunk) -> Iterator[Any]:
+    from distill.sources import _read_jsonl
+
+    if chunk.path.endswith(".parquet"):
+        return _parquet_rows(chunk.path, chunk.start, chunk.stop)
+    return _read_jsonl(Path(chunk.path), chunk.start, chunk.stop, chunk.line)
+
+
+_TOKENIZERS: dict[tuple[str, str], Any] = {}
+
+
+def _worker_tokenizer(path: str, fingerprint: str):
+    """The tokenizer, loaded once per process and kept: importing transformers and loading the
+    tokenizer take ~3-8 s, a chunk ~12 s, so loading it per chunk would cost a third of the
+    throughput. Checked against the driver's fingerprint: a worker that finds other files under
+    the same path (another node) must not write tokens that the cache key does not describe."""
+    key = (path, fingerprint)
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer_fingerprint(tokenizer) != fingerprint:
+            raise RuntimeError(f"the tokenizer at {path} in process {os.getpid()} differs from the one the token "
+                               "cache was keyed with: every node must see the same model files")
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
+
+
+def tokenize_chunk(chunk: Chunk, tokenizer_path: str, fingerprint: str, max_len: int,
+                   messages_column: str) -> ChunkResult:
+    """Tokenise one chunk: samples of at most `max_len` tokens, and the rows rejected (malformed,
+    with the reason; over-long, dropped whole) in input order."""
+    tokenizer = _worker_tokenizer(tokenizer_path, fingerprint)
+    rejected: list[tuple[int, dict]] = []  # (row position, record): sorted back into input order
+    kept: list[tuple[str, np.ndarray, np.ndarray]] = []
+    pending: list[tuple[int, str, str, list[tuple[int, int]], Any]] = []
+    n_dropped = 0
+
+    def reject(pos: int, location: str, reason: str, raw: Any) -> None:
+        text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
+        rejected.append((pos, {"location": location, "reason": reason, "raw": text[:_RAW_LIMIT]}))
+
+    def encode() -> None:
+        nonlocal n_dropped
+        encoded = _encode_rendered(tokenizer, [p[2] for p in pending], [p[3] for p in pending])
+        for (pos, location, _, _, raw), (ids, labels) in zip(pending, encoded):
+            if len(ids) > max_len:
+                n_dropped += 1
+                reject(pos, location, f"too_long: {len(ids)} tokens > max_len {max_len} (dropped, not cut)", raw)
+            else:
+                kept.append((location, ids, labels))
+        pending.clear()
+
+    for pos, row in enumerate(_chunk_rows(chunk)):
+        if isinstance(row.value, str):  # the reader could not decode the line
+            reject(pos, row.location, row.value, row.raw)
+            continue
+        raw = row.value.get(messages_column)
+        try:
+            if messages_column not in row.value:
+                raise MalformedConversation(f"no_messages: no column {messages_column!r}")
+            text, spans = _render(tokenizer, validate_messages(raw))
+        except MalformedConversation as e:
+            reject(pos, row.location, str(e), row.raw or row.value)
+            continue
+        pending.append((pos, row.location, text, spans, row.raw or raw))
+        if len(pending) >= _ENCODE_BATCH:
+            encode()
+    if pending:
+        encode()
+    empty = np.zeros(0, np.int32)
+    samples = Samples(np.concatenate([k[1] for k in kept]) if kept else empty,
+                      np.concatenate([k[2] for k in kept]) if kept else empty,
+                      np.array([len(k[1]) for k in kept], np.int32),
+                      np.array([int((k[2] != IGNORE_INDEX).sum()) for k in kept], np.int32),
+                      [k[0] for k in kept])
+    rejected.sort(key=lambda r: r[0])
+    return ChunkResult(samples, [r for _, r in rejected], n_dropped)
+
+
+def ordered_map(submit: Callable[[tuple], Any], get: Callable[[Any], Any], calls: Iterable[tuple], *,
+                window: int, cancel: Callable[[Any], Any]) -> Iterator[Any]:
+    """`get(submit(call))` for each call, in order, with up to `window` calls submitted ahead of the
+    one being waited for: the workers do not idle while the driver writes, and the driver holds
+    at most `window` results. Calls not collected when it stops (an error, an early close) are
+    cancelled."""
+    pending: deque = deque()
+    try:
+        for call in calls:
+            if len(pending) >= window:
+                yield get(pending.popleft())
+            pending.append(submit(call))
+        while pending:
+            yield get(pending.popleft())
+    finally:
+        for handle in pending:
+            cancel(handle)
+
+
+def serial_chunk_map(fn: Callable[..., ChunkResult], calls: list[tuple]) -> Iterator[ChunkResult]:
+    """Every chunk in this process, one after another."""
+    return (fn(*call) for call in calls)
+
+
+def local_chunk_map(workers: int) -> ChunkMap:
+    """Chunks on a pool of `workers` local processes (1: `serial_chunk_map`). The processes start
+    by forkserver (spawn where there is none): a fork of a driver that runs threads (Ray's, the
+    Rust tokenizer's) can deadlock. Each pays the transformers import and tokenizer load once
+    (~3-8 s), so the pool never has more processes than chunks."""
+    if workers <= 1:
+        return serial_chunk_map
+
+    def run(fn: Callable[..., ChunkResult], calls: list[tuple]) -> Iterator[ChunkResult]:
+        import multiprocessing as mp
+        from concurrent.futures import Future, ProcessPoolExecutor
+
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(max(1, min(workers, len(calls))), mp_context=mp.get_context(method)) as pool:
+            yield from ordered_map(lambda call: pool.submit(fn, *call), Future.result, calls,
+                                   window=2 * workers, cancel=Future.cancel)
+
+    return run
+
+
+def auto_workers(available: int, requested: int | None) -> int:
+    """train.data.tokenize_workers if set, else every available CPU up to _MAX_AUTO_WORKERS. Pure."""
+    return requested if requested is not None else max(1, min(int(available), _MAX_AUTO_WORKERS))
+
+
+def local_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- building the cache
 
 
 def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: int, out_dir: Path,
-                      messages_column: str = "messages") -> TokenCache:
+                      messages_column: str = "messages", map_chunks: ChunkMap | None = None,
+                      chunk_bytes: int = _CHUNK_BYTES) -> TokenCache:
     """Tokenise once; keyed by hash(tokenizer files + chat template + data content + max_len);
     reuses a matching cache, rebuilds otherwise. Runs in ONE process before the training workers
-    start (the driver / a Ray task) so no rank tokenises while others wait on a collective.
+    start (the driver) so no rank tokenises while others wait on a collective; that process may
+    spread the chunks over `map_chunks` (`local_chunk_map(n)`, the launcher's Ray tasks; unset:
+    one after another here). Neither it nor `chunk_bytes` changes the result, so neither is in
+    the key; an input of one chunk is tokenised here either way (no worker start-up to pay).
 
     The cache is `out_dir/<key>/`; it appears by rename of a finished build, so a killed build
-    leaves nothing that looks complete, and a file lock keeps two builders from racing."""
+    leaves nothing that looks complete, and a file lock keeps two builders from racing. Workers
+    open `data_files` and the tokenizer by the paths given: where they run on other machines,
+    those must be absolute paths every machine sees."""
     from filelock import FileLock
     from transformers import AutoTokenizer
 
@@ -303,7 +567,8 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
     if max_len < 2:
         raise ValueError(f"max_len={max_len}: a sample needs at least 2 tokens")
     files = expand_data_files(data_files)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_dir))
+    tokenizer_path = resolve_model(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer of {tokenizer_dir!r} has no chat template; SFT data needs one")
     if not end_of_turn(tokenizer):
@@ -324,7 +589,11 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=out_dir))
         try:
-            counts = _tokenize_into(tmp, files, tokenizer, max_len=max_len, messages_column=messages_column)
+            chunks = plan_chunks(files, chunk_bytes)
+            _TOKENIZERS[(tokenizer_path, settings["tokenizer"])] = tokenizer  # chunks run here reuse it
+            calls = [(c, tokenizer_path, settings["tokenizer"], max_len, messages_column) for c in chunks]
+            run = map_chunks if map_chunks is not None and len(calls) > 1 else serial_chunk_map
+            counts = _write_cache(tmp, run(tokenize_chunk, calls))
             Manifest("tokenize", key, settings, inputs={str(f): settings["data"] for f in files},
                      status="complete", counts=counts).write(tmp)
             shutil.rmtree(target, ignore_errors=True)  # a cache dir without manifest: a crashed rename
@@ -335,62 +604,37 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
     return load_token_cache(target)
 
 
-def _tokenize_into(out: Path, files: list[Path], tokenizer, *, max_len: int, messages_column: str) -> dict:
-    samples: list[dict] = []
-    rejected: list[dict] = []
-    reasons: Counter = Counter()
+def _write_cache(out: Path, results: Iterable[ChunkResult]) -> dict:
+    """Write chunk results, in the order given, as shards of _SHARD_SAMPLES samples plus
+    rejected/part-00000.parquet; the manifest's counts."""
     stats = {"samples": 0, "dropped": 0, "rejected": 0, "tokens": 0, "target_tokens": 0}
-    shard = 0
+    reasons: Counter = Counter()
+    rejected: list[dict] = []
+    buffer: list[Samples] = []
+    buffered = shard = 0
 
-    def reject(location: str, reason: str, raw: Any) -> None:
-        reasons[reason.split(":", 1)[0]] += 1
-        text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
-        rejected.append({"location": location, "reason": reason, "raw": text[:_RAW_LIMIT]})
+    def write(samples: Samples) -> None:
+        nonlocal shard
+        pq.write_table(samples.table(), out / f"part-{shard:05d}.parquet")
+        shard += 1
 
-    def flush(force: bool) -> None:
-        nonlocal shard, samples
-        while len(samples) >= _SHARD_SAMPLES or (force and samples):
-            part, samples = samples[:_SHARD_SAMPLES], samples[_SHARD_SAMPLES:]
-            pq.write_table(pa.Table.from_pylist(part, schema=SAMPLE_SCHEMA), out / f"part-{shard:05d}.parquet")
-            shard += 1
-
-    def encode(batch: list[tuple[str, str, list[tuple[int, int]], Any]]) -> None:
-        encoded = _encode_rendered(tokenizer, [b[1] for b in batch], [b[2] for b in batch])
-        for (location, _, _, raw), (ids, labels) in zip(batch, encoded):
-            if len(ids) > max_len:
-                stats["dropped"] += 1
-                reject(location, f"too_long: {len(ids)} tokens > max_len {max_len} (dropped, not cut)", raw)
-                continue
-            n_targets = int((labels != IGNORE_INDEX).sum())
-            stats["samples"] += 1
-            stats["tokens"] += len(ids)
-            stats["target_tokens"] += n_targets
-            samples.append({"input_ids": ids, "labels": labels, "length": len(ids), "n_targets": n_targets,
-                            "location": location})
-        flush(force=False)
-
-    pending = []
-    for row in _iter_rows(files):
-        if isinstance(row.value, str):  # the reader could not decode the line
-            stats["rejected"] += 1
-            reject(row.location, row.value, row.raw)
-            continue
-        raw = row.value.get(messages_column)
-        try:
-            if messages_column not in row.value:
-                raise MalformedConversation(f"no_messages: no column {messages_column!r}")
-            text, spans = _render(tokenizer, validate_messages(raw))
-        except MalformedConversation as e:
-            stats["rejected"] += 1
-            reject(row.location, str(e), row.raw or row.value)
-            continue
-        pending.append((row.location, text, spans, row.raw or raw))
-        if len(pending) >= _ENCODE_BATCH:
-            encode(pending)
-            pending = []
-    if pending:
-        encode(pending)
-    flush(force=True)
+    for result in results:
+        samples = result.samples
+        stats["samples"] += len(samples)
+        stats["dropped"] += result.n_dropped
+        stats["rejected"] += len(result.rejected) - result.n_dropped
+        stats["tokens"] += int(samples.lengths.sum())
+        stats["target_tokens"] += int(samples.n_targets.sum())
+        reasons.update(r["reason"].split(":", 1)[0] for r in result.rejected)
+        rejected += result.rejected
+        buffer.append(samples)
+        buffered += len(samples)
+        while buffered >= _SHARD_SAMPLES:
+            head, rest = Samples.concat(buffer).split(_SHARD_SAMPLES)
+            write(head)
+            buffer, buffered = [rest], buffered - _SHARD_SAMPLES
+    if buffered:
+        write(Samples.concat(buffer))
     if rejected:
         (out / "rejected").mkdir()
         pq.write_table(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), out / "rejected" / "part-00000.parquet")
