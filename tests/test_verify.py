@@ -322,6 +322,7 @@ def _partial_parse_pairs() -> list[tuple[str, str]]:
         (hyp.replace("4.089", "8.089"), hyp),
         (inverses.replace("-2 & 1", "-7 & 1"), inverses),
         (eigen.replace("\\lambda_{2}=4", "\\lambda_{2}=8"), eigen),
+        (eigen.replace("\\lambda_{2}=4", "\\lambda_{4}=4"), eigen),  # read from its last `$$...$$` only
     ]
 
 
@@ -381,6 +382,10 @@ def test_fragment_accounts_for_every_number_of_the_text():
     assert not fragment_accounts_for(sympy.Integer(0), "\\{x \\mid x \\geq 0\\}")
     assert not fragment_accounts_for(sympy.Integer(3), "\\{x \\mid-1 / 3<x<1 / 3\\}")
     assert not fragment_accounts_for(sympy.Integer(2), "\\min$ at $x=1 / 2")
+    # Of several math environments math-verify reads one: never the whole answer.
+    h4 = sympy.Eq(sympy.Symbol("h"), 4)
+    assert fragment_accounts_for(h4, "The answer is $h=4$.")
+    assert not fragment_accounts_for(h4, "The answer is $h=4$, not $4$.")
 
 
 # --------------------------------------------------------------------------- sandbox

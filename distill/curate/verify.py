@@ -296,6 +296,8 @@ def majority_vote(answers: Sequence[str | None], same: Sequence[tuple[str, str]]
 # --------------------------------------------------------------------------- symbolic path (workers)
 
 _TEXT_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+")
+# Math environments inside an answer's text (`$...$`, `$$...$$`, `\[...\]`, `\(...\)`).
+_MATH_ENV = re.compile(r"\$\$.+?\$\$|\$[^$]+\$|\\\[.+?\\\]|\\\(.+?\\\)", re.DOTALL)
 # A relation or condition written in the answer (`x \leq 250`, `x \neq \pm 5`, `\{x \mid x > 0\}`).
 _RELATION = re.compile(r"[<>=]|\\(?:leq?|geq?|leqslant|geqslant|neq?|pm|mp|mid|in|subset|subseteq|cup|cap)(?![A-Za-z])")
 
@@ -308,15 +310,17 @@ def text_numbers(text: str) -> list[Fraction]:
 
 def fragment_accounts_for(value: Any, text: str) -> bool:
     """Whether a value math-verify read from a fragment of `text` (a sympy object) stands for all
-    of `text`: every number written in `text` is, up to sign, a number of the value's tree (or the
-    numerator or denominator of a fraction there), and a bare number is not all that a text with a
-    relation says (`\\{x \\mid x \\geq 0\\}` is not 0). Strict by design: a fragment that sympy
+    of `text`: the text holds at most one math environment (of several, math-verify read one: the
+    last matrix of "Eigenvalues: $...$ ... $$D=...$$"), every number written in `text` is, up to
+    sign, a number of the value's tree (or the numerator or denominator of a fraction there), and
+    a bare number is not all that a text with a relation says (`\\{x \\mid x \\geq 0\\}` is not 0).
+    Strict by design: a fragment that sympy
     rewrote while parsing (`$\\sqrt{8}$` -> 2*sqrt(2), `$\\frac{6}{4}$` -> 3/2) does not account for
     its text either, so its answer counts as unparsed, never as a wrong "equal". Runs in the
     workers (imports sympy)."""
     from sympy import Float, Number, Rational
 
-    if isinstance(value, Number) and _RELATION.search(text):
+    if len(_MATH_ENV.findall(text)) > 1 or (isinstance(value, Number) and _RELATION.search(text)):
         return False
     try:
         atoms = value.atoms(Number)
@@ -355,7 +359,7 @@ def _worker_handler(alarm_s: int, cache_size: int = 4096):
         # (`\frac{1}{2},-1,\frac{3\pm i}{2}` read as 1/2). An answer holding `$` itself stays bare.
         wrapped = "\\boxed{" + text + "}" if "$" in text else "$\\boxed{" + text + "}$"
         try:
-            out = _read_whole(wrapped)
+            out = _read_whole(text, wrapped)
         except TimeoutException:
             out = "timeout"
         except Exception:  # noqa: BLE001 - any parser failure is this answer's parse error
@@ -365,7 +369,7 @@ def _worker_handler(alarm_s: int, cache_size: int = 4096):
             cache.popitem(last=False)
         return out
 
-    def _read_whole(wrapped: str):
+    def _read_whole(text: str, wrapped: str):
         # Partial-parse guard. math-verify tries its matches from the most trusted down and keeps
         # the first that parses: first the whole box, then, when the box is not LaTeX it can read,
         # any `$…$` inside it or any bare number in it. Those fallbacks read a fragment and drop
@@ -384,7 +388,7 @@ def _worker_handler(alarm_s: int, cache_size: int = 4096):
             return whole, False
         full = parse(wrapped, parsing_timeout=alarm_s, raise_on_error=True)
         values = [x for x in full if not isinstance(x, str)]
-        if all(fragment_accounts_for(v, wrapped) for v in values):
+        if all(fragment_accounts_for(v, text) for v in values):
             return full, False
         return [x for x in full if isinstance(x, str)] or whole, True
 
