@@ -258,3 +258,149 @@ def test_leftovers_of_a_killed_build_are_replaced(tmp_path, smollm_dir):
     again = build_token_cache([data], smollm_dir, max_len=512, out_dir=tmp_path / "cache")
     assert again.path == first.path and again.n_samples == 3
     assert not list((tmp_path / "cache").glob(".*.tmp-*"))
+
+
+# ----------------------------------------------------------------- the parallel build
+
+
+def mixed_inputs(tmp: Path) -> tuple[list[Path], dict[str, str]]:
+    """Real GSM8K chats in two JSONL files and a Parquet file of several row groups, with
+    malformed rows planted among them; the files and {location: expected reason code}."""
+    chats = gsm8k_chats(420)
+    planted: dict[str, str] = {}
+    bad = [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe{\"messages\": 1}", "undecodable"),
+        (b"[1, 2]", "not_an_object"),
+        (json.dumps({"id": 1}).encode(), "no_messages"),
+        (json.dumps({"messages": "not json"}).encode(), "bad_messages"),
+        (json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(), "no_assistant"),
+        (json.dumps({"messages": [{"role": "bot", "content": "q"}, {"role": "assistant", "content": "a"}]}).encode(), "bad_role"),
+        (json.dumps({"messages": [{"role": "user", "content": "Repeat."},
+                                  {"role": "assistant", "content": "word " * 600}]}).encode(), "too_long"),
+    ]
+    lines: list[bytes] = []
+    first = tmp / "a.jsonl"
+    for i, chat in enumerate(chats[:200]):
+        if i % 23 == 11:
+            raw, code = bad[(i // 23) % len(bad)]
+            lines.append(raw)
+            planted[f"{first}:{len(lines)}"] = code
+        if i % 37 == 5:
+            lines.append(b"   ")  # blank: skipped, but it still counts as a line
+        lines.append(json.dumps({"messages": chat}).encode())
+    first.write_bytes(b"\n".join(lines) + b"\n")
+
+    table = pa.Table.from_pylist([{"messages": c, "id": str(i)} for i, c in enumerate(chats[200:300])]
+                                 + [{"messages": None, "id": "null"}])
+    parquet = tmp / "b.parquet"
+    pq.write_table(table, parquet, row_group_size=30)  # four row groups: chunks cut through them
+    planted[f"{parquet}:row 101"] = "no_messages"
+
+    last = tmp / "c.jsonl"
+    rows = [json.dumps({"messages": [{"role": "system", "content": SYSTEM}, *c]}) for c in chats[300:]]
+    last.write_text("\n".join(rows[:60] + ["{not json"] + rows[60:]))  # and no newline at the end
+    planted[f"{last}:61"] = "invalid_json"
+    return [first, parquet, last], planted
+
+
+def cache_files(path: Path) -> dict[str, bytes]:
+    """Every file of a cache directory by relative path; the manifest without its time stamp."""
+    out = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        if f.name == "_manifest.json":
+            manifest = json.loads(data)
+            manifest.pop("updated")
+            data = json.dumps(manifest, sort_keys=True).encode()
+        out[str(f.relative_to(path))] = data
+    return out
+
+
+def test_parallel_build_equals_serial_build(tmp_path, smollm_dir, monkeypatch):
+    from distill.train import data
+
+    monkeypatch.setattr(data, "_SHARD_SAMPLES", 64)  # several shards, cut across chunk results
+    files, planted = mixed_inputs(tmp_path)
+    assert len(data.plan_chunks(files)) == 3  # the default: one chunk per small file
+    assert len(data.plan_chunks(files, 16_000)) >= 10
+    serial = build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "serial")
+    parallel = build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "parallel",
+                                 map_chunks=data.local_chunk_map(2), chunk_bytes=16_000)
+    # One line (or Parquet row) per chunk, one after another: every chunk boundary there is.
+    per_row = build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "per_row", chunk_bytes=1)
+
+    # Real GSM8K solutions run past 256 tokens: the drop path sees more than the planted sample.
+    assert serial.n_samples > 200 and serial.n_dropped > 20 and len(list(serial.path.glob("part-*.parquet"))) > 3
+    assert serial.path.name == parallel.path.name == per_row.path.name  # the key ignores parallelism
+    expected = cache_files(serial.path)
+    assert cache_files(parallel.path) == expected
+    assert cache_files(per_row.path) == expected
+
+    rejected = pq.read_table(serial.path / "rejected" / "part-00000.parquet").to_pylist()
+    reasons = {r["location"]: r["reason"].split(":")[0] for r in rejected}
+    assert {loc: reasons.get(loc) for loc in planted} == planted
+    assert serial.n_rejected == len(planted) - 1  # all but the over-long chat are malformed
+    assert serial.n_samples + serial.n_dropped + serial.n_rejected == 420 + len(planted)
+    order = [(files.index(Path(r["location"].rsplit(":", 1)[0])), int(r["location"].rsplit(" ", 1)[-1].rsplit(":", 1)[-1]))
+             for r in rejected]
+    assert order == sorted(order)  # quarantine in input order
+
+
+def test_local_chunk_map_keeps_the_input_order():
+    from distill.train.data import local_chunk_map
+
+    assert list(local_chunk_map(2)(pow, [(i, 2) for i in range(30)])) == [i * i for i in range(30)]
+
+
+def test_a_failed_chunk_leaves_no_cache(tmp_path, smollm_dir):
+    files, _ = mixed_inputs(tmp_path)
+
+    def worker_lost(fn, calls):
+        yield fn(*calls[0])
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "cache", map_chunks=worker_lost)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    assert build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "cache").n_samples > 200
+
+
+def test_a_worker_with_another_tokenizer_refuses(tmp_path, smollm_dir):
+    from distill.train.data import plan_chunks, tokenize_chunk
+
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": c} for c in gsm8k_chats(2)])
+    with pytest.raises(RuntimeError, match="differs from the one the token cache was keyed with"):
+        tokenize_chunk(plan_chunks([data])[0], smollm_dir, "0" * 16, 512, "messages")
+
+
+def test_tokenize_workers_is_volatile_and_auto_is_capped():
+    from pydantic import ValidationError
+
+    from distill.config import output_fields
+    from distill.train.config import TrainConfig
+    from distill.train.data import _MAX_AUTO_WORKERS, auto_workers
+
+    assert output_fields(TrainConfig.model_validate({"data": {"tokenize_workers": 3}})) == output_fields(TrainConfig())
+    with pytest.raises(ValidationError, match="tokenize_workers"):
+        TrainConfig.model_validate({"data": {"tokenize_workers": 0}})
+    assert auto_workers(2, None) == 2 and auto_workers(0, None) == 1 and auto_workers(1000, 5) == 5
+    assert auto_workers(1000, None) == _MAX_AUTO_WORKERS
+
+
+@pytest.mark.slow
+def test_ray_tasks_build_the_same_cache(tmp_path, smollm_dir):
+    import ray
+
+    from distill.train.launch import _chunk_map
+
+    files, _ = mixed_inputs(tmp_path)
+    serial = build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "serial")
+    ray.init(num_cpus=2, address="local", include_dashboard=False)
+    try:
+        on_ray = build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "ray",
+                                   map_chunks=_chunk_map(None), chunk_bytes=16_000)
+    finally:
+        ray.shutdown()
+    assert on_ray.path.name == serial.path.name
+    assert cache_files(on_ray.path) == cache_files(serial.path)

@@ -18,6 +18,10 @@ tokenizer, the chat template, the data content and `max_len`: a changed input ge
 directory, an unchanged one is reused as is. Over-long samples are dropped and counted, never
 cut (a cut chain of thought teaches the model to stop mid-thought); malformed rows go to
 `rejected/` with their `file:line` and a reason, as every other stage does.
+
+The build is parallel: the input is cut into chunks (JSONL byte ranges, Parquet row ranges) that
+worker processes tokenise independently, and one writer merges them in input order, so the cache
+is the same bytes whatever the number of workers (see `build_token_cache`).
 """
 
 from __future__ import annotations

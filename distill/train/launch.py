@@ -58,10 +58,10 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
     problems += check_sinks(cfg.metrics)
     if problems:
         raise ConfigError(problems)
-    files = data_files(cfg, run_dir)
+    files = [f.absolute() for f in data_files(cfg, run_dir)]  # tokenising workers may run in other directories
     out_dir = run_dir / "train"
     cache = build_token_cache(files, model_path, max_len=cfg.seq_len, out_dir=cfg.data.cache_dir or out_dir / "token_cache",
-                              messages_column=cfg.data.messages_column)
+                              messages_column=cfg.data.messages_column, map_chunks=_chunk_map(cfg.data.tokenize_workers))
     backend_class(cfg.backend).prepare(cfg)
     print(f"train: token cache {cache.path}: {cache.n_samples} samples, {int(cache.lengths.sum())} tokens, "
           f"{int(cache.n_targets.sum())} targets; {cache.n_dropped} longer than train.seq_len={cfg.seq_len} dropped, "
@@ -70,6 +70,26 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
         raise ConfigError([f"no usable training samples in {', '.join(map(str, files))} (see {cache.path}/rejected/)"])
     return TrainJob(train=cfg.model_dump(mode="json"), model_path=model_path, cache_path=str(Path(cache.path).resolve()),
                     out_dir=str(out_dir), checkpoint_dir=str(Path(cfg.checkpoint.dir or out_dir / "checkpoints").resolve()))
+
+
+def _chunk_map(workers: int | None):
+    """Where the token cache's chunks are tokenised: Ray tasks when this process is connected to
+    Ray (the driver under `distill run`), so every node's CPUs help; else a local process pool."""
+    from distill.train.data import auto_workers, local_chunk_map, local_cpus, ordered_map
+
+    ray = sys.modules.get("ray")  # not imported: cannot be connected (and importing it costs ~1 s)
+    if ray is None or not ray.is_initialized():
+        return local_chunk_map(auto_workers(local_cpus(), workers))
+    n = auto_workers(int(ray.cluster_resources().get("CPU", 1)), workers)
+
+    def run(fn, calls):
+        # One CPU per task; Ray reuses its worker processes, so each loads the tokenizer once.
+        # A window of n, not more: n caps the tasks running at once, at the cost of a worker
+        # idling while the oldest chunk of the window finishes (chunks are of one size).
+        task = ray.remote(fn).options(num_cpus=1)
+        return ordered_map(lambda call: task.remote(*call), ray.get, calls, window=n, cancel=ray.cancel)
+
+    return run
 
 
 def launch(job: TrainJob) -> Path:
