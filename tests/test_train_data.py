@@ -396,10 +396,13 @@ def test_ray_tasks_build_the_same_cache(tmp_path, smollm_dir):
 
     files, _ = mixed_inputs(tmp_path)
     serial = build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "serial")
+    assert _chunk_map(None).__qualname__ == "local_chunk_map.<locals>.run"  # not connected: a local pool
     ray.init(num_cpus=2, address="local", include_dashboard=False)
     try:
+        on_ray = _chunk_map(None)
+        assert on_ray.__qualname__ == "_chunk_map.<locals>.run"  # connected: Ray tasks
         on_ray = build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "ray",
-                                   map_chunks=_chunk_map(None), chunk_bytes=16_000)
+                                   map_chunks=on_ray, chunk_bytes=16_000)
     finally:
         ray.shutdown()
     assert on_ray.path.name == serial.path.name
