@@ -296,11 +296,13 @@ business (`serial_chunk_map`, `local_chunk_map`, the launcher's Ray tasks). `fn`
 function, so it pickles by name."""
 
 _CHUNK_BYTES = 4 << 20
-"""Text per chunk: ~1M tokens of chat, ~12 s on one core. Many chunks keep every worker busy to the
-end; each costs a task round trip and ~8 bytes a token shipped back to the driver."""
+"""Text per chunk: ~1.5M tokens of GSM8K-like chat, 3-20 s on one core depending on the text and
+the machine. Many chunks keep every worker busy to the end; each costs a task round trip and ~8
+bytes a token shipped back to the driver."""
 _MAX_AUTO_WORKERS = 64
 """Unset train.data.tokenize_workers uses every CPU up to this: each worker process holds
-transformers and a tokenizer (~0.3-0.5 GB), and the single writer has to keep up with them."""
+transformers, torch and a tokenizer (~0.5 GB), and the one writer has to keep up with them."""
+_WRITER_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -422,9 +424,9 @@ _TOKENIZERS: dict[tuple[str, str], Any] = {}
 
 
 def _worker_tokenizer(path: str, fingerprint: str):
-    """The tokenizer, loaded once per process and kept: importing transformers and loading the
-    tokenizer take ~3-8 s, a chunk ~12 s, so loading it per chunk would cost a third of the
-    throughput. Checked against the driver's fingerprint: a worker that finds other files under
+    """The tokenizer, loaded once per process and kept: importing transformers (and torch, which
+    it pulls in) and loading the tokenizer take ~3-8 s, about as long as tokenising a chunk, so
+    loading it per chunk would halve the throughput. Checked against the driver's fingerprint: a worker that finds other files under
     the same path (another node) must not write tokens that the cache key does not describe."""
     key = (path, fingerprint)
     if key not in _TOKENIZERS:
@@ -611,34 +613,46 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
 def _write_cache(out: Path, results: Iterable[ChunkResult]) -> dict:
     """Write chunk results, in the order given, as shards of _SHARD_SAMPLES samples plus
     rejected/part-00000.parquet; the manifest's counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
     stats = {"samples": 0, "dropped": 0, "rejected": 0, "tokens": 0, "target_tokens": 0}
     reasons: Counter = Counter()
     rejected: list[dict] = []
     buffer: list[Samples] = []
     buffered = shard = 0
+    writes: deque = deque()
 
-    def write(samples: Samples) -> None:
-        nonlocal shard
-        pq.write_table(samples.table(), out / f"part-{shard:05d}.parquet")
-        shard += 1
+    # Shards are encoded on threads (Parquet encoding releases the GIL): merging and writing on one
+    # thread ran at 10-20M tokens/s on the 2-core dev machine, the output of only 20-40 workers at
+    # its ~0.5M tokens/s each. Each shard is one table whatever thread writes it, so the bytes do
+    # not change; at most 8 shards wait in memory.
+    with ThreadPoolExecutor(_WRITER_THREADS) as writers:
+        def write(samples: Samples) -> None:
+            nonlocal shard
+            if len(writes) >= 8:
+                writes.popleft().result()
+            writes.append(writers.submit(pq.write_table, samples.table(), out / f"part-{shard:05d}.parquet"))
+            shard += 1
 
-    for result in results:
-        samples = result.samples
-        stats["samples"] += len(samples)
-        stats["dropped"] += result.n_dropped
-        stats["rejected"] += len(result.rejected) - result.n_dropped
-        stats["tokens"] += int(samples.lengths.sum())
-        stats["target_tokens"] += int(samples.n_targets.sum())
-        reasons.update(r["reason"].split(":", 1)[0] for r in result.rejected)
-        rejected += result.rejected
-        buffer.append(samples)
-        buffered += len(samples)
-        while buffered >= _SHARD_SAMPLES:
-            head, rest = Samples.concat(buffer).split(_SHARD_SAMPLES)
-            write(head)
-            buffer, buffered = [rest], buffered - _SHARD_SAMPLES
-    if buffered:
-        write(Samples.concat(buffer))
+        for result in results:
+            samples = result.samples
+            stats["samples"] += len(samples)
+            stats["dropped"] += result.n_dropped
+            stats["rejected"] += len(result.rejected) - result.n_dropped
+            stats["tokens"] += int(samples.lengths.sum())
+            stats["target_tokens"] += int(samples.n_targets.sum())
+            reasons.update(r["reason"].split(":", 1)[0] for r in result.rejected)
+            rejected += result.rejected
+            buffer.append(samples)
+            buffered += len(samples)
+            while buffered >= _SHARD_SAMPLES:
+                head, rest = Samples.concat(buffer).split(_SHARD_SAMPLES)
+                write(head)
+                buffer, buffered = [rest], buffered - _SHARD_SAMPLES
+        if buffered:
+            write(Samples.concat(buffer))
+        while writes:
+            writes.popleft().result()
     if rejected:
         (out / "rejected").mkdir()
         pq.write_table(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), out / "rejected" / "part-00000.parquet")
