@@ -445,26 +445,20 @@ DEFAULT_EMBEDDING_CACHE = Path("~/.cache/distill/embeddings")
 _CACHE_FORMAT = "distill-embeddings-v1"  # bump when pooling/normalisation changes the vectors
 
 
-def _hash_model_dir(path: Path, h) -> None:
-    # Every file's bytes, not names and sizes: a re-downloaded or fine-tuned model with the same
-    # layout must miss. sha256 runs at ~1 GB/s, so ~0.1 s for MiniLM's 90 MB.
-    for f in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-
-
 def embedding_cache_path(model_path: str, cfg: EmbeddingConfig, texts: list[str]) -> Path | None:
     """The cache file for these texts embedded by this model, or None when the model is not a
     local directory (a Hub id names no fixed bytes to key on)."""
     import hashlib
 
+    from distill.sources import _hash_files
+
     model_dir = Path(model_path)
     if not model_dir.is_dir():
         return None
     h = hashlib.sha256(f"{_CACHE_FORMAT}\0{cfg.max_length}\0".encode())
-    _hash_model_dir(model_dir, h)
+    # Every model file's bytes, not names and sizes: a re-downloaded or fine-tuned model with the
+    # same layout must miss. ~0.1 s for MiniLM's 90 MB.
+    h.update(_hash_files(sorted(q for q in model_dir.rglob("*") if q.is_file())).encode())
     for t in texts:
         h.update(t.encode() + b"\0")
     return (cfg.cache_dir or DEFAULT_EMBEDDING_CACHE).expanduser() / f"{h.hexdigest()[:32]}.npy"

@@ -338,14 +338,17 @@ class MegatronBackend(TorchCollectives):
                     f"{k} {meta.get(k)} -> {mine[k]}" for k in relayout), flush=True)
             return self._load_resharded(src, meta)
         weights = torch.load(src / model_file(self.tp_rank, self.pp_rank), map_location="cpu", weights_only=True)
-        missing, unexpected = self._gpt().load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"{src}: shard does not match the model (missing {missing}, unexpected {unexpected})")
+        self._load_weights(weights, src)
         opt = torch.load(src / optim_file(self.tp_rank, self.pp_rank, self.dp_rank), map_location="cpu",
                          weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self._step = int(opt["step"])
+
+    def _load_weights(self, weights: dict, src: Path) -> None:
+        missing, unexpected = self._gpt().load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"{src}: shard does not match the model (missing {missing}, unexpected {unexpected})")
 
     def _load_resharded(self, src: Path, meta: dict) -> None:
         """Resume under other degrees than the checkpoint's (reshard.py): this rank's weights,
@@ -355,12 +358,8 @@ class MegatronBackend(TorchCollectives):
         m = self.cfg.megatron
         weights, tensors, adam_step, step = load_resharded(
             src, meta, spec=self.spec, tp=m.tensor_parallel, tp_rank=self.tp_rank, pp=m.pipeline_parallel,
-            pp_rank=self.pp_rank, divisible_by=m.vocab_divisible_by, model_file=model_file, optim_file=optim_file)
-        missing, unexpected = self._gpt().load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"{src}: resharded weights do not match the model (missing {missing}, "
-                               f"unexpected {unexpected})")
+            pp_rank=self.pp_rank, divisible_by=m.vocab_divisible_by)
+        self._load_weights(weights, src)
         own = list(self.optimizer.master)  # the parameters this data rank's optimizer owns
         template = self.optimizer.optimizer.state_dict()
         index = template["param_groups"][0]["params"]

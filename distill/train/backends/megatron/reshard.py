@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distill.train.backends.megatron import model_file, optim_file
 from distill.train.backends.megatron.convert import ModelSpec, from_hf_shard, iter_to_hf
 
 if TYPE_CHECKING:
@@ -75,8 +76,7 @@ def optimizer_tensors(states: list[dict]) -> tuple[dict[str, dict[str, "torch.Te
 
 
 def load_resharded(src: Path, meta: dict, *, spec: ModelSpec, tp: int, tp_rank: int, pp: int, pp_rank: int,
-                   divisible_by: int, model_file: Callable, optim_file: Callable
-                   ) -> tuple[dict[str, "torch.Tensor"], dict[str, dict[str, "torch.Tensor"]], "torch.Tensor", int]:
+                   divisible_by: int) -> tuple[dict[str, "torch.Tensor"], dict[str, dict[str, "torch.Tensor"]], "torch.Tensor", int]:
     """(new model shard, {kind: new optimizer shard}, Adam step, trainer step) for this rank."""
     import torch
 
