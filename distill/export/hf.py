@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 from distill.train.backends.deepspeed import CHECKPOINT_TAG, load_weights_only
@@ -165,7 +166,7 @@ def write_model_dir(tensors, hf_src: Path, out_dir: Path, *, max_shard_size_mb: 
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _fresh_dir_beside(out_dir)
     try:
         limit = max_shard_size_mb * 1024 * 1024
         shards: list[dict] = [{}]
@@ -201,11 +202,16 @@ def write_model_dir(tensors, hf_src: Path, out_dir: Path, *, max_shard_size_mb: 
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         for f in hf_src.iterdir():
             if f.is_file() and f.name != "config.json":
-                shutil.copy2(f, tmp / f.name)
+                shutil.copyfile(f, tmp / f.name)
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
         config.pop("_attn_implementation", None)  # the packed training attention is not for inference
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        # safetensors writes its files 0600; give every file the mode the umask gives new files
+        # (the directory's, which mkdir took from the umask, less the execute bits).
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
+        for f in tmp.iterdir():
+            f.chmod(file_mode)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -213,6 +219,20 @@ def write_model_dir(tensors, hf_src: Path, out_dir: Path, *, max_shard_size_mb: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _fresh_dir_beside(out_dir: Path) -> Path:
+    """A new, uniquely named directory beside `out_dir` to build it in, with the umask's mode.
+
+    Not tempfile.mkdtemp: that makes it 0700 whatever the umask, and the rename keeps the mode, so
+    on a shared cluster nobody but the trainer could read the exported model."""
+    while True:
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(6)}"
+        try:
+            tmp.mkdir()  # mode 0o777 & ~umask
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _shared_params(ds_dir: Path) -> set[str]:
