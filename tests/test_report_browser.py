@@ -218,7 +218,7 @@ def test_step_time_grid_bins_steps_and_keeps_the_last_attempt():
 def _driver(tmp_path: Path):
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    from selenium import webdriver  # in the dev extra: imported, never skipped
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 

@@ -1,7 +1,7 @@
 """The quickstart as a Ray job on a real two-node cluster: `cluster/submit.sh` -> `ray job submit`.
 
 Each node lives in its own network namespace with its own address (10.231.0.1 head, 10.231.0.2
-worker, joined by a veth pair; see DESIGN.md, "Network") and its own PID namespace, so `ray stop`
+worker, joined by a veth pair, as ../shared/DESIGN.md "Network" describes) and its own PID namespace, so `ray stop`
 inside it stops that node and nothing else on the machine (other test clusters included). Every
 Ray command runs with token authentication, the token shared through a file both nodes read.
 
@@ -11,7 +11,7 @@ State API shows where it ran. The training ranks form one gloo process group acr
 The quickstart is shrunk (8 questions x 2 samples, 2 training steps, 2 eval questions per
 benchmark) but runs every stage it lists.
 
-Needs root (network namespaces); skipped with the reason otherwise. About 5 minutes on an idle
+Needs root (network namespaces); skipped with the reason otherwise (a failure under CI=true). About 5 minutes on an idle
 2-core machine (measured 4.3 min for the job before the quickstart gained its eval stage; 9-10 min
 with the cores shared with other work).
 """
