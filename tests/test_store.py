@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,60 +57,104 @@ def test_orphan_rejected_file_is_dropped_on_open(tmp_path):
 WRITER = """
 import os, sys, time
 import pyarrow as pa
+import pyarrow.parquet as pq
 import distill.store as store
 root, mode = sys.argv[1], sys.argv[2]
-if mode == "pause-before-rename":   # deterministic: stop between the temp write and the rename
-    real_replace = os.replace
-    def slow_replace(src, dst):
-        if str(dst).endswith("part-00001.parquet"):
-            print("renaming", flush=True)
-            time.sleep(60)
+
+def stop_here(what):
+    # Tell the parent where this process is, then wait to be killed there.
+    print(what, flush=True)
+    time.sleep(120)
+    raise SystemExit("not killed")
+
+real_replace, real_write = os.replace, pq.write_table
+if mode == "pause-before-rename":   # between the finished temp write and its rename
+    def replace(src, dst):
+        if str(dst).endswith("part-00001.parquet") and "rejected" not in str(dst):
+            stop_here("renaming")
         real_replace(src, dst)
-    store.os.replace = slow_replace
+    store.os.replace = replace
+if mode == "between-renames":   # shard 1's rejected file renamed into place, the shard not yet
+    def replace(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(os.path.join("rejected", "part-00001.parquet")):
+            stop_here("rejected renamed")
+    store.os.replace = replace
+if mode == "mid-write":   # shard 1's temp file half written: one row group on disk, no footer
+    def write_table(table, where, **kw):
+        if "x" not in table.column_names or not str(where).endswith(f"part-00001.parquet.{os.getpid()}"):
+            return real_write(table, where, **kw)
+        with open(where, "wb") as f:
+            writer = pq.ParquetWriter(f, table.schema)  # kept open: closing it writes the footer
+            writer.write_table(table.slice(0, len(table) // 2))
+            f.flush()   # the first half in the file (the page cache survives a SIGKILL)
+            stop_here(f"mid-write {os.path.getsize(where)}")
+    store.pq.write_table = write_table
 s = store.ShardStore(root, stage="t", fingerprint="f1", settings={},
                      schema=pa.schema([("key", pa.string()), ("x", pa.int64())]),
                      rejected_schema=pa.schema([("key", pa.string()), ("reason", pa.string())])).open()
 s.commit(0, [{"key": "k0", "x": 0}])
 print("ready", flush=True)
-i = 1
-while True:   # keep writing big shards until killed
-    s.commit(i, [{"key": f"k{i}-{j}", "x": j} for j in range(200_000)], [{"key": f"r{i}", "reason": "x"}])
-    i += 1
+s.commit(1, [{"key": f"k1-{j}", "x": j} for j in range(200_000)], [{"key": "r1", "reason": "x"}])
+print("committed", flush=True)
+time.sleep(120)
 """
 
 
-def _run_and_kill(root, mode, wait_for, delay):
+def _run_and_kill(root, mode, wait_for):
+    """Start the writer, read its lines up to the point `mode` stops it at, and kill it there.
+    Returns the last line: the writer said where it was before the kill."""
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root), mode], stdout=subprocess.PIPE, text=True)
     try:
         for expected in wait_for:
-            assert proc.stdout.readline().strip() == expected
-        time.sleep(delay)
+            line = proc.stdout.readline().strip()
+            assert line.startswith(expected), (expected, line)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed where it stood, not exited
+    return line
 
 
-def _check_consistent(root):
-    parts = sorted(p.name for p in root.glob("part-*.parquet"))
-    for part in parts:
+def _check_consistent(root, shards):
+    assert sorted(p.name for p in root.glob("part-*.parquet")) == shards
+    for part in shards:
         assert pq.read_table(root / part).num_rows in (1, 200_000)  # raises on a truncated file
     s = make(root, "f1", {})
     assert not (root / ".tmp").exists()
-    assert sorted(p.name for p in (root / "rejected").glob("*.parquet")) == parts[1:]
-    assert len(s.done_keys()) == 1 + (len(parts) - 1) * 200_001
+    assert sorted(p.name for p in (root / "rejected").glob("*.parquet")) == shards[1:]
+    assert len(s.done_keys()) == 1 + (len(shards) - 1) * 200_001
 
 
 def test_killed_writer_leaves_no_partial_shard(tmp_path):
     root = tmp_path / "paused"
-    _run_and_kill(root, "pause-before-rename", ["ready", "renaming"], 0)
+    _run_and_kill(root, "pause-before-rename", ["ready", "renaming"])
     assert list((root / ".tmp").iterdir()), "the shard was fully written to .tmp and never renamed"
     assert not (root / "part-00001.parquet").exists()
-    _check_consistent(root)
+    _check_consistent(root, ["part-00000.parquet"])
     assert make(root, "f1", {}).done_keys() == {"k0"}
 
 
-@pytest.mark.parametrize("delay", [0.3, 0.9, 1.7])
-def test_writer_killed_at_random_moments_stays_consistent(tmp_path, delay):
-    root = tmp_path / "random"
-    _run_and_kill(root, "plain", ["ready"], delay)
-    _check_consistent(root)
+def test_writer_killed_mid_write_leaves_only_a_temp_file(tmp_path):
+    root = tmp_path / "mid"
+    line = _run_and_kill(root, "mid-write", ["ready", "mid-write"])
+    # The kill landed inside the write: a partial temp file (bytes on disk, no footer) exists.
+    (tmp,) = (root / ".tmp").iterdir()
+    assert os.path.getsize(tmp) == int(line.split()[-1]) > 0
+    with pytest.raises(pa.ArrowInvalid):
+        pq.read_table(tmp)
+    _check_consistent(root, ["part-00000.parquet"])
+
+
+def test_writer_killed_between_the_two_renames_drops_the_orphan(tmp_path):
+    root = tmp_path / "between"
+    _run_and_kill(root, "between-renames", ["ready", "rejected renamed"])
+    assert (root / "rejected" / "part-00001.parquet").exists() and not (root / "part-00001.parquet").exists()
+    _check_consistent(root, ["part-00000.parquet"])
+    assert make(root, "f1", {}).done_keys() == {"k0"}
+
+
+def test_writer_that_finished_is_consistent_too(tmp_path):
+    root = tmp_path / "done"
+    _run_and_kill(root, "plain", ["ready", "committed"])
+    _check_consistent(root, ["part-00000.parquet", "part-00001.parquet"])
