@@ -127,20 +127,37 @@ def test_tokenizer_keeps_chat_template_and_eos(engine):
 
 
 def test_waiting_resolver_uses_the_other_process_conversion(tmp_path, monkeypatch):
-    from filelock import FileLock
+    import filelock
 
     def no_conversion(*_):
         raise AssertionError("a resolver that waited on the lock must not convert again")
 
     monkeypatch.setattr(models, "convert_gguf", no_conversion)
+    # Watch the resolver's lock: when it starts waiting, and whether it got the lock only after
+    # the "other process" let go. Events, not sleeps: the order is the same on a loaded machine.
+    real_lock = filelock.FileLock
+    waiting, released = threading.Event(), threading.Event()
+    got_it_after_release: list[bool] = []
+
+    class WatchedLock(real_lock):
+        def acquire(self, *args, **kwargs):
+            waiting.set()
+            proxy = super().acquire(*args, **kwargs)
+            got_it_after_release.append(released.is_set())
+            return proxy
+
+    monkeypatch.setattr(filelock, "FileLock", WatchedLock)
     got: dict[str, str] = {}
     waiter = threading.Thread(target=lambda: got.update(path=resolve_model(NAME, tmp_path)))
-    with FileLock(str(tmp_path / f"{NAME}.lock")):  # "another process" is converting
+    with real_lock(str(tmp_path / f"{NAME}.lock")):  # "another process" is converting
         waiter.start()
-        time.sleep(0.5)
-        assert waiter.is_alive(), "the second resolver did not wait for the lock"
+        assert waiting.wait(timeout=60), "the second resolver never asked for the lock"
+        assert "path" not in got
         (tmp_path / DIRNAME).mkdir()  # ... and finishes: its rename makes the directory appear
-    waiter.join(timeout=30)
+        released.set()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert got_it_after_release == [True], "the second resolver did not wait for the lock"
     assert got["path"] == str(tmp_path / DIRNAME)
 
 
