@@ -68,8 +68,9 @@ def test_sampling_n_and_seed(engine):
 
 def test_too_long_prompt_is_rejected_before_vllm(engine):
     huge = "word " * 400  # > 256 - max_new_tokens tokens
+    rejected_before = engine.stats()["rejected"]  # the engine is shared by the module's tests
     results = engine.generate([Request(chat("What is 2+3?")), Request(chat(huge))],
                               SamplingParams(temperature=0.0, max_new_tokens=16))
     assert results[0].ok and len(results[0].completions) == 1
     assert results[1].rejected.startswith("prompt_too_long: ") and results[1].rejected.endswith("> limit 240")
-    assert engine.stats()["rejected"] >= 1
+    assert engine.stats()["rejected"] == rejected_before + 1
