@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 GB = 1e9
 
@@ -110,29 +111,39 @@ def read_model_shape(name: str) -> tuple[ModelShape | None, str]:
     GGUF's own metadata); the local Hugging Face cache of a Hub id; `KNOWN_MODELS`. (None, why)
     when none has it.
     """
+    shape, source, _ = _read_student(name)
+    return shape, source
+
+
+def _read_student(name: str) -> tuple[ModelShape | None, str, object | None]:
+    """read_model_shape, plus the HF config it came from (None for KNOWN_MODELS or unknown)."""
     from transformers import AutoConfig
 
     from distill.teachers.models import DEFAULT_CACHE_DIR, PACKAGED_MODELS, packaged_gguf_path
 
     local = Path(name).expanduser()
+    config, source = None, ""
     if local.is_dir():
-        return shape_from_hf_config(AutoConfig.from_pretrained(local)), f"config.json in {local}"
-    if name in PACKAGED_MODELS:
+        config, source = AutoConfig.from_pretrained(local), f"config.json in {local}"
+    elif name in PACKAGED_MODELS:
         converted = DEFAULT_CACHE_DIR.expanduser() / f"{name}-{PACKAGED_MODELS[name].version}"
         if converted.is_dir():
-            return shape_from_hf_config(AutoConfig.from_pretrained(converted)), f"packaged model ({converted})"
-        gguf = packaged_gguf_path(name)
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        return shape_from_hf_config(config), f"packaged model ({gguf.name} metadata)"
-    try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
-        return shape_from_hf_config(config), "local Hugging Face cache"
-    except (OSError, ValueError):
-        pass
+            config, source = AutoConfig.from_pretrained(converted), f"packaged model ({converted})"
+        else:
+            gguf = packaged_gguf_path(name)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            source = f"packaged model ({gguf.name} metadata)"
+    else:
+        try:
+            config, source = AutoConfig.from_pretrained(name, local_files_only=True), "local Hugging Face cache"
+        except (OSError, ValueError):
+            pass
+    if config is not None:
+        return shape_from_hf_config(config), source, config
     if name in KNOWN_MODELS:
-        return KNOWN_MODELS[name], "built-in table of public configs (distill.plan.KNOWN_MODELS)"
+        return KNOWN_MODELS[name], "built-in table of public configs (distill.plan.KNOWN_MODELS)", None
     return None, (f"unknown model {name!r}: give train.student.model as a local directory (or one of "
-                  f"{', '.join(sorted(KNOWN_MODELS))})")
+                  f"{', '.join(sorted(KNOWN_MODELS))})"), None
 
 
 # --------------------------------------------------------------------------- parallelism
@@ -398,22 +409,19 @@ def _train_parallel(train) -> tuple[Parallel | None, list[str]]:
         return None, [f"train.launch.num_workers={world}: {e}; set it to a multiple of {tp * pp * cp}"]
 
 
-def _shape_problems(train, shape: ModelShape, par: Parallel) -> list[str]:
-    problems = []
-    if train.seq_len > shape.max_positions:
-        problems.append(f"train.seq_len={train.seq_len} exceeds the context of train.student.model="
-                        f"{train.student.model!r} ({shape.max_positions} positions): lower train.seq_len")
-    if par.tp > 1:
-        for what, n in (("attention heads", shape.n_heads), ("key/value heads", shape.n_kv_heads)):
-            if n % par.tp:
-                problems.append(f"train.megatron.tensor_parallel={par.tp}: the student has {n} {what}, not "
-                                f"divisible by {par.tp}; use a divisor of {n}")
-    if par.pp > 1 and shape.n_layers % par.pp:
-        problems.append(f"train.megatron.pipeline_parallel={par.pp}: the student has {shape.n_layers} layers, not "
-                        f"divisible by {par.pp}")
-    if par.cp > 1 and train.seq_len % (2 * par.cp):
-        problems.append(f"train.megatron.context_parallel={par.cp}: train.seq_len={train.seq_len} must be a multiple "
-                        f"of 2*cp = {2 * par.cp} (each rank takes two balanced chunks)")
+def _table_problems(train, shape: ModelShape) -> list[str]:
+    """For a student known only from `KNOWN_MODELS` (no HF config offline): the checks of
+    `launch.student_problems` that its shape answers, with the same functions (the family checks
+    need the HF config; `distill run` makes them in its preflight)."""
+    from distill.train.config import check_against_model
+
+    problems = check_against_model(train, shape.max_positions, train.student.model)
+    if train.backend == "megatron":
+        from distill.train.backends.megatron.convert import parallel_problems
+
+        dims = SimpleNamespace(heads=shape.n_heads, kv_heads=shape.n_kv_heads, ffn=shape.intermediate,
+                               layers=shape.n_layers)
+        problems += parallel_problems(dims, tp=train.megatron.tensor_parallel, pp=train.megatron.pipeline_parallel)
     return problems
 
 
@@ -425,7 +433,7 @@ def train_plan(train) -> tuple[TrainPlan, list[str]]:
     megatron = train.backend == "megatron"
     ds = train.deepspeed
     zero = None if megatron else ds.zero_stage
-    shape, source = read_model_shape(train.student.model)
+    shape, source, hf_config = _read_student(train.student.model)
     rows = par.dp * train.micro_batch * train.grad_accum if par else None
     steps = (f"{train.max_steps} (train.max_steps)" if train.max_steps else
              f"{train.epochs} epoch(s) over the packed SFT set: known once the sft stage has run")
@@ -433,8 +441,13 @@ def train_plan(train) -> tuple[TrainPlan, list[str]]:
                      shape, on_gpu=train.launch.gpus_per_worker > 0)
     if shape is None:
         problems.append(source)
-    elif par is not None:
-        problems += _shape_problems(train, shape, par)
+    elif hf_config is not None:
+        from distill.train.launch import student_problems
+
+        problems += student_problems(train, hf_config)
+    else:
+        problems += _table_problems(train, shape)
+    if shape is not None and par is not None:
         checkpointing = train.megatron.activation_checkpointing if megatron else ds.activation_checkpointing
         plan.memory = memory_per_gpu(
             shape, par, zero_stage=zero or 0, precision=precision, seq_len=train.seq_len,

@@ -192,7 +192,7 @@ def test_megatron_degrees_that_do_not_fit_name_the_key():
     heads = _bad("train.megatron.tensor_parallel=3", "train.megatron.sequence_parallel=false",
                  "train.launch.num_workers=6", config=cfg)
     assert heads.returncode == 1, heads.stderr
-    assert "train.megatron.tensor_parallel=3: the student has 28 attention heads" in heads.stderr
+    assert "train.megatron.tensor_parallel=3: the model's 28 attention heads do not divide by it" in heads.stderr
     # A world that tp x pp does not divide is refused by the config itself (exit 2, like every command).
     world = _bad("train.launch.num_workers=12", config=cfg)
     assert world.returncode == 2 and "train.launch.num_workers=12" in world.stderr

@@ -13,21 +13,13 @@ from distill.config import RunConfig
 
 
 def preflight(cfg: RunConfig) -> None:
-    """What can be checked against the student before any stage of the run starts: its context
-    length vs train.seq_len, and the configured metric sinks. (Data checks wait for the data.)"""
-    from transformers import AutoConfig
+    """What can be checked against the student before any stage of the run starts (its context
+    vs train.seq_len; for Megatron its family and shape vs the tensor / pipeline degrees) and the
+    configured metric sinks: the launcher's own checks, run hours earlier. (Data checks wait for
+    the data.)"""
+    from distill.train.launch import check_student
 
-    from distill.config import ConfigError
-    from distill.teachers.models import resolve_model
-    from distill.train.config import check_against_model
-    from distill.train.metrics import check_sinks
-
-    train = cfg.train
-    model_cfg = AutoConfig.from_pretrained(resolve_model(train.student.model))
-    problems = check_against_model(train, getattr(model_cfg, "max_position_embeddings", None), train.student.model)
-    problems += check_sinks(train.metrics)
-    if problems:
-        raise ConfigError(problems)
+    check_student(cfg.train)
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:

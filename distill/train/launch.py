@@ -1,8 +1,10 @@
 """Starting the training workers: prepare once in the driver, then Ray Train, torchrun or local.
 
 `prepare` runs in ONE process before any worker exists: it resolves the student and the data,
-checks what needs the model's config (seq_len vs context) and the optional metric sinks, and
-tokenises into the token cache, so no rank tokenises while others wait on a collective.
+checks what needs the model's config (`student_problems`: seq_len vs context, Megatron shapes;
+the train stage's preflight runs the same checks before a run's first stage) and the optional
+metric sinks, and tokenises into the token cache, so no rank tokenises while others wait on a
+collective.
 `launch` then starts `num_workers` ranks of `distill.train.loop.train_worker` with the chosen
 launcher and returns the final checkpoint directory.
 """
@@ -32,14 +34,43 @@ def data_files(cfg: TrainConfig, run_dir: Path) -> list[Path]:
     return [sft]
 
 
-def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
-    """Validate against the model, build (or reuse) the token cache; the job every rank runs."""
+def student_problems(cfg: TrainConfig, model_config) -> list[str]:
+    """Every check of the train config against the student's HF config (no weights, no GPU):
+    its context vs train.seq_len and, for Megatron, its family and heads / key-value heads / MLP
+    width / layers vs the tensor and pipeline degrees. The one home of these checks: the train
+    stage's preflight (before the run's first stage), `prepare` and the dry run all call it."""
+    problems = check_against_model(cfg, getattr(model_config, "max_position_embeddings", None), cfg.student.model)
+    if cfg.backend == "megatron":
+        from distill.train.backends.megatron import model_problems
+
+        problems += model_problems(cfg, model_config)
+    return problems
+
+
+def check_student(cfg: TrainConfig, model_path: str | None = None) -> None:
+    """ConfigError listing every problem visible before any data exists: `student_problems` on the
+    student's config (read from `model_path`, default train.student.model resolved) and the
+    configured metric sinks."""
     from transformers import AutoConfig
 
     from distill.teachers.models import resolve_model
+    from distill.train.metrics import check_sinks
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path or resolve_model(cfg.student.model))
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"train.student.model={cfg.student.model!r}: cannot read its config ({e}); give a "
+                           "local model directory or a Hub id that is reachable (or in the local cache)"]) from None
+    problems = student_problems(cfg, model_config) + check_sinks(cfg.metrics)
+    if problems:
+        raise ConfigError(problems)
+
+
+def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
+    """Validate against the model, build (or reuse) the token cache; the job every rank runs."""
+    from distill.teachers.models import resolve_model
     from distill.train.backends import backend_class
     from distill.train.data import build_token_cache
-    from distill.train.metrics import check_sinks
 
     # Every path a worker reads is made absolute here: Ray Train workers do not run in the
     # driver's working directory, so a relative run.dir (the quickstart's) would not resolve there.
@@ -49,15 +80,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> TrainJob:
         model_path = str(Path(model_path).resolve())
     if cfg.fault.dump_dir is not None:
         cfg = cfg.model_copy(update={"fault": cfg.fault.model_copy(update={"dump_dir": cfg.fault.dump_dir.resolve()})})
-    model_cfg = AutoConfig.from_pretrained(model_path)
-    problems = check_against_model(cfg, getattr(model_cfg, "max_position_embeddings", None), cfg.student.model)
-    if cfg.backend == "megatron":  # heads / kv heads / layers vs the parallel degrees, the family
-        from distill.train.backends.megatron import model_problems
-
-        problems += model_problems(cfg, model_cfg)
-    problems += check_sinks(cfg.metrics)
-    if problems:
-        raise ConfigError(problems)
+    check_student(cfg, model_path)  # again: `distill train` and torchrun have no preflight of their own
     files = [f.absolute() for f in data_files(cfg, run_dir)]  # tokenising workers may run in other directories
     out_dir = run_dir / "train"
     cache = build_token_cache(files, model_path, max_len=cfg.seq_len, out_dir=cfg.data.cache_dir or out_dir / "token_cache",

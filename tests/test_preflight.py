@@ -1,0 +1,60 @@
+"""`distill run` refuses a Megatron student whose shape does not fit the parallel degrees before
+its first stage, not hours later in the train launcher: the checks that need only the config and
+the student's HF config live in one function (`launch.student_problems`), which the train stage's
+preflight, the launcher's `prepare` and the dry run all call."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import REPO, distill_cmd
+from distill.config import ConfigError, load_config
+
+# SmolLM2-135M (the packaged student) has 9 attention heads and 3 key/value heads: TP 2 divides
+# neither. The config alone is valid (2 workers = tp 2), so only the student's config can refuse it.
+MEGATRON_TP2 = ["train.backend=megatron", "train.launch.launcher=torchrun", "train.launch.num_workers=2",
+                "train.megatron.tensor_parallel=2"]
+EXPECTED = ["train.megatron.tensor_parallel=2: the model's 9 attention heads do not divide by it",
+            "train.megatron.tensor_parallel=2: the model's 3 key/value heads do not divide by it"]
+
+
+def test_distill_run_refuses_megatron_shapes_before_generate(tmp_path):
+    run_dir = tmp_path / "run"
+    # Without the preflight this run would generate (minutes on CPU) before the launcher refused
+    # it; the timeout makes that a failure too.
+    proc = subprocess.run(distill_cmd("run", "configs/quickstart.yaml", "run.stages=[generate,train]",
+                                      f"run.dir={run_dir}", *MEGATRON_TP2),
+                          cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for line in EXPECTED:
+        assert line in proc.stderr, proc.stderr
+    assert not (run_dir / "generate").exists() and not run_dir.exists()
+    assert "Traceback" not in proc.stderr
+
+
+def _problems(call) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        call()
+    return e.value.problems
+
+
+def test_preflight_launcher_and_dry_run_report_the_same_problems(tmp_path):
+    """One home per check: the same lines from all three callers, the launcher's before it touches
+    the data (no token cache)."""
+    from distill.plan import train_plan
+    from distill.stages.train import preflight
+    from distill.train.launch import prepare
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"run.dir={tmp_path / 'run'}", *MEGATRON_TP2,
+                                                              "train.seq_len=9000"])
+    from_preflight = _problems(lambda: preflight(cfg))
+    from_launcher = _problems(lambda: prepare(cfg.train, tmp_path / "run"))
+    _, from_plan = train_plan(cfg.train)
+    assert from_preflight == from_launcher == from_plan
+    assert [p.split(":")[0] for p in from_preflight] == ["train.seq_len=9000 exceeds the context of train.student.model="
+                                                         "'smollm2-135m-instruct' (max_position_embeddings=8192)",
+                                                         *(e.split(":")[0] for e in EXPECTED)]
+    assert all(any(p.startswith(e) for p in from_preflight) for e in EXPECTED)
+    assert not (tmp_path / "run").exists()
