@@ -16,7 +16,9 @@ from distill.curate.sandbox import Killed, WorkerPool
 from distill.curate.verify import (
     Verifier,
     VerifyConfig,
+    approximates,
     canonical,
+    exact_rational,
     fast_verdict,
     fragment_accounts_for,
     majority_vote,
@@ -144,6 +146,10 @@ def test_not_plain_number(text):
         ("0.34", "\\frac{1}{3}", "not_equal"),
         ("7", "8", "not_equal"),
         ("\\left( 1,2\\right)", "(1, 2)", "equal"),
+        # Exact decimals are compared exactly, however close or long (the exactness rule).
+        ("0.1234567", "0.1234568", "not_equal"),
+        ("123456789012345678.5", "123456789012345678.6", "not_equal"),
+        ("1.50", "\\frac{3}{2}", "equal"),
     ],
 )
 def test_fast_verdict_decides(pred, ref, code):
@@ -156,7 +162,7 @@ def test_fast_verdict_decides(pred, ref, code):
         ("0.333333", "\\frac{1}{3}"),  # within math-verify's 6-decimal rounding: sympy decides
         ("x=3", "y=3"),  # two equations
         ("\\sqrt{4}", "2"),
-        ("123456789012345678.5", "123456789012345678.6"),  # beyond 15-digit floats
+        ("123456789012345678.33", "\\frac{370370367037037035}{3}"),  # a rounding, beyond 15-digit floats
     ],
 )
 def test_fast_verdict_defers(pred, ref):
@@ -497,6 +503,15 @@ def test_verify_records(verifier):
     assert {by[f"c:{i}"]["verdict"] for i in range(2)} == {"no_answer"}
     assert by["c:0"]["verdict_detail"] == "no reference and agreement below min"
     assert by["c:0"]["pass_rate"] == 0 and not by["c:0"]["correct"]
+    # label / agreement, per question. With a reference: the reference, and the share of the
+    # extracted answers equal to it (a:2 has none, so 1 of 2).
+    assert {by[f"a:{i}"]["label"] for i in range(3)} == {"\\frac{1}{2}"}
+    assert [by[f"a:{i}"]["agreement"] for i in range(3)] == [pytest.approx(0.5)] * 3
+    # Without: the majority answer and its share, also when it is below min_agreement.
+    assert canonical(by["b:0"]["label"]) == "12" and by["b:3"]["agreement"] == pytest.approx(0.75)
+    assert by["c:0"]["label"] == by["c:1"]["label"] == "1" and by["c:0"]["agreement"] == pytest.approx(0.5)
+    none = verify_records([_rec("d", None, 0, "no idea"), _rec("e", "5", 0, "no idea")], verifier, cfg)
+    assert [(r["label"], r["agreement"]) for r in none] == [(None, None), ("5", None)]
     # The input records are left as they were; reasoning counts only when asked.
     assert "verdict" not in recs[0]
     again = verify_records(recs[:3], verifier, VerifyConfig(use_reasoning=True))
@@ -513,3 +528,105 @@ def test_verify_records_votes_symbolically_equal_answers_together(verifier):
     assert out[0]["verdict_detail"].startswith("vs majority (agreement 0.57)")
     plain = verify_records(recs, verifier, VerifyConfig(min_agreement=0.4, vote_max_distinct=0))
     assert [r["correct"] for r in plain] == [False] * 4 + [True] * 3
+
+
+# --------------------------------------------------------------------------- exactness rule
+
+# math-verify rounds both sides to 6 decimals (`float_rounding`), so these differing exact values
+# were "equal"; the verifier compares exact numbers exactly.
+EXACT_DIFFERENT = [
+    ("\\frac{1}{2004!}", "\\frac{1}{2006!}"),
+    ("0.1234567", "0.1234568"),
+]
+EXACT_SAME = [
+    ("1/2", "0.5"),
+    ("\\frac{6}{4}", "3/2"),
+    ("\\frac{2004!}{2004!}", "1"),
+    ("\\sqrt{4}", "2"),
+    ("10^3", "1000"),
+    ("2^{100}", "1267650600228229401496703205376"),
+    ("1.50", "\\frac{3}{2}"),
+]
+# One side rounds the other (or says it is approximate): compared to `float_rounding` decimals.
+APPROXIMATE_SAME = [
+    ("0.333333", "\\frac{1}{3}"),
+    ("0.3333333", "\\frac{1}{3}"),
+    ("1.414214", "\\sqrt{2}"),
+    ("\\approx 0.1234567", "0.1234568"),
+]
+
+
+def test_approximates_is_the_exactness_rule():
+    f = Fraction
+    assert not approximates(f(1234567, 10**7), 7, f(1234568, 10**7), 7)  # exact decimals
+    assert not approximates(f(1, 2), 1, f(1, 2), None)  # 0.5 writes 1/2
+    assert not approximates(f(3, 2), 2, f(3, 2), None)  # 1.50
+    assert approximates(f(333333, 10**6), 6, f(1, 3), None)  # no decimal writes 1/3
+    assert approximates(f(314, 100), 2, f(314159, 10**5), 5)  # 3.14 rounds 3.14159
+    assert not approximates(f(1, 3), None, f(1, 7), None)  # fractions are exact
+
+
+def test_exact_rational_evaluates_bounded_expressions_only():
+    import sympy
+
+    two, hundred = sympy.Integer(2), sympy.Integer(100)
+    assert exact_rational(sympy.Add(sympy.Pow(two, hundred, evaluate=False), 1, evaluate=False)) == 2**100 + 1
+    assert exact_rational(sympy.Pow(sympy.factorial(sympy.Integer(5), evaluate=False), -1, evaluate=False)) == Fraction(1, 120)
+    assert exact_rational(sympy.sqrt(2)) is None and exact_rational(sympy.Symbol("x")) is None
+    assert exact_rational(sympy.Float("0.5")) is None  # a float is not exact: only its text is
+    # A tower of powers is refused before sympy computes it.
+    tower = sympy.Pow(two, sympy.Pow(two, sympy.Pow(two, hundred, evaluate=False), evaluate=False), evaluate=False)
+    t0 = time.monotonic()
+    assert exact_rational(tower) is None and time.monotonic() - t0 < 1
+    assert exact_rational(sympy.factorial(sympy.Integer(10**6), evaluate=False)) is None
+
+
+def test_exact_numbers_are_compared_exactly(symbolic, verifier):
+    assert all(_math_verify_says_equal(p, r) for p, r in EXACT_DIFFERENT)  # math-verify's rounding
+    pairs = EXACT_DIFFERENT + EXACT_SAME + APPROXIMATE_SAME
+    want = ["not_equal"] * len(EXACT_DIFFERENT) + ["equal"] * (len(EXACT_SAME) + len(APPROXIMATE_SAME))
+    for v in (symbolic, verifier):
+        got = v.verify(pairs)
+        assert [g.code for g in got] == want, [(p, g) for p, g in zip(pairs, got)]
+        # Both ways round: the rule does not depend on which side is the reference.
+        assert [g.code for g in v.verify([(r, p) for p, r in pairs])] == want
+    # A large integer: 2^100 vs 2^100 + 1, as an expression and written out.
+    big = [("2^{100}+1", "2^{100}"), (str(2**100 + 1), "2^{100}"), (str(2**100 + 1), str(2**100))]
+    assert [g.code for g in verifier.verify(big)] == ["not_equal"] * 3
+
+
+def test_float_rounding_is_the_tolerance_of_approximate_answers():
+    pair = [("0.3333", "\\frac{1}{3}"), ("0.1234567", "0.1234568")]
+    assert fast_verdict(*pair[0]).code == "not_equal"  # 6 decimals: 0.3333 is not 1/3
+    assert fast_verdict(*pair[0], float_rounding=3) is None  # within 3 decimals: sympy decides
+    with Verifier(VerifyConfig(workers=1, float_rounding=3)) as v:
+        got = v.verify(pair)
+    # The looser tolerance applies to the rounding only; exact decimals stay exact.
+    assert [g.code for g in got] == ["equal", "not_equal"]
+    with pytest.raises(ValidationError, match="float_rounding"):
+        VerifyConfig(float_rounding=-1)
+
+
+# --------------------------------------------------------------------------- unguarded scripts
+
+
+def test_unguarded_script_gets_a_clear_error(tmp_path):
+    """A script that verifies at import time: the fork server re-imports it in each worker. The
+    error names the cause and the fix instead of "workers fail to start (exit code None)"."""
+    import subprocess
+    import sys
+
+    body = ("from distill.curate.verify import Verifier, VerifyConfig\n"
+            "{indent}with Verifier(VerifyConfig(workers=1)) as v:\n"
+            "{indent}    print(v.verify([('\\\\sqrt{{4}}', '2')])[0].code)\n")
+    unguarded = tmp_path / "unguarded.py"
+    unguarded.write_text(body.format(indent=""))
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("if __name__ == '__main__':\n" + body.format(indent="    ").replace("from", "    from", 1))
+    bad = subprocess.run([sys.executable, str(unguarded)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: sandbox workers") and str(unguarded) in last, bad.stderr[-2000:]
+    assert 'if __name__ == "__main__":' in last and "fail to start" not in bad.stderr
+    good = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0 and good.stdout.strip() == "equal", good.stderr[-2000:]

@@ -19,6 +19,7 @@ import importlib
 import multiprocessing as mp
 import os
 import resource
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -34,6 +35,28 @@ class Killed:
     reason: str
     """`timeout` or `crash`."""
     detail: str
+
+
+# Exit status of a worker that found itself re-running the caller's unguarded main module.
+UNGUARDED_MAIN_EXIT = 87
+
+
+def unguarded_main_message(factory: str) -> str:
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main module"
+    return (
+        f"sandbox workers for {factory} cannot start: {main} starts them at import time. The "
+        "workers come from a multiprocessing fork server, which imports the main module again in "
+        "each worker, so the script's top-level code ran again inside the worker and tried to "
+        "start workers of its own. Put the script's top-level code under "
+        "`if __name__ == \"__main__\":` (see the multiprocessing docs, 'safe importing of the main module')."
+    )
+
+
+def _bootstrapping() -> bool:
+    """True in a child process while multiprocessing is still importing the parent's main module
+    into it (the flag the stdlib's own "bootstrapping phase" check reads; `parent_process()` is
+    not yet set at that point)."""
+    return bool(getattr(mp.current_process(), "_inheriting", False))
 
 
 def _resolve(path: str) -> Callable[..., Any]:
@@ -116,6 +139,13 @@ class WorkerPool:
     ):
         if n_workers < 1:
             raise ValueError(f"n_workers={n_workers}: must be >= 1")
+        if _bootstrapping():
+            # We are a worker importing an unguarded main script that makes a pool at import time.
+            # Raising here would only be printed in the worker; the parent would see a worker that
+            # died at start. A distinct exit status lets the parent say what happened.
+            sys.stderr.write(unguarded_main_message(factory) + "\n")
+            sys.stderr.flush()
+            os._exit(UNGUARDED_MAIN_EXIT)
         self._ctx = mp.get_context("forkserver")
         # Imported once in the fork server, inherited by every worker. A no-op when this
         # process's fork server already runs (then each worker imports it itself).
@@ -149,7 +179,18 @@ class WorkerPool:
             except (EOFError, OSError):
                 pass
             if not w.ready:
-                raise RuntimeError(f"sandbox worker for {self._spec[0]} did not start (exit code {w.proc.exitcode})")
+                exitcode = self._exitcode(w)
+                self.close()
+                if exitcode == UNGUARDED_MAIN_EXIT:
+                    raise RuntimeError(unguarded_main_message(self._spec[0]))
+                raise RuntimeError(f"sandbox worker for {self._spec[0]} did not start (exit code {exitcode})")
+
+    @staticmethod
+    def _exitcode(w: _Worker) -> int | None:
+        """The exit status of a worker that has died or is dying (its pipe can close a moment
+        before the fork server reports the status); None when it still runs."""
+        w.proc.join(2)
+        return w.proc.exitcode
 
     def map(self, batches: Sequence[Sequence[Any]]) -> list[list[Any]]:
         results: list[list[Any]] = [[None] * len(b) for b in batches]
@@ -209,8 +250,11 @@ class WorkerPool:
                     self._replace(w)
                 elif not w.ready and (dead or now >= w.started + self.start_timeout_s):
                     start_failures += 1
+                    exitcode = self._exitcode(w) if dead else None
+                    if exitcode == UNGUARDED_MAIN_EXIT:
+                        self.close()
+                        raise RuntimeError(unguarded_main_message(self._spec[0]))
                     if start_failures > len(self._workers) + 2:
-                        exitcode = w.proc.exitcode
                         self.close()
                         raise RuntimeError(
                             f"sandbox workers for {self._spec[0]} fail to start (exit code {exitcode}); "

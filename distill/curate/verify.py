@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar, Literal
@@ -49,6 +49,25 @@ class Verdict:
     @property
     def correct(self) -> bool:
         return self.code == "equal"
+
+
+class AnswerJudgeConfig(Section):
+    enabled: bool = False
+    """Ask the teacher engine (`generate.engine`, as the decontamination judge does) whether an
+    answer equals a reference the symbolic verifier cannot decide: a `parse_error` or `timeout`
+    against a reference (free-text references such as "No integer solutions" or "3 is the only
+    possible value"). Its "yes"/"no" turns the verdict into `equal`/`not_equal`, with a
+    `verdict_detail` starting `judge:`. Off by default: a judge can be wrong, and costs one short
+    generation per distinct (problem, reference, answer)."""
+
+    max_pairs: int = Field(default=2000, ge=0)
+    """Most distinct (problem, reference, answer) triples judged per work unit
+    (`curate.shard_size` questions); the rest keep their symbolic verdict and are counted in the
+    stage summary (`judge_skipped`). Bounds the judge's cost on a set of text references."""
+
+    max_tokens: int = Field(default=16, ge=1)
+    """Tokens the judge may generate; the reply is one word ("yes"/"no"). A reasoning teacher
+    needs more (its `<think>` block is skipped when reading the reply)."""
 
 
 class VerifyConfig(Section):
@@ -93,6 +112,19 @@ class VerifyConfig(Section):
     `2`) only for questions with at most this many distinct answers (after the fast path's
     canonical form). Cost: n(n-1) checks for n distinct answers (each pair both ways), free for two
     plain numbers, milliseconds to `timeout_s` for LaTeX. 0 or 1: vote by canonical form only."""
+
+    float_rounding: int = Field(default=6, ge=0, le=15)
+    """The tolerance, in decimal places, for answers that are themselves approximate: a side
+    written with `\\approx` (or `\\sim`, `≈`), a decimal that can only be a rounding of the
+    other side (`0.333333` vs `\\frac{1}{3}`, `1.414214` vs `\\sqrt{2}`: see `approximates`), or
+    an expression math-verify evaluates in floating point. Both sides are then compared rounded
+    to this many decimals (math-verify's `float_rounding`). Exact numbers on both sides (integers,
+    fractions, factorials, powers, decimals that can write each other) are compared exactly,
+    whatever this is: `0.1234567` vs `0.1234568` and `1/2004!` vs `1/2006!` differ. Lower is more
+    lenient."""
+
+    judge: AnswerJudgeConfig = Field(default_factory=AnswerJudgeConfig)
+    """Optional LLM-judge fallback for pairs the symbolic verifier cannot decide (off by default)."""
 
     _volatile: ClassVar[frozenset[str]] = frozenset({"workers", "batch_size"})
 
@@ -158,6 +190,9 @@ class PlainNumber:
     """The variable of an `x = ...` prefix."""
     digits: int
     """Significant digits written."""
+    places: int | None = None
+    """Decimal places of `value` as written (`0.125` -> 3, `12.5%` -> 3); None for integers and
+    fractions. A decimal is an exact value unless `approximates` says it rounds the other side."""
 
 
 def plain_number(answer: str) -> PlainNumber | None:
@@ -184,26 +219,44 @@ def plain_number(answer: str) -> PlainNumber | None:
         raw = Fraction(text)
         kind = "float" if "." in text else "int"
         digits = len(text.replace(".", "").lstrip("0")) or 1
+        places = len(text.partition(".")[2]) + (2 if suffix.endswith("%") else 0) if kind == "float" else None
     elif m.group("fn") is not None or m.group("bn") is not None:
         num, den = (int(m.group("fn")), int(m.group("fd"))) if m.group("fn") else (int(m.group("bn")), int(m.group("bd")))
         if den == 0:
             return None
-        raw, kind, digits = Fraction(num, den), "frac", 0
+        raw, kind, digits, places = Fraction(num, den), "frac", 0, None
     else:
         num, den = int(m.group("sn")), int(m.group("sd"))
         if den == 0:
             return None
-        raw, kind, digits = Fraction(num, den), "frac", 0
+        raw, kind, digits, places = Fraction(num, den), "frac", 0, None
     if m.group("sign"):
         raw = -raw
     percent = suffix.endswith("%")
     value = raw / 100 if percent else raw
-    return PlainNumber(value=value, raw=raw, kind=kind, percent=percent, var=var, digits=digits)
+    return PlainNumber(value=value, raw=raw, kind=kind, percent=percent, var=var, digits=digits, places=places)
 
 
-def fast_verdict(pred: str, ref: str) -> Verdict | None:
-    """math-verify's verdict on (prediction, reference) when it follows from string work and
-    exact arithmetic; None when only the symbolic path can tell."""
+def approximates(a: Fraction, a_places: int | None, b: Fraction, b_places: int | None) -> bool:
+    """The exactness rule: True when one of two exact numbers can only be a rounding of the other,
+    so that they are compared with the tolerance (`VerifyConfig.float_rounding`); False when they
+    are compared exactly.
+
+    A decimal with k places written is a rounding of the other number when that number is not a
+    multiple of 10^-k, i.e. k places cannot write it: `0.333333` vs 1/3, `3.14` vs `3.14159`,
+    `0.3333333` vs `0.333333`. Integers, fractions, factorials, powers and decimals that can write
+    each other are exact: `0.1234567` vs `0.1234568`, 1/2004! vs 1/2006!, 2^100 vs 2^100+1 differ,
+    `0.5` vs 1/2 and `1.50` vs 3/2 are equal."""
+    for places, other in ((a_places, b), (b_places, a)):
+        if places is not None and (other * 10**places).denominator != 1:
+            return True
+    return False
+
+
+def fast_verdict(pred: str, ref: str, float_rounding: int = 6) -> Verdict | None:
+    """The verdict on (prediction, reference) when it follows from string work and exact
+    arithmetic; None when only the symbolic path can tell. That is math-verify's verdict except
+    where the exactness rule (`approximates`) compares exactly what math-verify rounds."""
     a, b = normalize(pred), normalize(ref)
     if a == b and a:
         return Verdict("equal", "fast path: same normalised answer")
@@ -213,13 +266,17 @@ def fast_verdict(pred: str, ref: str) -> Verdict | None:
     if p.var is not None and r.var is not None:
         return None  # two equations: math-verify compares relations, not values
     if "float" in (p.kind, r.kind):
-        # One side is a float: math-verify compares both rounded to 6 decimals. Rounding can tie
-        # values closer than 1e-6, and long numbers lose digits to 15-digit floats: not decided here.
+        if not approximates(p.value, p.places, r.value, r.places):
+            # Exact decimals: compared exactly, however close (`0.1234567` vs `0.1234568`).
+            if p.value == r.value:
+                return Verdict("equal", "fast path: same number")
+            return Verdict("not_equal", "fast path: different numbers (exact decimals)")
+        # A decimal rounding the other side: math-verify compares both rounded to `float_rounding`
+        # decimals. Rounding can tie values that close, and long numbers lose digits to 15-digit
+        # floats: not decided here.
         if max(p.digits, r.digits) > _MAX_FLOAT_DIGITS or max(abs(p.value), abs(r.value)) >= 10**9:
             return None
-        if p.value == r.value:
-            return Verdict("equal", "fast path: same number")
-        if abs(p.value - r.value) > Fraction(2, 10**6):
+        if abs(p.value - r.value) > Fraction(2, 10**float_rounding):
             return Verdict("not_equal", "fast path: different numbers")
         return None
     if p.kind == "int" and r.kind == "int" and (p.percent or r.percent) and p.raw >= 0 and r.raw >= 0:
@@ -339,7 +396,66 @@ def fragment_accounts_for(value: Any, text: str) -> bool:
     )
 
 
-def _worker_handler(alarm_s: int, cache_size: int = 4096):
+_APPROX = re.compile(r"\\(?:approx|thickapprox|sim|simeq)(?![A-Za-z])|≈")
+_EXACT_MAX_BITS = 1 << 20  # an exact value above a million bits is not computed (2^{2^{100}})
+_EXACT_MAX_FACTORIAL = 20000
+
+
+def exact_rational(expr: Any) -> Fraction | None:
+    """The exact rational value of a parsed expression built from integers and fractions with
+    `+`, `*`, powers and factorials (`\\frac{1}{2004!}`, `2^{100}+1`, `\\sqrt{4}`, `10^3`); None
+    for anything else (a float, a symbol, an irrational value, another function) or when a
+    number would grow past a million bits. Runs in the workers (imports sympy); each step is
+    bounded before sympy computes it, so a tower of powers is refused, not evaluated."""
+    from sympy import Add, Mul, Pow, factorial
+
+    def small(v) -> bool:
+        return max(int(v.p).bit_length(), int(v.q).bit_length()) <= _EXACT_MAX_BITS
+
+    def ev(e):
+        if getattr(e, "is_Rational", False):
+            return e if small(e) else None
+        if not isinstance(e, (Add, Mul, Pow, factorial)):
+            return None
+        args = [ev(a) for a in e.args]
+        if any(a is None for a in args):
+            return None
+        if isinstance(e, factorial):
+            if not (args[0].is_Integer and 0 <= args[0] <= _EXACT_MAX_FACTORIAL):
+                return None
+        elif isinstance(e, Pow):
+            base, exp = args
+            bits = max(int(base.p).bit_length(), int(base.q).bit_length())
+            if abs(Fraction(int(exp.p), int(exp.q))) * bits > _EXACT_MAX_BITS:
+                return None
+        out = e.func(*args)
+        return out if out.is_Rational and small(out) else None
+
+    try:
+        v = ev(expr)
+    except Exception:  # noqa: BLE001 - whatever sympy refuses is not an exact number
+        return None
+    return None if v is None else Fraction(int(v.p), int(v.q))
+
+
+def exact_number(text: str, candidates: Sequence[Any]) -> tuple[Fraction, int | None, str | None] | None:
+    """(value, decimal places, variable) of an answer that is an exact number: a plain number as
+    written (`0.1234567` is 1234567/10^7, not a float; `x = 3` has variable x) or a parsed
+    expression `exact_rational` evaluates. None when the answer is approximate by its own words
+    (`\\approx`), a percentage (math-verify's own reading of `9\\%` vs 9 is kept) or no exact number."""
+    if _APPROX.search(text):
+        return None
+    p = plain_number(text)
+    if p is not None:
+        return None if p.percent else (p.value, p.places, p.var)
+    values = [c for c in candidates if not isinstance(c, str)]
+    if len(values) != 1:
+        return None
+    v = exact_rational(values[0])
+    return None if v is None else (v, None, None)
+
+
+def _worker_handler(alarm_s: int, float_rounding: int = 6, cache_size: int = 4096):
     """Runs in a sandbox worker: returns the function that checks one (pred, ref) pair."""
     from math_verify import LatexExtractionConfig, parse, verify
     from math_verify.errors import TimeoutException
@@ -401,13 +517,22 @@ def _worker_handler(alarm_s: int, cache_size: int = 4096):
             if isinstance(out, str) or not out[0]:
                 return "parse_error", f"math-verify could not parse the {side}"
         (gold, gold_partial), (target, target_partial) = parsed(ref), parsed(pred)
+        # The exactness rule: two exact numbers are compared exactly, not rounded to
+        # `float_rounding` decimals as math-verify does (it calls 1/2004! and 1/2006! equal).
+        ex_p = None if target_partial else exact_number(pred, target)
+        ex_r = None if gold_partial else exact_number(ref, gold)
+        if ex_p is not None and ex_r is not None and not (ex_p[2] and ex_r[2]):
+            if not approximates(ex_p[0], ex_p[1], ex_r[0], ex_r[1]):
+                if ex_p[0] == ex_r[0]:
+                    return "equal", "exact comparison: same value"
+                return "not_equal", "exact comparison: different values"
         # verify() over the product of both parses, one comparison at a time so that a
         # comparison timing out is told apart from one that says "different".
         timed_out = False
         for g in gold:
             for t in target:
                 try:
-                    if verify(g, t, timeout_seconds=alarm_s, raise_on_error=True):
+                    if verify(g, t, float_rounding=float_rounding, timeout_seconds=alarm_s, raise_on_error=True):
                         return "equal", "math-verify"
                 except TimeoutException:
                     timed_out = True
@@ -457,7 +582,7 @@ class Verifier:
             alarm = max(1, math.floor(self.cfg.timeout_s))
             self._pool = WorkerPool(
                 "distill.curate.verify:_worker_handler",
-                (alarm,),
+                (alarm, self.cfg.float_rounding),
                 n_workers=self.cfg.workers,
                 item_timeout_s=self.cfg.timeout_s + 1.0,
                 memory_limit_mb=self.cfg.memory_limit_mb,
@@ -481,7 +606,7 @@ class Verifier:
             elif len(pred) > limit or len(ref) > limit:
                 side = "answer" if len(pred) > limit else "reference"
                 out[i] = Verdict("parse_error", f"{side} longer than max_answer_chars={limit}; not parsed")
-            elif self.fast_path and (v := fast_verdict(pred, ref)) is not None:
+            elif self.fast_path and (v := fast_verdict(pred, ref, self.cfg.float_rounding)) is not None:
                 out[i] = v
             else:
                 # Answers with one normal form share a verdict (see `normalize`): n samples that
@@ -553,10 +678,76 @@ class Verifier:
         self.close()
 
 
-def verify_records(records: list[dict], verifier: Verifier, cfg: VerifyConfig) -> list[dict]:
-    """Generation records plus `pred_answer`, `verdict`, `verdict_detail`, `correct`, `pass_rate`
-    and `n_samples` (both per question `id`). Questions without a reference are checked
-    against their majority answer (see `VerifyConfig.min_agreement`)."""
+# --------------------------------------------------------------------------- LLM judge
+
+_JUDGE_SYSTEM = (
+    "You grade a student's final answer to a math problem against the reference answer. Answer "
+    "'yes' if the student's answer states the same result as the reference (the same values, "
+    "the same set of solutions, or the same statement, however worded or formatted). Answer 'no' "
+    "if it differs in any value, misses or adds a solution, or says something else. Reply with "
+    "one word: yes or no."
+)
+
+JudgeFn = Callable[[list[tuple[str, str, str]]], list[bool | None]]
+"""(problem, reference, answer) triples -> True (same), False (different), None (no reply)."""
+
+
+def judge_messages(problem: str, reference: str, answer: str) -> list[dict]:
+    """Chat messages asking the teacher whether `answer` states the reference answer."""
+    return [
+        {"role": "system", "content": _JUDGE_SYSTEM},
+        {"role": "user", "content": f"Problem:\n{problem.strip()}\n\nReference answer:\n{reference.strip()}\n\n"
+                                    f"Student answer:\n{answer.strip()}\n\n"
+                                    "Does the student's answer state the same result as the reference? "
+                                    "Answer yes or no."},
+    ]
+
+
+def engine_judge(engine: Any, cfg: AnswerJudgeConfig) -> JudgeFn:
+    """A `JudgeFn` asking `engine` (a `TeacherEngine`) greedily, one request per triple; a failed
+    request or a reply without yes/no is None (`decontam.parse_judge` reads the reply)."""
+    from distill.curate.decontam import parse_judge
+    from distill.teachers.base import Request, SamplingParams
+
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=cfg.max_tokens, seed=0)
+
+    def judge(triples: list[tuple[str, str, str]]) -> list[bool | None]:
+        results = engine.generate([Request(judge_messages(*t)) for t in triples], params)
+        return [parse_judge(r.completions[0].text) if r.ok and r.completions else None for r in results]
+
+    return judge
+
+
+def judge_candidate(verdict: str, detail: str) -> bool:
+    """Whether a verdict against a real reference goes to the judge: the symbolic verifier could
+    not decide (`parse_error`, `timeout`), but not for a reason no judge changes (an answer over
+    `max_answer_chars`, an empty reference)."""
+    return verdict in ("parse_error", "timeout") and "max_answer_chars" not in detail and detail != "empty reference"
+
+
+def verify_records(
+    records: list[dict], verifier: Verifier, cfg: VerifyConfig, judge: JudgeFn | None = None,
+    stats: Counter[str] | None = None,
+) -> list[dict]:
+    """Generation records plus `pred_answer`, `label`, `agreement`, `verdict`, `verdict_detail`,
+    `correct`, `pass_rate` and `n_samples`. `label`, `agreement`, `pass_rate` and `n_samples` are
+    per question `id` (the same on all its samples).
+
+    `label` is what the samples were checked against and `agreement` the share of the question's
+    extracted answers (samples without one left out) that agree with it. `agreement` is null
+    when no sample has an answer (and `label` too, without a reference):
+    - with a reference, `label` is the reference and `agreement` the share of answers the
+      verifier (or the judge) found equal to it. (Not the majority's share: with a reference the
+      majority may be wrong, and how many answers match the truth is what a difficulty or
+      consistency filter wants; `pass_rate` is the same count over all samples.)
+    - without, `label` is the majority answer (`majority_vote`) and `agreement` its share, the
+      number compared with `VerifyConfig.min_agreement`; below it, the label is still written
+      (to show why) but every sample is `no_answer`.
+
+    `judge` (see `engine_judge`), when given, decides the pairs against a reference that the
+    symbolic path cannot (`judge_candidate`), at most `cfg.judge.max_pairs` distinct ones; its
+    verdicts have a `verdict_detail` starting `judge:`. `stats`, when given, counts them
+    (`judged_equal`, `judged_not_equal`, `judged_unreadable`, `judge_skipped`)."""
     out = [dict(r) for r in records]
     for r in out:
         r["pred_answer"] = extract_answer(
@@ -587,6 +778,8 @@ def verify_records(records: list[dict], verifier: Verifier, cfg: VerifyConfig) -
                 where.append(i)
             continue
         label, agreement = majority_vote([out[i]["pred_answer"] for i in idx], next(same))
+        for i in idx:
+            out[i]["label"], out[i]["agreement"] = label, agreement if label is not None else None
         if label is None or agreement < cfg.min_agreement:
             for i in idx:
                 out[i]["verdict"] = "no_answer"
@@ -599,10 +792,46 @@ def verify_records(records: list[dict], verifier: Verifier, cfg: VerifyConfig) -
     for i, v in zip(where, verifier.verify(pairs)):
         out[i]["verdict"] = v.code
         out[i]["verdict_detail"] = f"{notes[i]}: {v.detail}" if i in notes else v.detail
+    if judge is not None:
+        _apply_judge(out, [i for i in where if i not in notes], judge, cfg.judge.max_pairs, stats)
     for idx in by_id.values():
         n_correct = sum(out[i]["verdict"] == "equal" for i in idx)
+        if has_ref(idx):
+            answered = [i for i in idx if _has_answer(out[i]["pred_answer"])]
+            for i in idx:
+                out[i]["label"] = str(out[i]["answer"])
+                out[i]["agreement"] = (sum(out[j]["verdict"] == "equal" for j in answered) / len(answered)
+                                       if answered else None)
         for i in idx:
             out[i]["correct"] = out[i]["verdict"] == "equal"
             out[i]["n_samples"] = len(idx)
             out[i]["pass_rate"] = n_correct / len(idx)
     return out
+
+
+def _apply_judge(out: list[dict], with_ref: list[int], judge: JudgeFn, max_pairs: int,
+                 stats: Counter[str] | None) -> None:
+    """Put the undecided pairs against a reference (records `with_ref`) to the judge, each
+    distinct (problem, reference, answer) once, and write its verdicts."""
+    todo: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for i in with_ref:
+        r = out[i]
+        if judge_candidate(r["verdict"], r["verdict_detail"]):
+            todo[(str(r["problem"]), str(r["answer"]), r["pred_answer"])].append(i)
+    if not todo:
+        return
+    triples = sorted(todo)  # sorted: which ones the cap leaves out does not depend on record order
+    asked, skipped = triples[:max_pairs], triples[max_pairs:]
+    counts: Counter[str] = Counter(judge_skipped=sum(len(todo[t]) for t in skipped))
+    for t, said in zip(asked, judge(asked)):
+        for i in todo[t]:
+            symbolic = f"{out[i]['verdict']}: {out[i]['verdict_detail']}"
+            if said is None:
+                counts["judged_unreadable"] += 1
+                out[i]["verdict_detail"] += "; the judge's reply had no yes/no"
+                continue
+            counts["judged_equal" if said else "judged_not_equal"] += 1
+            out[i]["verdict"] = "equal" if said else "not_equal"
+            out[i]["verdict_detail"] = f"judge: {'yes' if said else 'no'} (symbolic path: {symbolic})"
+    if stats is not None:
+        stats.update({k: v for k, v in counts.items() if v})

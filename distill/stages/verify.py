@@ -2,9 +2,12 @@
 
 Reads `RUN/generate/`, writes `RUN/verify/`. Rejects nothing (the `wrong_answer` and
 `truncated` filters do, in the next stage); adds `pred_answer`, `verdict`, `verdict_detail`,
-`correct`, `pass_rate`, `n_samples` and `label` (the reference, or the majority pseudo-label).
-Symbolic checks run in worker processes owned by each Ray actor, under a hard time limit, so
-model output is never parsed by sympy in the driver.
+`correct`, `pass_rate`, `n_samples`, `label` (the reference, or the majority pseudo-label) and
+`agreement` (the share of the question's extracted answers that agree with the label; see
+`distill.curate.verify.verify_records`). Symbolic checks run in worker processes owned by each
+Ray actor, under a hard time limit, so model output is never parsed by sympy in the driver.
+With `curate.verify.judge.enabled`, each actor also builds the teacher engine (`generate.engine`)
+and asks it about the pairs the symbolic path cannot decide.
 """
 
 from __future__ import annotations
@@ -26,18 +29,24 @@ VERIFY_COLUMNS = [("pred_answer", pa.string()), ("label", pa.string()), ("agreem
                   ("pass_rate", pa.float64()), ("n_samples", pa.int32())]
 
 
-def _setup(verify_cfg):
-    from distill.curate.verify import Verifier
+def _setup(verify_cfg, gen):
+    from distill.curate.verify import Verifier, engine_judge
 
-    return verify_cfg, Verifier(verify_cfg)
+    judge = None
+    if verify_cfg.judge.enabled:
+        from distill.teachers import build_engine
+
+        judge = engine_judge(build_engine(gen.engine, gen.engine_config()), verify_cfg.judge)
+    return verify_cfg, Verifier(verify_cfg), judge
 
 
 def _process(state, records):
     from distill.curate.verify import verify_records
 
-    verify_cfg, verifier = state
-    out = verify_records(records, verifier, verify_cfg)
-    return out, [], Counter(r["verdict"] for r in out)
+    verify_cfg, verifier, judge = state
+    stats: Counter[str] = Counter()
+    out = verify_records(records, verifier, verify_cfg, judge=judge, stats=stats)
+    return out, [], Counter(r["verdict"] for r in out) + stats
 
 
 def run(cfg: RunConfig, run_dir: Path):
@@ -49,6 +58,11 @@ def run(cfg: RunConfig, run_dir: Path):
     print(f"verify: {len(samples)} samples; {sum(len(u.records) for u in units)} to verify in {len(units)} shards",
           flush=True)
     # Each actor runs `vc.workers` verifier processes: reserve that many CPUs for it.
-    verdicts, seconds = run_units(store, units, cfg, "verify", setup=_setup, setup_args=(vc,), process=_process,
+    verdicts, seconds = run_units(store, units, cfg, "verify", setup=_setup, setup_args=(vc, cfg.generate), process=_process,
                                   cpus=vc.workers)
-    return finish_stage(store, "verify", seconds, {"verdicts_this_run": dict(verdicts)})
+    # `_process` counts verdicts and, with the judge on, its outcomes (`judged_*`, `judge_skipped`).
+    judged = {k: v for k, v in verdicts.items() if k.startswith("judge")}
+    summary = {"verdicts_this_run": {k: v for k, v in verdicts.items() if k not in judged}}
+    if vc.judge.enabled:
+        summary["judge_this_run"] = judged
+    return finish_stage(store, "verify", seconds, summary)
