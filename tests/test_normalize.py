@@ -1,18 +1,26 @@
 """normalize_text / word_tokens: one test per transformation, mostly as "these two spellings of
-the same problem normalise to the same string, and a different problem does not"."""
+the same problem normalise to the same string, and a different problem does not". The last
+tests cover scraped-text spellings (invisible characters, look-alike letters, unicode math),
+including one through the decontamination index."""
 
 from __future__ import annotations
 
 import json
+import random
+import sys
+import time
 
 import pytest
-from conftest import DATA
+from conftest import DATA, REPO
 
+from distill.curate.benchmarks import BenchmarkRef, load_benchmarks
+from distill.curate.decontam import BenchmarkIndex, DecontamConfig
 from distill.curate.normalize import (
     normalize_numbers,
     normalize_text,
     number_words_to_digits,
     strip_instructions,
+    unify_unicode,
     word_tokens,
 )
 
@@ -99,3 +107,125 @@ def test_idempotent_on_real_benchmarks():
         n = normalize_text(t)
         assert normalize_text(n) == n, t
         assert n == n.lower() and "  " not in n and "\\" not in n and "$" not in n
+
+
+# ----------------------------------------------------------------------------- scraped-text folds
+# Invisible characters, look-alike letters and unicode-rendered math (issue 12, item 6). Each
+# spelling must normalise to what the clean / LaTeX spelling does, on both sides of decontam.
+
+INVISIBLE = ["\u00ad", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u200e", "\u202a", "\u034f", "\ufe0f"]
+
+
+@pytest.mark.parametrize("ch", INVISIBLE)
+def test_invisible_characters_are_dropped(ch):
+    clean = "How many positive integers less than 100 are divisible by 7?"
+    dirty = f"{ch}How ma{ch}ny posi{ch}tive integ{ch}ers less th{ch}an 1{ch}00 are divi{ch}sible by 7?"
+    assert normalize_text(dirty) == normalize_text(clean)
+    assert unify_unicode("ap" + ch + "ple") == "apple"
+
+
+def test_confusable_letters_fold_to_latin():
+    # Cyrillic а е о р с у х і ѕ һ and capitals, Greek capitals and omicron: always Latin.
+    assert same("Thе раrаbоlа у = х^2 раѕѕеѕ thrоugһ thе роіnt (2, 4).",
+                "The parabola y = x^2 passes through the point (2, 4).")
+    assert same("ΤΗΕ ΚΑΤΕ", "THE KATE")
+    assert same("Find the cοmmοn rοοt", "Find the common root")
+    # Greek lower-case look-alikes inside a Latin word
+    assert same("mιnυtes and sρeeds", "minutes and speeds")
+    # In a text already shown to be obfuscated (a Latin letter touching a Cyrillic one), Greek
+    # look-alikes at a word's edge or alone are the Latin letters they imitate too.
+    assert same("Dоra wαnts α rope αnd 3χ = 6", "Dora wants a rope and 3x = 6")
+    assert not same("Thе раrаbоlа", "The parabolas")
+
+
+@pytest.mark.parametrize("unicode_form, latex", [
+    ("x² + y² = 25", r"$x^2 + y^{2} = 25$"),
+    ("10⁻³ and xⁿ⁺¹", r"$10^{-3}$ and $x^{n+1}$"),
+    ("x₁ + x₂₃", r"$x_1 + x_{23}$"),
+    ("√2 + 2√3 + ∛5", r"$\sqrt{2} + 2\sqrt{3} + \sqrt[3]{5}$"),
+    ("θ = 30°, ∠ABC = 90º", r"$\theta = 30^\circ$, $\angle ABC = 90^{\circ}$"),
+    ("△ABC ⊥ ∥", r"$\triangle ABC \perp \parallel$"),
+    ("2πr and πr²", r"$2\pi r$ and $\pi r^2$"),
+    ("ρgh, αx, ωt, sinαcosβ", r"$\rho gh$, $\alpha x$, $\omega t$, $\sin\alpha\cos\beta$"),
+    ("ϑ φ ϵ ε", r"$\vartheta \varphi \epsilon \varepsilon$"),
+    ("½ + 1¾", r"$\frac{1}{2} + 1\frac{3}{4}$"),
+    ("3 × 4 ÷ 2 · 5", r"$3 \times 4 \div 2 \cdot 5$"),
+    ("a ≤ b ≥ c ≠ d ⩽ e", r"$a \le b \geq c \neq d \leqslant e$"),
+    ("x → ∞, a ± b, x ∈ ℝ", r"$x \to \infty$, $a \pm b$, $x \in \mathbb{R}$"),
+    ("1, 2, …, n and 1 + ⋯ + n", r"$1, 2, \ldots, n$ and $1 + \cdots + n$"),
+    ("A′B′ and f″(x)", r"$A^{\prime}B^\prime$ and $f''(x)$"),
+    ("Δ and Ω and ∆ABC", r"$\Delta$ and $\Omega$ and $\triangle ABC$"),
+])
+def test_unicode_math_normalises_like_its_latex(unicode_form, latex):
+    assert normalize_text(unicode_form) == normalize_text(latex), (normalize_text(unicode_form), normalize_text(latex))
+
+
+def test_clean_math_text_with_greek_letters_is_unchanged():
+    text = (r"Let $\alpha$ and $\beta$ be angles with $\sin\alpha = \frac{3}{5}$, and let "
+            r"$r = 2\pi$. Find $\theta$ if $0 \le \theta < 2\pi$ and $\lambda x^{2} = \mu$.")
+    assert unify_unicode(text) == text  # ASCII: nothing to fold
+    assert normalize_text(text) == (
+        "let alpha and beta be angles with sin alpha = 3 / 5 and let r = 2 pi find theta if "
+        "0 <= theta < 2 pi and lambda x ^ 2 = mu")
+    # Greek letters written in unicode in otherwise clean text are math, not look-alikes.
+    assert normalize_text("Let α and β be angles, r = 2π, and γ = ρgh.") == (
+        "let alpha and beta be angles r = 2 pi and gamma = rho gh")
+
+
+def test_generated_copies_fold_on_real_math500():
+    """The synthetic kinds of tools/contam_testset.py on every MATH-500 problem: invisible and
+    look-alike copies normalise to the clean text's exact normal form; unicode-rendered math to
+    the same words (the n-gram unit); operators may differ (√(x+1) keeps its brackets)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from contam_testset import confusable, invisible, renderable, unicode_math
+
+    with open(DATA / "benchmarks" / "math500.jsonl") as f:
+        problems = [json.loads(line)["problem"] for line in f]
+    rng = random.Random(0)
+    for edit, exact_share, words_share, pool in (
+        (invisible, 1.0, 1.0, problems),
+        (confusable, 0.99, 0.99, problems),
+        (unicode_math, 0.8, 0.99, [p for p in problems if renderable(p)]),
+    ):
+        copies = [edit(p, rng)[0] for p in pool]
+        assert sum(c != p for c, p in zip(copies, pool)) >= 0.95 * len(pool)  # the edit did something
+        exact = sum(normalize_text(c) == normalize_text(p) for c, p in zip(copies, pool)) / len(pool)
+        words = sum(word_tokens(c) == word_tokens(p) for c, p in zip(copies, pool)) / len(pool)
+        assert exact >= exact_share and words >= words_share, (edit.__name__, exact, words)
+
+
+def test_folding_is_linear_on_pathological_text():
+    """Long runs of every folded kind, including a Greek look-alike run the obfuscation regex
+    must scan once: 8x the text costs about 8x the time (quadratic would be 64x)."""
+    unit = ("a" + "ρ" * 40 + "1 " + "x" + "²" * 40 + " " + "\u200b" * 40 + "½√θ∠" * 10 + " Тhе "
+            + "ᵃ" * 20 + "₁" * 20 + " sinαcosα ")
+    def cost(reps: int) -> float:
+        text = unit * reps + "a" + "ρ" * (reps * 40) + "1"
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            normalize_text(text)
+            best = min(best, time.perf_counter() - t)
+        return best
+    small, large = cost(100), cost(800)  # ~26k and ~210k characters
+    assert large / small < 20, (small, large)
+
+
+def test_fewshot_wrapped_multi_edited_math500_copy_is_caught():
+    """A real MATH-500 problem with look-alike letters, invisible characters and its LaTeX
+    rendered as unicode, as the last question of a few-shot prompt, is found by the index; the
+    same prompt without it is not."""
+    ref = BenchmarkRef(name="math500", path=str(DATA / "benchmarks" / "math500.jsonl"))
+    benchmarks = load_benchmarks([ref])
+    index = BenchmarkIndex(benchmarks, DecontamConfig(benchmarks=[ref]))
+    original = dict(benchmarks[0].items)["math500-0"]
+    assert original.startswith("Convert the point $(0,3)$ in rectangular coordinates to polar")
+    copy = ("\ufeffConvеrt the ρoint (0,3) in rес\u00adtangular co\u200bordinates to ρolar coordіnates.  "
+            "Entеr your ans\u200dwer in the form (r,θ), wһere r > 0 and 0 ≤ θ < 2π.")
+    shots = ("Question: Natalia sold clips to 48 of her friends in April, and then she sold half as "
+             "many clips in May. How many clips did Natalia sell altogether in April and May?\n"
+             "Answer: 72\n\nQuestion: Weng earns $12 an hour for babysitting. Yesterday, she just did "
+             "50 minutes of babysitting. How much did she earn?\nAnswer: 10\n\n")
+    found = index.check(shots + f"Question: {copy}\nAnswer:")
+    assert found is not None and not found.candidate and found.item_id == "math500-0", found
+    assert index.check(shots + "Question: How many legs do 3 spiders have?\nAnswer:") is None

@@ -10,6 +10,15 @@ one kind each:
     prefixed     wrapped in an instruction template (some the normaliser knows, some it does not)
     partial      a contiguous 60-80 % of the problem's words
     paraphrased  synonym swaps, two sentences swapped, numbers <-> number words (3+ edits)
+    invisible    format characters inside ~40 % of the words (soft hyphen, zero-width space,
+                 zero-width (non-)joiner, word joiner, BOM), sometimes a BOM in front
+    confusable   one or two letters of ~40 % of the words (LaTeX command names excepted) swapped
+                 for a Cyrillic (2/3) or Greek (1/3) look-alike, anywhere in the word
+    unicode_math the LaTeX rendered as unicode, as scraped web pages carry it: x^2 -> x²,
+                 \\sqrt{2} -> √2, \\theta -> θ, \\frac{1}{2} -> ½, 30^\\circ -> 30°, \\le -> ≤,
+                 x_1 -> x₁, \\angle -> ∠, ..., `$` and \\left/\\right dropped (problems with LaTeX)
+    fewshot      invisible + confusable + unicode_math edits at once, the problem then wrapped
+                 as the last question of a 2-4-shot prompt of GSM8K-train questions and answers
 
 Clean rows are questions that are not in the benchmarks: GSM8K train, SVAMP and ASDiv (the two
 last ones live in benchmarks/ but are clean sources here and must not be indexed).
@@ -31,7 +40,11 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
 INDEXED = ["gsm8k", "math500", "aime24", "amc23", "minerva_math", "olympiadbench", "college_math", "gaokao2023en"]
 CLEAN = {"gsm8k_train": "train/gsm8k_train.jsonl", "svamp": "benchmarks/svamp.jsonl", "asdiv": "benchmarks/asdiv.jsonl"}
-KINDS = ["exact", "reformatted", "latex", "prefixed", "partial", "paraphrased"]
+KINDS = ["exact", "reformatted", "latex", "prefixed", "partial", "paraphrased",
+         "invisible", "confusable", "unicode_math", "fewshot"]
+# Kinds added later draw from their own random stream (seeded by seed and kind), so adding one
+# leaves every row of the earlier kinds and the clean sample as they were.
+_OWN_STREAM = {"invisible", "confusable", "unicode_math", "fewshot"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -174,6 +187,148 @@ def paraphrase(t: str, rng: random.Random) -> tuple[str, int]:
     return t, edits
 
 
+# ----------------------------------------------------------------------------- scraped-text edits
+
+INVISIBLES = ["\u00ad", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"]
+_PLAIN_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{4,}")  # not a LaTeX command name
+
+
+def invisible(t: str, rng: random.Random) -> tuple[str, int]:
+    """An invisible character at a random inner position of ~40 % of the words of 4+ letters
+    (at least 3 where the text has them), and a BOM in front half of the time."""
+    words = list(_PLAIN_WORD.finditer(t))
+    chosen = [m for m in words if rng.random() < 0.4] or words[:3]
+    if len(chosen) < 3:
+        chosen = words[:3]
+    for m in sorted(chosen, key=lambda m: m.start(), reverse=True):
+        k = m.start() + rng.randint(1, len(m[0]) - 1)
+        t = t[:k] + rng.choice(INVISIBLES) + t[k:]
+    edits = len(chosen)
+    if rng.random() < 0.5:
+        t, edits = "\ufeff" + t, edits + 1
+    return t, edits
+
+
+CYRILLIC_LOOKALIKE = dict(zip("aeopcyxsijhABEKMHOPCTXYSIJ", "аеорсухѕіјһАВЕКМНОРСТХУЅІЈ"))
+GREEK_LOOKALIKE = dict(zip("oivukpxaABEZHIKMNOPTYX", "οινυκρχαΑΒΕΖΗΙΚΜΝΟΡΤΥΧ"))
+_ANY_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]+")
+
+
+def confusable(t: str, rng: random.Random) -> tuple[str, int]:
+    """One or two letters of ~40 % of the words (at least 3 where possible) replaced by a
+    Cyrillic (2/3) or Greek (1/3) look-alike, at any position of the word."""
+    words = [m for m in _ANY_WORD.finditer(t) if any(c in CYRILLIC_LOOKALIKE for c in m[0])]
+    chosen = [m for m in words if rng.random() < 0.4]
+    if len(chosen) < 3:
+        chosen = words[:3]
+    chars = list(t)
+    edits = 0
+    for m in chosen:
+        for _ in range(rng.choice([1, 1, 2])):
+            table = GREEK_LOOKALIKE if rng.random() < 1 / 3 else CYRILLIC_LOOKALIKE
+            spots = [i for i in range(m.start(), m.end()) if chars[i] in table]
+            if not spots:
+                table = CYRILLIC_LOOKALIKE
+                spots = [i for i in range(m.start(), m.end()) if chars[i] in table]
+            if spots:
+                i = rng.choice(spots)
+                chars[i] = table[chars[i]]
+                edits += 1
+    return "".join(chars), edits
+
+
+GREEK = {
+    "alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ϵ", "varepsilon": "ε",
+    "zeta": "ζ", "eta": "η", "theta": "θ", "vartheta": "ϑ", "kappa": "κ", "lambda": "λ", "mu": "μ",
+    "nu": "ν", "xi": "ξ", "pi": "π", "rho": "ρ", "sigma": "σ", "tau": "τ", "phi": "ϕ", "varphi": "φ",
+    "chi": "χ", "psi": "ψ", "omega": "ω", "Gamma": "Γ", "Delta": "Δ", "Theta": "Θ", "Lambda": "Λ",
+    "Pi": "Π", "Sigma": "Σ", "Phi": "Φ", "Psi": "Ψ", "Omega": "Ω",
+}
+SYMBOLS = {
+    "angle": "∠", "triangle": "△", "times": "×", "div": "÷", "cdot": "·", "le": "≤", "leq": "≤",
+    "leqslant": "⩽", "ge": "≥", "geq": "≥", "geqslant": "⩾", "ne": "≠", "neq": "≠", "infty": "∞",
+    "pm": "±", "ldots": "…", "dots": "…", "cdots": "⋯", "to": "→", "in": "∈", "perp": "⊥",
+    "parallel": "∥", "approx": "≈", "sim": "∼", "cup": "∪", "cap": "∩", "lfloor": "⌊", "rfloor": "⌋",
+    "lceil": "⌈", "rceil": "⌉", "sum": "∑", "int": "∫", "mid": "∣", "emptyset": "∅", "prime": "′",
+}
+SUPERSCRIPT = dict(zip("0123456789+-=()ni", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁼⁽⁾ⁿⁱ"))
+SUBSCRIPT = dict(zip("0123456789+-=()", "₀₁₂₃₄₅₆₇₈₉₊₋₌₍₎"))
+VULGAR = {"1/2": "½", "1/3": "⅓", "2/3": "⅔", "1/4": "¼", "3/4": "¾", "1/5": "⅕", "2/5": "⅖",
+          "3/5": "⅗", "4/5": "⅘", "1/6": "⅙", "5/6": "⅚", "1/7": "⅐", "1/8": "⅛", "3/8": "⅜",
+          "5/8": "⅝", "7/8": "⅞", "1/9": "⅑", "1/10": "⅒"}
+BOLD = {c: chr(0x1D41A + i) for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")} | {
+    c: chr(0x1D400 + i) for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ")}
+BLACKBOARD = {"R": "ℝ", "N": "ℕ", "Z": "ℤ", "Q": "ℚ", "C": "ℂ"}
+
+
+def _script(arg: str, table: dict[str, str]) -> str | None:
+    return "".join(table[c] for c in arg) if arg and all(c in table for c in arg) else None
+
+
+def _render_frac(m: re.Match) -> str:
+    a, b = m[1].strip(), m[2].strip()
+    if f"{a}/{b}" in VULGAR:
+        return VULGAR[f"{a}/{b}"]
+    return f"{a}/{b}" if re.fullmatch(r"[\w.]+", a + b) else f"({a})/({b})"
+
+
+def _render_power(m: re.Match, table: dict[str, str]) -> str:
+    """`^{..}` / `_{..}` as unicode super/subscripts when every character has one, else as is."""
+    return _script(m[1] if m[1] is not None else m[2], table) or m[0]
+
+
+# (name, pattern, replacement): applied in this order, each to all its occurrences.
+_RENDER = [
+    ("frac", r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}", _render_frac),
+    ("sqrt", r"\\sqrt\s*\{([^{}]+)\}", lambda m: "√" + (m[1] if re.fullmatch(r"\w+", m[1]) else f"({m[1]})")),
+    ("sqrt", r"\\sqrt\s*(\d+|[A-Za-z])(?![A-Za-z])", lambda m: "√" + m[1]),
+    ("degree", r"\^\s*\{?\s*\\circ\s*\}?", lambda m: "°"),
+    ("prime", r"\^\s*\{\s*\\prime\s*\}|\^\s*\\prime", lambda m: "′"),
+    ("superscript", r"\^\{([^{}]{1,4})\}|\^([0-9n])", lambda m: _render_power(m, SUPERSCRIPT)),
+    ("subscript", r"_\{([^{}]{1,4})\}|_([0-9])", lambda m: _render_power(m, SUBSCRIPT)),
+    ("greek", r"\\(" + "|".join(sorted(GREEK, key=len, reverse=True)) + r")(?![A-Za-z])", lambda m: GREEK[m[1]]),
+    ("symbol", r"\\(" + "|".join(sorted(SYMBOLS, key=len, reverse=True)) + r")(?![A-Za-z])", lambda m: SYMBOLS[m[1]]),
+    ("bold", r"\\mathbf\s*\{([A-Za-z])\}", lambda m: BOLD[m[1]]),
+    ("blackboard", r"\\mathbb\s*\{([RNZQC])\}", lambda m: BLACKBOARD[m[1]]),
+    ("delimiters", r"\\left|\\right|(?<!\\)\$", lambda m: ""),
+    ("money", r"\\\$", lambda m: "$"),
+]
+
+
+def unicode_math(t: str, rng: random.Random) -> tuple[str, int]:
+    """The LaTeX of `t` rendered as unicode text, every rewrite that applies (a page renders
+    all of its math, not a sample). Edits: how many kinds of rewrite changed something."""
+    edits = 0
+    for _, pattern, fn in _RENDER:
+        new = re.sub(pattern, fn, t)
+        if new != t:
+            t, edits = new, edits + 1
+    return t, edits
+
+
+def renderable(t: str) -> bool:
+    return any(re.search(p, t) for name, p, _ in _RENDER if name != "delimiters")
+
+
+FEWSHOT_TEMPLATES = [
+    ("Question: {q}\nAnswer: {a}\n\n", "Question: {q}\nAnswer:"),
+    ("Q: {q}\nA: The answer is {a}.\n\n", "Q: {q}\nA:"),
+    ("Problem:\n{q}\n\nSolution: ... so the final answer is {a}.\n\n", "Problem:\n{q}\n\nSolution:"),
+]
+
+
+def fewshot(t: str, rng: random.Random, shots: list[dict]) -> tuple[str, int]:
+    """Invisible characters, look-alike letters and unicode-rendered math in one copy, which is
+    then the last question of a few-shot prompt (`shots`: GSM8K-train rows with answers)."""
+    edits = 0
+    for edit in (unicode_math, confusable, invisible):
+        t, n = edit(t, rng)
+        edits += n
+    shot, last = rng.choice(FEWSHOT_TEMPLATES)
+    prompt = "".join(shot.format(q=s["problem"], a=s["answer"]) for s in shots)
+    return prompt + last.format(q=t), edits + 1
+
+
 # ----------------------------------------------------------------------------- the set
 
 
@@ -201,15 +356,25 @@ def build_testset(per_kind: int = 400, clean_per_source: int | None = None, seed
         "partial": partial,
         "paraphrased": paraphrase,
     }
+    shots = clean["gsm8k_train"]
+    makers |= {
+        "invisible": invisible,
+        "confusable": confusable,
+        "unicode_math": unicode_math,
+        "fewshot": lambda t, r: fewshot(t, r, r.sample(shots, r.randint(2, 4))),
+    }
     for kind in KINDS:
+        krng = random.Random(f"{seed}:{kind}") if kind in _OWN_STREAM else rng
         for name in INDEXED:
             pool = bench[name]
             if kind == "partial":  # a 60-80 % cut of a one-liner is not a copy of anything
                 pool = [r for r in pool if len(r["problem"].split()) >= 12]
             if kind == "latex":  # only problems with something to rewrite
                 pool = [r for r in pool if any(re.search(p, r["problem"]) for p, _ in _LATEX_EDITS)]
-            for rec in rng.sample(pool, min(per_bench, len(pool))):
-                text, edits = makers[kind](rec["problem"], rng)
+            if kind == "unicode_math":  # only problems with math to render
+                pool = [r for r in pool if renderable(r["problem"])]
+            for rec in krng.sample(pool, min(per_bench, len(pool))):
+                text, edits = makers[kind](rec["problem"], krng)
                 rows.append({"text": text, "label": True, "kind": kind, "source": name,
                              "bench_id": rec["id"], "edits": edits})
     for name, recs in clean.items():

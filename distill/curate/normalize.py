@@ -63,23 +63,166 @@ def strip_instructions(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- unicode
+#
+# Scraped web text spells the same problem with characters a re-typist never would: invisible
+# format characters inside words (soft hyphens from hyphenation, zero-width spaces/joiners, word
+# joiners, BOMs), letters from other scripts that look like Latin ones, and math rendered to
+# unicode (x², √2, θ, ½, 30°) instead of its LaTeX source. `unify_unicode` folds all of it to
+# the spelling `strip_latex` gives the LaTeX source, so `x²`, `x^2` and `x^{2}` end as the same
+# tokens on the benchmark side and on the candidate side alike.
 
-_CHAR_MAP = str.maketrans(
-    {
-        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "`": "'",
-        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
-        "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-",
-        "\u2015": "-", "\u2212": "-",
-        "\u00d7": " * ", "\u00b7": " * ", "\u22c5": " * ", "\u2217": " * ", "\u00f7": " / ",
-        "\u2264": " <= ", "\u2265": " >= ", "\u2260": " != ", "\u00a0": " ",
-    }
+_CHAR_MAP = {
+    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "`": "'",
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
+    "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-",
+    "\u2015": "-", "\u2212": "-",
+    "\u00d7": " * ", "\u00b7": " * ", "\u22c5": " * ", "\u2217": " * ", "\u2219": " * ", "\u00f7": " / ",
+    "\u2264": " <= ", "\u2265": " >= ", "\u2260": " != ", "\u00a0": " ",
+    "\u2266": " <= ", "\u2267": " >= ", "\u2a7d": " <= ", "\u2a7e": " >= ",
+    "\u2044": "/", "\u2215": "/",  # fraction slash, division slash
+    # Unicode math symbols -> the word `strip_latex` leaves for their LaTeX command (`\sqrt{2}`
+    # -> "sqrt 2", `30^\circ` -> "30 ^ circ", `\angle ABC` -> "angle abc").
+    "\u221a": " sqrt ", "\u221b": " sqrt[3] ", "\u221c": " sqrt[4] ",
+    "\u00b0": " ^ circ ", "\u2218": " circ ", "\u2220": " angle ", "\u2221": " measuredangle ",
+    "\u25b3": " triangle ", "\u25b5": " triangle ", "\u2206": " triangle ",  # "∆ABC" is a triangle
+    "\u221e": " infty ", "\u00b1": " pm ", "\u2213": " mp ", "\u22a5": " perp ", "\u2225": " parallel ",
+    "\u2208": " in ", "\u2209": " notin ", "\u220b": " ni ", "\u2282": " subset ", "\u2286": " subseteq ",
+    "\u2283": " supset ", "\u2287": " supseteq ", "\u222a": " cup ", "\u2229": " cap ", "\u2205": " emptyset ",
+    "\u2248": " approx ", "\u2261": " equiv ", "\u223c": " sim ", "\u2245": " cong ", "\u221d": " propto ",
+    "\u2211": " sum ", "\u220f": " prod ", "\u222b": " int ", "\u2202": " partial ", "\u2207": " nabla ",
+    "\u2200": " forall ", "\u2203": " exists ", "\u00ac": " neg ", "\u2227": " wedge ", "\u2228": " vee ",
+    "\u2192": " to ", "\u2223": " mid ", "\u2224": " nmid ", "\u2234": " therefore ", "\u2235": " because ",
+    "\u230a": " lfloor ", "\u230b": " rfloor ", "\u2308": " lceil ", "\u2309": " rceil ",
+    "\u27e8": " langle ", "\u27e9": " rangle ", "\u3008": " langle ", "\u3009": " rangle ",
+    "\u22ef": " ... ", "\u22ee": " ... ", "\u22f1": " ... ",
+}
+
+# Look-alike letters -> the Latin letter they imitate (a hand-made subset of Unicode's
+# confusables: the Cyrillic and Greek letters that pass for Latin ones in common fonts). Greek
+# capitals that look Latin are never math symbols (LaTeX has no \Alpha), nor are omicron and
+# iota in practice; the other Greek letters are folded by context in `_greek` below.
+_CONFUSABLES = dict(zip(
+    "аеорсухѕіјԁԛԝһӏкүѵ" "АВЕКМНОРСТХУЅІЈԚԜҮӀ" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ" "οι" "ıȷɑɡ",
+    "aeopcyxsijdqwhlkyv" "ABEKMHOPCTXYSIJQWYI" "ABEZHIKMNOPTYX" "oi" "ijag",
+))
+
+# Greek lowercase letters that pass for a Latin letter. They are Latin INSIDE a Latin word
+# ("mιnυtes"); alone or at a word's edge they are math (`2πr`, `ρgh`, `αx`) and become their
+# LaTeX name, unless the text is obfuscated (see `_MIXED_RE`). ε, τ, ω are left out on purpose:
+# poor look-alikes, and common math symbols (ωt, τ, ε) that must stay "omega", "tau", "epsilon".
+_GREEK_LOOKALIKE = dict(zip("αγκνρυχ", "aykvpux"))
+_GREEK_NAMES = dict(zip(
+    "αβγδεζηθικλμνξοπρστυφχψωςΓΔΘΛΞΠΣΦΨΩ",
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi o pi rho sigma tau "
+    "upsilon phi chi psi omega sigma gamma delta theta lambda xi pi sigma phi psi omega".split(),
+))
+_GREEK_RUN_RE = re.compile("[" + "".join(_GREEK_NAMES) + "]+")
+
+# Default-ignorable characters that are not format characters (category Cf, dropped by test):
+# combining grapheme joiner, variation selectors, Hangul fillers, Khmer inherent vowels,
+# Mongolian variation selectors.
+_IGNORABLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x3164, 0xFFA0]
+    + list(range(0xFE00, 0xFE10)) + list(range(0xE0100, 0xE01F0))
 )
 
 
+class _FoldTable(dict):
+    """`str.translate` table, code point -> replacement, filled on first sight of a character:
+    format characters (category Cf: soft hyphen, zero-width space/joiners, word joiner, BOM,
+    bidi marks) and other invisibles dropped, math symbols and quotes to their ASCII spelling.
+    Memoised so every text costs one pass, whatever the alphabet, and importing costs nothing
+    (scanning all of Unicode for Cf takes ~0.5 s)."""
+
+    def __missing__(self, cp: int) -> str | int:
+        ch = chr(cp)
+        out: str | int = "" if cp in _IGNORABLE or unicodedata.category(ch) == "Cf" else _CHAR_MAP.get(ch, cp)
+        self[cp] = out
+        return out
+
+
+_FOLD = _FoldTable()
+_LATIN = str.maketrans(_CONFUSABLES)
+_CONF = "".join(_CONFUSABLES)
+_LOOK = "".join(_GREEK_LOOKALIKE)
+# A Latin letter touching a look-alike letter: the mark of homoglyph obfuscation, never of
+# clean text (UTS #39 calls it a mixed-script confusable). Where it occurs, every Greek
+# look-alike is read as the Latin letter it imitates, not only those inside a Latin word.
+_MIXED_RE = re.compile(f"[A-Za-z][{_CONF}]|[{_CONF}][A-Za-z]")
+# `sinαcosβ`, `2tanα`: a function name before a Greek letter makes it math, whatever follows.
+_FUNCTION_BEFORE = re.compile(r"(?:sin|cos|tan|cot|sec|csc|sinh|cosh|tanh|log|lg|ln|exp)$")
+
+
+def _script_forms() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Superscript, subscript and vulgar-fraction characters -> their NFKC text, read from the
+    Unicode database in the blocks that hold them (a full scan would cost ~0.2 s at import)."""
+    blocks = [(0xA0, 0x100), (0x2B0, 0x370), (0x1D00, 0x1DC0), (0x2070, 0x20A0), (0x2150, 0x2190),
+              (0x2C7C, 0x2C7E), (0xA69C, 0xA69E), (0xA770, 0xA771), (0xA7F0, 0xA800), (0xAB5C, 0xAB70),
+              (0x10780, 0x107C0), (0x1E030, 0x1E090)]
+    forms: dict[str, dict[str, str]] = {"<super>": {}, "<sub>": {}, "<fraction>": {}}
+    for lo, hi in blocks:
+        for cp in range(lo, hi):
+            tag = unicodedata.decomposition(chr(cp)).split(" ", 1)[0]
+            if tag in forms:
+                forms[tag][chr(cp)] = unicodedata.normalize("NFKC", chr(cp))
+    del forms["<super>"]["\u00ba"]  # º: scraped text uses it for the degree sign, handled below
+    return forms["<super>"], forms["<sub>"], forms["<fraction>"]
+
+
+_SUPER, _SUB, _VULGAR = _script_forms()
+_DEGREE_LIKE = "\u00ba\u02da"  # º, ˚: typed for ° ("30º")
+_SCRIPT_RE = re.compile(
+    f"([{''.join(_SUPER)}]+)|([{''.join(_SUB)}]+)|([{''.join(_VULGAR)}])|([{_DEGREE_LIKE}])"
+)
+
+
+def _script(m: re.Match) -> str:
+    """A superscript run -> `^` + its text (x² -> x^2, 10⁻³ -> 10^−3: `x^{-3}` ends as the same
+    tokens), a subscript run -> `_` + its text, ½ -> ` 1/2 ` (so 1½ is "1 1/2", as
+    `1\\frac{1}{2}`), º/˚ -> °."""
+    sup, sub, frac, degree = m.groups()
+    if sup:
+        return "^" + "".join(_SUPER[c] for c in sup)
+    if sub:
+        return "_" + "".join(_SUB[c] for c in sub)
+    if frac:
+        return " " + _VULGAR[frac].replace("\u2044", "/") + " "
+    return "\u00b0"
+
+
+def _ascii_letter(s: str, i: int) -> bool:
+    return 0 <= i < len(s) and s[i].isascii() and s[i].isalpha()
+
+
+def _greek(m: re.Match, obfuscated: bool = False) -> str:
+    """A run of Greek letters: the Latin look-alike when every letter of it has one and the run
+    sits inside a Latin word, or anywhere in an `obfuscated` text (see `_MIXED_RE`: there "α",
+    "3χ" and "αnd" are the disguised "a", "3x" and "and"); otherwise each letter's LaTeX name
+    (θ -> theta, as `\\theta` normalises), so `2πr` is "2 pi r" and `ρgh` "rho gh", as their
+    LaTeX sources, and so is `sinαcosβ` ("sin alpha cos beta")."""
+    run, s, i, j = m[0], m.string, m.start(), m.end()
+    if all(c in _GREEK_LOOKALIKE for c in run) and (obfuscated or (
+            _ascii_letter(s, i - 1) and _ascii_letter(s, j) and not _FUNCTION_BEFORE.search(s, max(0, i - 4), i))):
+        return "".join(_GREEK_LOOKALIKE[c] for c in run)
+    return "".join(f" {_GREEK_NAMES[c]} " for c in run)
+
+
+def _greek_obfuscated(m: re.Match) -> str:
+    return _greek(m, obfuscated=True)
+
+
 def unify_unicode(text: str) -> str:
-    """NFKC (full-width forms, ligatures, superscript digits) plus quotes, dashes, and the
-    unicode math operators mapped to their ASCII spelling."""
-    return unicodedata.normalize("NFKC", text).translate(_CHAR_MAP)
+    """NFKC (full-width forms, ligatures, math alphanumerics) plus: format characters and other
+    invisibles dropped, look-alike Cyrillic/Greek letters to Latin, unicode math rendered as
+    its LaTeX source normalises (superscripts/subscripts, ½, √, °, ∠, △, ×, ÷, ≤, ≥, ≠, ∞, Greek
+    letters as names), quotes and dashes to ASCII. One pass per step: linear time."""
+    if text.isascii():  # NFKC and every fold below are the identity on ASCII but for "`"
+        return text.replace("`", "'") if "`" in text else text
+    text = _SCRIPT_RE.sub(_script, text)
+    text = unicodedata.normalize("NFKC", text).translate(_FOLD)
+    obfuscated = _MIXED_RE.search(text) is not None
+    text = text.translate(_LATIN)
+    return _GREEK_RUN_RE.sub(_greek_obfuscated if obfuscated else _greek, text)
 
 
 # ----------------------------------------------------------------------------- LaTeX
@@ -154,16 +297,29 @@ _OPERATOR_COMMANDS = [
 ]
 
 
+_VARIANT_RE = re.compile(r"\\var(epsilon|theta|phi|pi|rho|sigma|kappa)(?![A-Za-z])")
+_PRIME_RE = re.compile(r"\^\s*\{(?:\s*\\prime(?![A-Za-z]))+\s*\}|\^?\s*\\prime(?![A-Za-z])")
+_DOTS_RE = re.compile(r"\\(?:[clvd]?dots[cbimo]?|ldots|cdots)(?![A-Za-z])")
+
+
 def strip_latex(text: str) -> str:
     """LaTeX markup rewritten to plain text: fractions to `a/b`, `\\cdot`/`\\times` to `*`,
     `\\text{..}`/`\\mathrm{..}`/`\\left`/`\\right` dropped (argument kept), spacing commands
     (`\\!`, `\\,`, `\\quad`) removed, `$`, `\\(`, `\\[` delimiters removed, `^{2}` -> `^2`,
-    other commands to their name (`\\pi` -> `pi`)."""
+    `\\vartheta` -> `\\theta` (likewise epsilon, phi, pi, rho, sigma, kappa), `\\dots` and
+    `\\cdots` -> `...`, `^{\\prime}` -> `'`, other commands to their name (`\\pi` -> `pi`)."""
     if "\\" not in text and "{" not in text:  # plain text: only `$` and `%` can need work
         return text.replace("$", " ").replace("%", " percent ") if ("$" in text or "%" in text) else text
     text = re.sub(r"(?<=\d)(?:\{,\}|\\,|\\!)(?=\d{3}(?!\d))", "", text)  # 1{,}000, 1\,000
     text = text.replace("\\!", "")
     text = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", text)
+    # Variant glyphs are one letter to a reader, and unicode renders both the same way (ϑ and θ
+    # are one letter after NFKC): `\vartheta` -> `\theta`, `\varnothing` -> `\emptyset`.
+    # Ellipses become "..." as typed (and as `…` after NFKC).
+    text = _VARIANT_RE.sub(r"\\\1", text).replace("\\varnothing", "\\emptyset")
+    text = _DOTS_RE.sub(" ... ", text)
+    if "prime" in text:  # `A^{\prime}` / `A^\prime` -> `A'`, as typed and as `A′` renders
+        text = _PRIME_RE.sub(lambda m: "'" * m[0].count("prime"), text)
     text = _SPACE_COMMANDS.sub(" ", text)
     text = _DROP_COMMANDS.sub(" ", text)
     for pat, rep in _OPERATOR_COMMANDS:
