@@ -56,7 +56,8 @@ class AnswerJudgeConfig(Section):
     """Ask the teacher engine (`generate.engine`, as the decontamination judge does) whether an
     answer equals a reference the symbolic verifier cannot decide: a `parse_error` or `timeout`
     against a reference (free-text references such as "No integer solutions" or "3 is the only
-    possible value"). Its "yes"/"no" turns the verdict into `equal`/`not_equal`, with a
+    possible value"), and a `not_equal` against a reference that is prose (`free_text`: math-verify
+    read only a fragment of it). Its "yes"/"no" turns the verdict into `equal`/`not_equal`, with a
     `verdict_detail` starting `judge:`. Off by default: a judge can be wrong, and costs one short
     generation per distinct (problem, reference, answer)."""
 
@@ -718,10 +719,25 @@ def engine_judge(engine: Any, cfg: AnswerJudgeConfig) -> JudgeFn:
     return judge
 
 
-def judge_candidate(verdict: str, detail: str) -> bool:
+_PROSE_WORDS = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}(?:[\s,;]+[A-Za-z]{2,}){2}")
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mbox)\{([^{}]*)\}")
+
+
+def free_text(reference: str) -> bool:
+    """True when the reference is prose: three words in a row outside math (`$…$`, `\\[…\\]`,
+    `\\(…\\)`) once `\\text{…}` is unwrapped ("There is no possible choice of $k$ ...",
+    "3 is the only possible value"). math-verify reads such a reference from a fragment at best
+    (`$k$` alone), so its `not_equal` against it says little."""
+    return bool(_PROSE_WORDS.search(_TEXT_CMD.sub(r" \1 ", _MATH_ENV.sub(" ", reference))))
+
+
+def judge_candidate(verdict: str, detail: str, reference: str) -> bool:
     """Whether a verdict against a real reference goes to the judge: the symbolic verifier could
-    not decide (`parse_error`, `timeout`), but not for a reason no judge changes (an answer over
-    `max_answer_chars`, an empty reference)."""
+    not decide (`parse_error`, `timeout`: not for a reason no judge changes, an answer over
+    `max_answer_chars` or an empty reference), or it said `not_equal` to a `free_text`
+    reference. Its `equal` verdicts stand (the partial-parse guard has vetted them)."""
+    if verdict == "not_equal":
+        return free_text(reference)
     return verdict in ("parse_error", "timeout") and "max_answer_chars" not in detail and detail != "empty reference"
 
 
@@ -816,7 +832,7 @@ def _apply_judge(out: list[dict], with_ref: list[int], judge: JudgeFn, max_pairs
     todo: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     for i in with_ref:
         r = out[i]
-        if judge_candidate(r["verdict"], r["verdict_detail"]):
+        if judge_candidate(r["verdict"], r["verdict_detail"], str(r["answer"])):
             todo[(str(r["problem"]), str(r["answer"]), r["pred_answer"])].append(i)
     if not todo:
         return
