@@ -17,6 +17,11 @@ Verdicts are compared as correct / not correct (math-verify has no finer verdict
 disagreement is printed, and so is the count of pairs that the verifier's partial-parse guard
 refused (math-verify reads only a fragment of one side; see `distill/curate/verify.py`).
 
+Exactness probes, apart from the table: for each distinct plain-number reference of the drawn
+questions, a wrong answer closer than math-verify's 6-decimal rounding (the value plus 10^-7,
+written out exactly) and, for integers of 16 digits or more, the value plus one; math-verify's and the
+verifier's verdicts on them are counted (the verifier compares exact numbers exactly).
+
     python tools/bench_verify.py                    # ~1-2 minutes on 2 CPU cores
     python tools/bench_verify.py --questions 100    # quicker
 """
@@ -29,6 +34,7 @@ import logging
 import random
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +150,34 @@ def build_pairs(n_questions: int, samples: int, seed: int, mix: str = "benchmark
     return pairs
 
 
+def exactness_probes(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(wrong answer, reference) pairs that differ below math-verify's rounding: the reference
+    plus 10^-7 as an exact decimal, and a 16-digit (or longer) integer reference plus one."""
+    from distill.curate.verify import plain_number
+
+    out = []
+    for ref in sorted({ref for _, ref in pairs}):
+        p = plain_number(ref)
+        if p is None or p.var is not None or p.percent:
+            continue
+        if p.value.denominator != 1 and 10**6 % p.value.denominator != 0:
+            continue  # 1/3: no exact decimal is near it, only roundings
+        v = p.value + Fraction(1, 10**7)
+        out.append((_decimal(v, 7), ref))
+        if p.value.denominator == 1 and abs(p.value) >= 10**15:  # beyond 15-digit floats
+            out.append((str(p.value.numerator + 1), ref))
+    return out
+
+
+def _decimal(v, places: int) -> str:
+    """`v` (a Fraction with a terminating expansion within `places`) as an exact decimal string."""
+    scaled = v * 10**places
+    assert scaled.denominator == 1
+    n = scaled.numerator
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    return f"{sign}{n // 10**places}.{n % 10**places:0{places}d}"
+
+
 def run_math_verify(pairs: list[tuple[str, str]]) -> tuple[list[bool], list[float]]:
     """math-verify on each pair, and the seconds each took (timer overhead ~1 us a pair)."""
     from math_verify import parse, verify
@@ -230,6 +264,13 @@ def main(argv: list[str] | None = None) -> None:
               f"1.0x | - | - |")
         print(f"| distill Verifier, {args.workers} workers, warm | {label} | {len(idx)} | {t_part:.2f} | "
               f"{len(idx) / t_part:.0f} | {t_base / t_part:.1f}x | {c_part:.1f} | - |")
+    probes = exactness_probes(pairs)
+    if probes:
+        mv_probe, _ = run_math_verify([(f"\\boxed{{{a}}}", ref) for a, ref in probes])
+        d_probe, _, _, _ = run_distill([(f"\\boxed{{{a}}}", ref) for a, ref in probes], args.workers, warm=True)
+        print(f"\nexactness probes: {len(probes)} wrong answers closer than 10^-6 to a plain-number reference "
+              f"(or a 16+ digit integer reference + 1): math-verify calls {sum(mv_probe)} right, distill "
+              f"{sum(v.correct for v in d_probe)}")
     slow = sorted(secs, reverse=True)
     print(f"\nmath-verify's 1% slowest pairs took {sum(slow[: max(1, n // 100)]):.1f} s of its {sum(secs):.1f} s.")
     print(f"\ncommand: `{cmd.strip()}`")

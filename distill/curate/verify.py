@@ -2,12 +2,17 @@
 
 The semantics are math-verify's (`math_verify.parse` + `math_verify.verify` on `\\boxed{answer}`):
 fractions vs decimals, LaTeX, sets, intervals, tuples, units and `^\\circ` dropped, percentages,
-`x = 5` vs `5`. Two paths decide a pair:
+`x = 5` vs `5`, with one exception, the exactness rule: two exact numbers (integers, fractions,
+decimals as written, and `+`, `*`, powers and factorials of them) are compared exactly, where
+math-verify rounds to 6 decimals (it calls `\\frac{1}{2004!}` and `\\frac{1}{2006!}` equal).
+Only answers that are approximate themselves (`\\approx`, a decimal that can only round the other
+side, a float expression) keep a tolerance, `VerifyConfig.float_rounding` (see `approximates`).
+Two paths decide a pair:
 
 - the fast path, in-process: string work and exact rational arithmetic on short plain numbers
   (`72`, `1,000`, `-0.25`, `3/4`, `\\frac{3}{4}`, `50\\%`, `90^\\circ`, `5\\text{ cm}`, `x = 3`).
-  It decides only where it provably gives math-verify's verdict and hands the rest on. Most
-  answers of arithmetic sets (GSM8K, AIME) never reach sympy.
+  It decides only where it provably gives the symbolic path's verdict and hands the rest on.
+  Most answers of arithmetic sets (GSM8K, AIME) never reach sympy.
 - the symbolic path: math-verify in sandbox worker processes (`sandbox.WorkerPool`) under a hard
   wall-clock limit and a memory limit, because model output can make sympy hang inside one C call
   (a tower of powers) where math-verify's own SIGALRM cannot interrupt it. No model output is
@@ -16,6 +21,10 @@ fractions vs decimals, LaTeX, sets, intervals, tuples, units and `^\\circ` dropp
 Without a reference the pseudo-label is the majority answer (`majority_vote`): answers are grouped
 by the fast path's canonical form, and groups the symbolic path finds equal (`\\sqrt{4}` and `2`)
 are merged (`Verifier.equal_answer_pairs`, bounded by `vote_max_distinct`).
+
+An optional LLM judge (`AnswerJudgeConfig`, `engine_judge`, off by default) decides the pairs
+against a reference that the symbolic path cannot (free-text references); its verdicts carry a
+`verdict_detail` starting `judge:`.
 """
 
 from __future__ import annotations
