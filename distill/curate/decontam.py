@@ -30,7 +30,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Literal
 
@@ -45,8 +47,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BenchmarkIndex", "BenchmarkRef", "DecontamConfig", "EmbeddingConfig", "EmbeddingIndex",
-    "JudgeConfig", "Match", "best_rows", "combine", "judge_messages", "ngram_hashes", "parse_judge",
-    "shared_counts",
+    "JudgeConfig", "Match", "PairComparison", "apply_policy", "best_rows", "combine", "compare_problems",
+    "judge_messages", "ngram_hashes", "parse_judge", "shared_counts",
 ]
 
 _PREFIX = "curate.decontam"
@@ -132,6 +134,19 @@ class DecontamConfig(Section):
     """Benchmark test sets to check against (name, path or Hub id, split, column). Empty: the
     stage checks nothing. All are loaded, and fail, before any work starts."""
 
+    policy: Literal["copies", "variants", "overlap"] = "copies"
+    """What a match must be to be removed. Every record the checks below match to a benchmark
+    problem is then compared with it on what differs (numbers, variables and operators, names
+    and labels, negations, the words left once Asymptote code and answer-format boilerplate are
+    set aside; `compare_problems`). `copies`: remove only copies of the problem (re-formatted,
+    re-worded, cut or wrapped; same numbers and same question). `variants`: also remove template
+    variants, the same problem with other numbers, expressions or names (different answers).
+    `overlap`: remove every match, i.e. shared wording alone decides (the behaviour before
+    policies existed). Measured on MATH-train vs MATH-500 (194 matches read by hand, see
+    tools/bench_decontam.py --real): `overlap` removes 194 problems of which 2 are copies;
+    `copies` removes a handful with the copies among them. Pairs the comparison cannot settle
+    (same numbers, many words changed) go to the judge when `judge.enabled`, else are removed."""
+
     ngram: int = 5
     """Word n-gram length of the n-gram check (words of the normalised text). Longer n-grams
     rarely occur by chance but one edited word breaks n of them, so light paraphrases escape
@@ -203,15 +218,21 @@ class DecontamConfig(Section):
                 raise ValueError(f"{_PREFIX}.{key}maybe_threshold={maybe}: must be in (0, {key}threshold={sure})")
         if self.judge.enabled and not self.has_candidates:
             raise ValueError(
-                f"{_PREFIX}.judge.enabled=true but no check has candidates: set {_PREFIX}.maybe_threshold, "
+                f"{_PREFIX}.judge.enabled=true but no check has candidates: set {_PREFIX}.policy to copies or variants, "
+                f"{_PREFIX}.maybe_threshold, "
                 f"{_PREFIX}.short_maybe_threshold or {_PREFIX}.embedding.maybe_threshold below its threshold"
             )
         return self
 
     @property
     def has_candidates(self) -> bool:
-        return (self.maybe_threshold is not None or self.short_maybe_threshold is not None
+        """Whether any check can leave a pair for the judge: a maybe band, or (any policy but
+        `overlap`) a pair the comparison cannot settle."""
+        return (self.policy != "overlap" or self.maybe_threshold is not None or self.short_maybe_threshold is not None
                 or (self.embedding.enabled and self.embedding.maybe_threshold is not None))
+
+
+PairKind = Literal["copy", "variant", "different", "unsure"]
 
 
 @dataclass(frozen=True)
@@ -224,10 +245,13 @@ class Match:
     score: float  # 1.0 for exact; n-gram / k-gram fraction; cosine similarity
     text: str  # the matched benchmark problem, verbatim
     candidate: bool = False  # between the maybe and sure thresholds: the judge decides
+    kind: PairKind | None = None  # `compare_problems` verdict; None under policy `overlap`
+    diff: str = ""  # what differs between the two texts, for the audit trail
 
     def as_dict(self) -> dict:
         return {"benchmark": self.benchmark, "item_id": self.item_id, "method": self.method,
-                "score": round(self.score, 4), "text": self.text, "candidate": self.candidate}
+                "score": round(self.score, 4), "text": self.text, "candidate": self.candidate,
+                "kind": self.kind, "diff": self.diff}
 
 
 # ----------------------------------------------------------------------------- pure n-gram logic
@@ -304,6 +328,225 @@ def _build_keys(gram_sets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np
     return keys[order], owners[order], sizes
 
 
+# ----------------------------------------------------------------------------- what differs
+
+# Set aside before comparing two problems: shared Asymptote drawing code and answer-format
+# instructions are the bulk of the shared n-grams of many MATH siblings ("Express your answer
+# as a common fraction", the (A) Line (B) Circle ... option list) and say nothing about whether
+# the problems are the same. Patterns apply to `normalize_text` output (lower case, tokens).
+_ASY_RE = re.compile(r"\[asy\].*?(?:\[/asy\]|$)", re.DOTALL | re.IGNORECASE)
+_BOILERPLATE = [re.compile(p) for p in (
+    # answer-format instructions, to the end of the text (they come last, with their numbers:
+    # "... as an integer from 0 to 999", "... where A > 0 and gcd(|A|,|B|,|C|,|D|) = 1")
+    r"\b(?:express|enter|give|write|round|simplify) your answers?\b.*$",
+    r"\benter the (?:letter|[a-z ]{0,40}? in the form)\b.*$",
+    r"\benter all (?:the )?[a-z -]{0,40}? separated by commas\b",
+    r"(?:\( [a-h] \) [^()]{1,40}?){3,}(?=$|enter)",  # multiple-choice option lists
+    r"\( (?:reminder|hint)\b[^()]*\)",  # not "(Note that ...)": notes can carry conditions
+    r"\([^()]*\bconsidered (?:the same|equivalent|different|distinct)\b[^()]*\)",  # "(Two seatings are considered the same if ...)"
+    r"\ball functions are in radians\b",
+)]
+_MATH_WORDS = frozenset(
+    "sin cos tan cot sec csc log ln sqrt pi arcsin arccos arctan exp mod pmod binom theta alpha beta gamma "
+    "delta phi rho omega lambda mu sigma tau infty sum prod int lim max min gcd lcm det".split())
+# A negation added or dropped turns a problem into another ("not distinguishable" vs
+# "distinguishable") while changing one word: compared like a number.
+_NEGATIONS = frozenset("not no neither nor never without cannot".split())
+_STOPWORDS = frozenset(
+    "the of a an and or to in on at by for with is are be was were that this it its what which how if then "
+    "there their as from into such each all any some".split())
+_BEFORE_VARIABLE = frozenset("of at in on to by for with is are be and or as from into than if then where when "
+                             "equals all".split())  # "speed of s", not "John's"
+_OPERATORS = frozenset("+-*/=<>^()[]|!") | {"<=", ">=", "!="}
+_BRACKETS = frozenset("()[]|")  # \left( ... \right) and re-typing add and drop them freely
+_MATH_SPAN_RE = re.compile(r"\$\$.*?\$\$|\$.*?\$|\\\[.*?\\\]|\\\(.*?\\\)", re.DOTALL)
+# Names: capitalised words not opening a sentence (Daniel, Lucas, ELLIPSE), and point labels in
+# math (DBEF, RPS). From the raw text: normalisation lower-cases them.
+_NAME_RE = re.compile(r"(?<=[a-z,;] )([A-Z][A-Za-z]+)\b")  # after a lower-case word: not a sentence start or a heading
+_LABEL_RE = re.compile(r"(?<![\\A-Za-z])([A-Z]{2,})(?![A-Za-z])")
+
+# `compare_problems` thresholds, set by reading the MATH-train/MATH-500 pairs labelled in
+# tools/data/decontam_pairs_labelled.jsonl and checked on the synthetic copies of
+# tools/contam_testset.py (the copy kinds must stay copies).
+COPY_MAX_WORD_CHANGE = 0.5
+"""Same numbers and symbols, and at most this share of the content words differ: a copy (a
+re-wording such as "what is the value of" -> "then find")."""
+UNSURE_MAX_WORD_CHANGE = 0.75
+"""Above COPY_MAX_WORD_CHANGE and up to this: unsure (the judge decides; removed without one).
+Above it: different problems that share their numbers (the same setup, another question)."""
+VARIANT_MIN_SKELETON = 0.85
+"""Numbers or symbols differ: a template variant when the token sequences with every number and
+one-letter variable masked still match this well (difflib ratio), else a different problem."""
+
+
+def comparable_tokens(text: str) -> list[str]:
+    """`normalize_text` tokens of `text` without Asymptote code and answer-format boilerplate,
+    thousands groups joined."""
+    norm = normalize_text(_ASY_RE.sub(" ", text))
+    for pat in _BOILERPLATE:
+        norm = pat.sub(" ", norm)
+    # A number followed by a 3-digit group is joined: "10,000" normalises to 10000 but
+    # "$10$,$000$" to "10 000" (and "(5,101)" to 5101, "($5$,$101$)" to "5 101").
+    return re.sub(r"(?<=\d) (?=\d{3}(?!\S))", "", norm).split()
+
+
+def token_kinds(tokens: list[str]) -> list[str]:
+    """Per token: `num`, `op` (operator/bracket), `sym` (a one-letter variable, a math word such
+    as sin or sqrt, a negation) or `word`. "a" and "i" are always words: the article and the
+    pronoun outnumber the variables, and context tells them apart only unreliably (so "Find
+    $a.$" vs "Find $d.$" is not seen as a change)."""
+    out = []
+    for i, t in enumerate(tokens):
+        if t[0].isdigit():
+            out.append("num")
+        elif t in _OPERATORS:
+            out.append("op")
+        elif i and ((t == "s" and tokens[i - 1].isalpha() and len(tokens[i - 1]) > 1 and tokens[i - 1] not in _BEFORE_VARIABLE)
+                    or (t == "t" and tokens[i - 1].endswith("n"))):
+            out.append("word")  # "John's", "what's", "don't": the apostrophe split the word
+        elif t in _MATH_WORDS or t in _NEGATIONS or (len(t) == 1 and t != "a" and t != "i"):
+            out.append("sym")
+        else:
+            out.append("word")
+    return out
+
+
+def names_of(text: str) -> Counter:
+    """Lower-cased names and point labels of a raw problem text (see _NAME_RE / _LABEL_RE)."""
+    text = _ASY_RE.sub(" ", text)
+    labels = _LABEL_RE.findall(" ".join(_MATH_SPAN_RE.findall(text)))
+    prose = re.sub(r"\\[A-Za-z]+", " ", _MATH_SPAN_RE.sub(" . ", text))
+    return Counter(m.lower() for m in _NAME_RE.findall(re.sub(r"\s+", " ", prose)) + labels)
+
+
+def _same_answer(a: str, b: str) -> bool:
+    na, nb = normalize_text(a), normalize_text(b)
+    if na == nb:
+        return True
+    nums_a, nums_b = [t for t in na.split() if t[0].isdigit()], [t for t in nb.split() if t[0].isdigit()]
+    return bool(nums_a) and nums_a == nums_b and na.replace(" ", "").startswith(nb.replace(" ", "")[:1])
+
+
+@dataclass(frozen=True)
+class PairComparison:
+    """What differs between a record and the benchmark problem it matched."""
+
+    kind: PairKind
+    symbols: tuple[list[str], list[str]]  # numbers/variables/operators only in the record, only in the benchmark
+    names: tuple[list[str], list[str]]  # names and labels only in one side
+    word_change: float  # share of content words in one text only
+    skeleton: float  # similarity with numbers and one-letter variables masked
+    answers_differ: bool | None  # None unless both answers were given
+
+    def describe(self) -> str:
+        parts = [self.kind]
+        if self.symbols[0] or self.symbols[1]:
+            parts.append(f"symbols {' '.join(self.symbols[0]) or '-'} vs {' '.join(self.symbols[1]) or '-'}")
+        if self.names[0] and self.names[1]:
+            parts.append(f"names {' '.join(self.names[0])} vs {' '.join(self.names[1])}")
+        if self.answers_differ:
+            parts.append("answers differ")
+        parts.append(f"words {self.word_change:.2f}, skeleton {self.skeleton:.2f}")
+        return "; ".join(parts)
+
+
+def _shared_span(a: list[str], b: list[str]) -> tuple[range, range]:
+    """The stretch of `a` and of `b` that the two texts share: from the first to the last
+    aligned run of at least 3 tokens (shorter runs, "the number of", also align a few-shot
+    prompt's other problems), or of any length when there is none. Tokens outside it, at an end
+    where only one text has any, are a cut or a wrapper."""
+    blocks = [m for m in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks() if m.size]
+    long = [m for m in blocks if m.size >= 3] or blocks
+    if not long:
+        return range(len(a)), range(len(b))
+    a0, b0 = long[0].a, long[0].b
+    a1, b1 = long[-1].a + long[-1].size, long[-1].b + long[-1].size
+    # A cut or a wrapper leaves one text wholly inside the stretch. Otherwise (another question
+    # after a shared opening, another setup before a shared question) everything is compared.
+    if (a0, a1) != (0, len(a)) and (b0, b1) != (0, len(b)):
+        return range(len(a)), range(len(b))
+    return range(a0, a1), range(b0, b1)
+
+
+def compare_problems(record: str, bench: str, record_answer: str | None = None,
+                     bench_answer: str | None = None) -> PairComparison:
+    """Copy, template variant, different problem, or unsure: decided by what differs, not by what
+    is shared.
+
+    Both texts are tokenised as for the n-gram check, minus Asymptote code and answer-format
+    boilerplate, and compared over the stretch they share (`_shared_span`): what a cut drops
+    or a wrapper / few-shot prompt adds at either end is not a difference. The record changed
+    the problem when, inside that stretch, numbers, variables, math words (sin, sqrt),
+    operators or negations differ (a 5 became a 7, a + a -, "not" dropped, arcsin 1 vs
+    arcsin(-1/2)), when both texts hold a name or point label the other lacks (ELLIPSE vs TOOT,
+    DBC vs DBEF), or when both answers are given and differ. A changed pair is a `variant` when
+    the texts still match with numbers and one-letter variables masked (VARIANT_MIN_SKELETON),
+    else `different`. An unchanged pair is a `copy` when few content words inside the stretch
+    differ (COPY_MAX_WORD_CHANGE: a re-wording), `unsure` up to UNSURE_MAX_WORD_CHANGE, else
+    `different` (same numbers, another question). Costs one or two difflib alignments per
+    matched record, ~0.1-1 ms.
+    """
+    a, b = comparable_tokens(record), comparable_tokens(bench)
+    ka, kb = token_kinds(a), token_kinds(b)
+    span_a, span_b = _shared_span(a, b)
+    # Symbols compared as multisets (a reordered sentence is no change): extras on both sides
+    # are a substitution; extras on one side count only inside the shared stretch, where a
+    # record's extra operators alone are re-typing ("5, 6" -> "5 - 6", "(a)/(b)") but a missing
+    # one, or an extra number or variable, is an edit.
+    sa = Counter(t for t, k in zip(a, ka) if k != "word")
+    sb = Counter(t for t, k in zip(b, kb) if k != "word")
+    only_a, only_b = sa - sb, sb - sa
+    extra_a = Counter(a[i] for i in span_a if ka[i] in ("num", "sym")) - sb
+    extra_b = Counter(b[j] for j in span_b if kb[j] != "word" and b[j] not in _BRACKETS) - sa
+    changed = (bool(only_a) and bool(only_b)) or bool(extra_a) or bool(extra_b)
+    # Names compared case-insensitively against all of the other text's tokens: re-casing
+    # ("In Right Triangle $Abc$") must not read as new names.
+    toks_a, toks_b = set(a), set(b)
+    na, nb = names_of(record), names_of(bench)
+    names = (sorted(n for n in na if n in toks_a and n not in toks_b and n not in _STOPWORDS),
+             sorted(n for n in nb if n in toks_b and n not in toks_a and n not in _STOPWORDS))
+    changed = changed or (bool(names[0]) and bool(names[1]))
+    answers_differ = None
+    if record_answer and bench_answer:
+        answers_differ = not _same_answer(record_answer, bench_answer)
+        changed = changed or answers_differ
+    # Content words in one text only, counted where they sit inside the shared stretch (a cut's
+    # missing words are not a re-wording).
+    wa = Counter(t for t, k in zip(a, ka) if k == "word" and t not in _STOPWORDS)
+    wb = Counter(t for t, k in zip(b, kb) if k == "word" and t not in _STOPWORDS)
+    wonly_a, wonly_b = wa - wb, wb - wa
+    in_a = [a[i] for i in span_a if ka[i] == "word" and a[i] not in _STOPWORDS]
+    in_b = [b[j] for j in span_b if kb[j] == "word" and b[j] not in _STOPWORDS]
+    differing = sum(min(c, wonly_a[w]) for w, c in Counter(in_a).items()) \
+        + sum(min(c, wonly_b[w]) for w, c in Counter(in_b).items())
+    word_change = differing / max(1, len(in_a) + len(in_b))
+    masked_a = ["#" if ka[i] == "num" else "v" if ka[i] == "sym" and len(a[i]) == 1 else a[i] for i in span_a]
+    masked_b = ["#" if kb[j] == "num" else "v" if kb[j] == "sym" and len(b[j]) == 1 else b[j] for j in span_b]
+    skeleton = SequenceMatcher(None, masked_a, masked_b, autojunk=False).ratio()
+    if changed:
+        kind = "variant" if skeleton >= VARIANT_MIN_SKELETON else "different"
+    elif word_change <= COPY_MAX_WORD_CHANGE:
+        kind = "copy"
+    elif word_change <= UNSURE_MAX_WORD_CHANGE:
+        kind = "unsure"
+    else:
+        kind = "different"
+    return PairComparison(kind, (sorted(only_a.elements()), sorted(only_b.elements())), names,
+                          word_change, skeleton, answers_differ)
+
+
+def apply_policy(match: Match | None, record: str, policy: str) -> Match | None:
+    """The match annotated with `compare_problems`' verdict, or None when `policy` keeps the
+    record (a variant under `copies`, a different problem under either). `unsure` pairs come
+    back with kind "unsure": the stage asks the judge, or removes them without one."""
+    if match is None or policy == "overlap":
+        return match
+    cmp = compare_problems(record, match.text)
+    if cmp.kind == "different" or (cmp.kind == "variant" and policy != "variants"):
+        return None
+    return replace(match, kind=cmp.kind, diff=cmp.describe())
+
+
 # ----------------------------------------------------------------------------- the index
 
 
@@ -378,7 +621,8 @@ class BenchmarkIndex:
                 found.append(self._pair_match((int(self.short_items[item]) if item >= 0 else -1, sim, contained),
                                               "short", cfg.short_threshold, cfg.short_maybe_threshold))
             out.append(_best(found))
-        return out
+        # Shared words found the pair; what differs decides whether it is a copy.
+        return [apply_policy(m, t, cfg.policy) for m, t in zip(out, texts)]
 
     def _best_pairs(self, grams: list[np.ndarray], keys: np.ndarray, owners: np.ndarray,
                     sizes: np.ndarray, threshold: float) -> list[tuple[int, float, float]]:
@@ -507,8 +751,9 @@ class EmbeddingIndex:
     benchmark problem. Texts are embedded in their normalised form, so formatting differences
     cost no similarity. Picklable: the model is dropped on pickling and reloaded on first use."""
 
-    def __init__(self, benchmarks: list[Benchmark], cfg: EmbeddingConfig):
+    def __init__(self, benchmarks: list[Benchmark], cfg: EmbeddingConfig, policy: str = "overlap"):
         self.cfg = cfg
+        self.policy = policy  # DecontamConfig.policy: applied to every match, as for the lexical checks
         self.model_path = resolve_embedder(cfg.model)
         self._model = None
         self.bench_names = [b.name for b in benchmarks]
@@ -575,8 +820,8 @@ class EmbeddingIndex:
             else:
                 out.append(None)
                 continue
-            out.append(Match(self.bench_names[self.item_bench[j]], self.item_ids[j], "embedding", score,
-                             self.item_texts[j], candidate))
+            out.append(apply_policy(Match(self.bench_names[self.item_bench[j]], self.item_ids[j], "embedding",
+                                          score, self.item_texts[j], candidate), texts[row], self.policy))
         return out
 
 
@@ -589,10 +834,19 @@ _JUDGE_SYSTEM = (
 )
 
 
-def judge_messages(item_text: str, bench_text: str) -> list[dict]:
-    """Chat messages asking the teacher whether `item_text` is the benchmark problem `bench_text`."""
+_JUDGE_SYSTEM_VARIANTS = (
+    "You compare two math problems. Answer 'yes' if they are the same problem, even if reworded, "
+    "reformatted, translated or cut short, OR the same problem template with only numbers, names or "
+    "objects changed. Answer 'no' if they ask different questions or have a different setup. "
+    "Reply with one word: yes or no."
+)
+
+
+def judge_messages(item_text: str, bench_text: str, policy: str = "copies") -> list[dict]:
+    """Chat messages asking the teacher whether `item_text` is the benchmark problem `bench_text`
+    (policy `variants`: or a numbers-changed variant of it)."""
     return [
-        {"role": "system", "content": _JUDGE_SYSTEM},
+        {"role": "system", "content": _JUDGE_SYSTEM_VARIANTS if policy == "variants" else _JUDGE_SYSTEM},
         {"role": "user", "content": f"Problem A:\n{item_text.strip()}\n\nProblem B:\n{bench_text.strip()}\n\n"
                                     "Are A and B the same problem? Answer yes or no."},
     ]

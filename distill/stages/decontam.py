@@ -24,7 +24,8 @@ from distill.stages.derived import (
 from distill.store import read_records
 
 AUDIT_COLUMNS = [("bench", pa.string()), ("bench_id", pa.string()), ("match_method", pa.string()),
-                 ("match_score", pa.float64()), ("match_field", pa.string()), ("matched_text", pa.string())]
+                 ("match_score", pa.float64()), ("match_field", pa.string()), ("matched_text", pa.string()),
+                 ("match_kind", pa.string()), ("match_diff", pa.string())]
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -65,8 +66,12 @@ def _judge(engine, dc, pairs: list[tuple[str, str]]) -> list[bool | None]:
     from distill.teachers.base import Request, SamplingParams
 
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=dc.judge.max_tokens, seed=0)
-    results = engine.generate([Request(judge_messages(a, b)) for a, b in pairs], params)
+    results = engine.generate([Request(judge_messages(a, b, dc.policy)) for a, b in pairs], params)
     return [parse_judge(r.completions[0].text) if r.ok else None for r in results]
+
+
+def _to_judge(match) -> bool:
+    return match.candidate or match.kind == "unsure"
 
 
 def _process(state, records):
@@ -86,8 +91,9 @@ def _process(state, records):
 
     stats = Counter()
     verdicts: dict[tuple[str, str], bool | None] = {}
+    # The judge sees the maybe band of the scores and the pairs `compare_problems` left unsure.
     candidates = sorted({(r[f] if f == "problem" else r.get("response") or "", m.text)
-                         for r, (m, f) in zip(records, found) if m is not None and m.candidate})
+                         for r, (m, f) in zip(records, found) if m is not None and _to_judge(m)})
     if candidates and engine is not None:
         # The cap is applied per work unit; candidates past it stay unjudged, i.e. flagged.
         judged = candidates[: dc.judge.max_candidates]
@@ -96,13 +102,16 @@ def _process(state, records):
     for r, (match, field) in zip(records, found):
         text = r["problem"] if field == "problem" else r.get("response") or ""
         how = match.method if match is not None else None
-        if match is not None and match.candidate:
+        if match is not None and _to_judge(match):
             verdict = verdicts.get((text, match.text))
-            stats[f"candidates_{'judged_' + str(verdict).lower() if engine is not None else 'unjudged'}"] += 1
-            # Without a judge a candidate is kept; an unreadable judge reply flags (conservative).
-            if engine is None or verdict is False:
+            what = "candidates" if match.candidate else "unsure"
+            stats[f"{what}_{'judged_' + str(verdict).lower() if engine is not None else 'unjudged'}"] += 1
+            # Without a judge a maybe-band candidate is kept, while an unsure pair (its score is
+            # sure; only the comparison hesitates) is removed; an unreadable judge reply removes
+            # either (conservative).
+            if verdict is False or (engine is None and match.candidate):
                 match = None
-            else:
+            elif engine is not None:
                 how = f"{match.method}+judge"
         if match is None:
             kept.append(r)
@@ -110,8 +119,9 @@ def _process(state, records):
         stats[f"hits.{match.benchmark}"] += 1
         rejected.append({
             **r, "reason": f"contaminated: {field} matches {match.benchmark}:{match.item_id} "
-                           f"({how}, score {match.score:.2f})",
+                           f"({how}, score {match.score:.2f}{', ' + match.kind if match.kind else ''})",
             "bench": match.benchmark, "bench_id": str(match.item_id), "match_method": how,
+            "match_kind": match.kind or "", "match_diff": match.diff,
             "match_score": float(match.score), "match_field": field, "matched_text": match.text,
         })
     return kept, rejected, stats
@@ -141,7 +151,7 @@ def run(cfg: RunConfig, run_dir: Path):
         if dc.embedding.enabled:  # benchmark embeddings computed once here, shared by all workers
             from distill.curate.decontam import EmbeddingIndex
 
-            embed_ref = ray.put(EmbeddingIndex(benchmarks, dc.embedding))
+            embed_ref = ray.put(EmbeddingIndex(benchmarks, dc.embedding, dc.policy))
     stats, seconds = run_units(store, units, cfg, "decontam", setup=_setup,
                                setup_args=(dc, index_ref, embed_ref, cfg.generate), process=_process)
     return finish_stage(store, "decontam", seconds, {"benchmarks": provenance, "this_run": dict(stats)})
