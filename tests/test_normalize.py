@@ -135,6 +135,9 @@ def test_confusable_letters_fold_to_latin():
     # In a text already shown to be obfuscated (a Latin letter touching a Cyrillic one), Greek
     # look-alikes at a word's edge or alone are the Latin letters they imitate too.
     assert same("Dоra wαnts α rope αnd 3χ = 6", "Dora wants a rope and 3x = 6")
+    assert same("Solve $w + 3 χ - 2 y = 6$ and $2 х + у = 1$", "Solve $w + 3 x - 2 y = 6$ and $2 x + y = 1$")
+    # A Russian text (Cyrillic words, a Latin variable) is not obfuscated: its α stays alpha.
+    assert normalize_text("Угол α равен 30, x = 2").split()[1] == "alpha"
     assert not same("Thе раrаbоlа", "The parabolas")
 
 
@@ -149,6 +152,7 @@ def test_confusable_letters_fold_to_latin():
     ("ρgh, αx, ωt, sinαcosβ", r"$\rho gh$, $\alpha x$, $\omega t$, $\sin\alpha\cos\beta$"),
     ("ϑ φ ϵ ε", r"$\vartheta \varphi \epsilon \varepsilon$"),
     ("½ + 1¾", r"$\frac{1}{2} + 1\frac{3}{4}$"),
+    ("a₁/2 + r₀/r", r"$\frac{a_{1}}{2} + \frac{r_0}{r}$"),
     ("3 × 4 ÷ 2 · 5", r"$3 \times 4 \div 2 \cdot 5$"),
     ("a ≤ b ≥ c ≠ d ⩽ e", r"$a \le b \geq c \neq d \leqslant e$"),
     ("x → ∞, a ± b, x ∈ ℝ", r"$x \to \infty$, $a \pm b$, $x \in \mathbb{R}$"),

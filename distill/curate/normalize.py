@@ -108,7 +108,7 @@ _CONFUSABLES = dict(zip(
 
 # Greek lowercase letters that pass for a Latin letter. They are Latin INSIDE a Latin word
 # ("mιnυtes"); alone or at a word's edge they are math (`2πr`, `ρgh`, `αx`) and become their
-# LaTeX name, unless the text is obfuscated (see `_MIXED_RE`). ε, τ, ω are left out on purpose:
+# LaTeX name, unless the text is obfuscated (see `_obfuscated`). ε, τ, ω are left out on purpose:
 # poor look-alikes, and common math symbols (ωt, τ, ε) that must stay "omega", "tau", "epsilon".
 _GREEK_LOOKALIKE = dict(zip("αγκνρυχ", "aykvpux"))
 _GREEK_NAMES = dict(zip(
@@ -144,11 +144,25 @@ class _FoldTable(dict):
 _FOLD = _FoldTable()
 _LATIN = str.maketrans(_CONFUSABLES)
 _CONF = "".join(_CONFUSABLES)
-_LOOK = "".join(_GREEK_LOOKALIKE)
-# A Latin letter touching a look-alike letter: the mark of homoglyph obfuscation, never of
-# clean text (UTS #39 calls it a mixed-script confusable). Where it occurs, every Greek
-# look-alike is read as the Latin letter it imitates, not only those inside a Latin word.
+_CONF_RE = re.compile(f"[{_CONF}]")
+_CYRILLIC_RE = re.compile("[\u0400-\u04ff]")
+_ASCII_LETTER_RE = re.compile("[A-Za-z]")
 _MIXED_RE = re.compile(f"[A-Za-z][{_CONF}]|[{_CONF}][A-Za-z]")
+
+
+def _obfuscated(text: str) -> bool:
+    """Whether `text` carries homoglyph obfuscation: a Latin letter touching a look-alike letter
+    (UTS #39's mixed-script confusable; never in clean text), or look-alikes standing alone
+    ("2 х + у") in a text whose letters are mostly Latin (2:1), which a Russian text (Cyrillic
+    words, Latin variables) is not. There every Greek look-alike is read as the Latin letter it
+    imitates, not only those inside a Latin word."""
+    if _CONF_RE.search(text) is None:
+        return False
+    if _MIXED_RE.search(text) is not None:
+        return True
+    return 2 * len(_CYRILLIC_RE.findall(text)) < len(_ASCII_LETTER_RE.findall(text))
+
+
 # `sinαcosβ`, `2tanα`: a function name before a Greek letter makes it math, whatever follows.
 _FUNCTION_BEFORE = re.compile(r"(?:sin|cos|tan|cot|sec|csc|sinh|cosh|tanh|log|lg|ln|exp)$")
 
@@ -196,7 +210,7 @@ def _ascii_letter(s: str, i: int) -> bool:
 
 def _greek(m: re.Match, obfuscated: bool = False) -> str:
     """A run of Greek letters: the Latin look-alike when every letter of it has one and the run
-    sits inside a Latin word, or anywhere in an `obfuscated` text (see `_MIXED_RE`: there "α",
+    sits inside a Latin word, or anywhere in an `obfuscated` text (see `_obfuscated`: there "α",
     "3χ" and "αnd" are the disguised "a", "3x" and "and"); otherwise each letter's LaTeX name
     (θ -> theta, as `\\theta` normalises), so `2πr` is "2 pi r" and `ρgh` "rho gh", as their
     LaTeX sources, and so is `sinαcosβ` ("sin alpha cos beta")."""
@@ -220,7 +234,7 @@ def unify_unicode(text: str) -> str:
         return text.replace("`", "'") if "`" in text else text
     text = _SCRIPT_RE.sub(_script, text)
     text = unicodedata.normalize("NFKC", text).translate(_FOLD)
-    obfuscated = _MIXED_RE.search(text) is not None
+    obfuscated = _obfuscated(text)
     text = text.translate(_LATIN)
     return _GREEK_RUN_RE.sub(_greek_obfuscated if obfuscated else _greek, text)
 
@@ -271,7 +285,9 @@ def _frac_to_slash(s: str) -> str:
         parts = []
         for arg in (num[0], den[0]):
             arg = _frac_to_slash(arg).strip()
-            parts.append(arg if re.fullmatch(r"[\w.]+|\\[A-Za-z]+", arg) else f"({arg})")
+            # `a_{1}` is as simple as `a_1` (and as `a₁` once unicode is folded): no brackets.
+            simple = re.fullmatch(r"[\w.]+|\\[A-Za-z]+", arg.replace("{", "").replace("}", ""))
+            parts.append(arg if simple else f"({arg})")
         out.append(s[pos : m.start()])
         out.append(f" {parts[0]}/{parts[1]} ")
         pos = den[1]
