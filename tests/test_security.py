@@ -200,6 +200,9 @@ def test_the_api_key_reaches_no_file_log_or_output(tmp_path, gsm8k_train):
 
         from distill.store import read_records
 
+        # With the key: all 6 good questions x 2 samples came back; the too-long one is refused.
+        assert len(read_records(tmp_path / "run" / "generate")) == 12
+        assert {r["id"] for r in read_records(tmp_path / "run" / "generate", rejected=True)} == {"long-1"}
         reasons = {r["reason"] for r in read_records(tmp_path / "run-wrong" / "generate", rejected=True)}
         assert reasons == {"http_401: Incorrect API key provided: ***"}, reasons
         for key in (secret, wrong):
@@ -225,7 +228,7 @@ from distill.curate.verify import Verifier, VerifyConfig
 pathological = [
     "2^{2^{2^{2^{2^{2^{100}}}}}}",                     # a tower of powers: sympy hangs in one C call
     "(10^{8})!",                                        # a factorial with ~760 million digits
-    "\\\\sqrt{" * 150 + "2" + "}" * 150,                # 150 nested roots
+    "\\\\sqrt{" * 150 + "2" + "}" * 150,                # 150 nested roots: 1,051 characters
 ]
 normal = [("\\\\frac{6}{4}", "1.5"), ("\\\\sqrt{9}", "3"), ("x+1", "1+x"), ("4", "5")]
 cfg = VerifyConfig(timeout_s=2, workers=2, memory_limit_mb=1024)
@@ -234,7 +237,7 @@ with Verifier(cfg) as v:
     t0 = time.monotonic()
     got = v.verify([(p, "5") for p in pathological] + normal)
     elapsed = time.monotonic() - t0
-print(json.dumps({"codes": [g.code for g in got], "elapsed": elapsed,
+print(json.dumps({"codes": [g.code for g in got], "details": [g.detail for g in got], "elapsed": elapsed,
                   "parsed_here": sorted(m for m in ("sympy", "math_verify", "latex2sympy2_extended")
                                         if m in sys.modules)}))
 """
@@ -242,16 +245,18 @@ print(json.dumps({"codes": [g.code for g in got], "elapsed": elapsed,
 
 @pytest.mark.slow
 def test_model_output_is_parsed_only_in_limited_workers():
-    """Pathological answers cost their worker (killed at the time limit, reported as timeout)
-    and nothing else; the calling process never imports a parser of model output."""
+    """Pathological answers cost their worker (killed at the time limit, reported as timeout) or
+    are refused unparsed (longer than max_answer_chars), and nothing else; the calling process
+    never imports a parser of model output."""
     proc = subprocess.run([sys.executable, "-c", _SANDBOX_PROBE], capture_output=True, text=True, timeout=180,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     codes = out["codes"]
-    assert codes[0] == "timeout", codes
-    assert all(c in ("timeout", "parse_error", "not_equal") for c in codes[:3]), codes
-    assert codes[3:] == ["equal", "equal", "equal", "not_equal"], codes
-    # Three limits (plus the 1 s kill margin each), even if one worker gets all of them.
-    assert out["elapsed"] < 3 * (2 + 1) + 6, out
+    # The tower and the factorial run into the 2 s limit; the nested roots are over the default
+    # max_answer_chars (1000) and never reach the parser.
+    assert codes == ["timeout", "timeout", "parse_error", "equal", "equal", "equal", "not_equal"], out
+    assert "longer than max_answer_chars=1000" in out["details"][2], out
+    # Two limits (plus the 1 s kill margin each), even if one worker gets both of them.
+    assert out["elapsed"] < 2 * (2 + 1) + 6, out
     assert out["parsed_here"] == [], out
