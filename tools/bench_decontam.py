@@ -14,6 +14,18 @@ answers, to tell real duplicates from false positives), as markdown.
     python tools/bench_decontam.py                       # (a) and (c), ~15 s
     python tools/bench_decontam.py --embedding           # + (b): 4-9 min on 2 CPU cores, the model's time
     python tools/bench_decontam.py --clean-per-source 0  # every clean row (GSM8K train, SVAMP, ASDiv)
+    python tools/bench_decontam.py --set policy=overlap  # the decision before policies: shared words alone
+
+`--real` measures instead on real data, labelled by hand: the MATH-train problems matched to a
+MATH-500 problem, each pair read and labelled copy / variant / different in
+tools/data/decontam_pairs_labelled.jsonl (ids only; the texts are read from ../shared/data).
+It prints, for the old decision (policy `overlap`, short_threshold 0.6: every match is
+removed) and the policies `copies` and `variants` side by side: MATH-train problems removed,
+precision for each policy's goal, recall on the labelled copies, and GSM8K-train questions
+removed against GSM8K test (none of which is a copy: see the synthetic mode's list).
+
+    python tools/bench_decontam.py --real                # ~30 s
+    python tools/bench_decontam.py --real --show         # + every removed pair with its label
 """
 
 from __future__ import annotations
@@ -78,6 +90,77 @@ def pct(x: tuple[int, int]) -> str:
     return f"{100 * x[0] / x[1]:.1f}% ({x[0]}/{x[1]})" if x[1] else "-"
 
 
+LABELLED = Path(__file__).resolve().parent / "data" / "decontam_pairs_labelled.jsonl"
+# The decision before policies existed, for the side-by-side: every match removed, at the
+# thresholds that were the defaults then.
+OLD_DECISION = {"policy": "overlap", "short_threshold": 0.6}
+
+
+def real_mode(overrides: dict, show: bool) -> None:
+    """Old decision vs `copies` vs `variants` on MATH-train x MATH-500 (labelled) and GSM8K-train x GSM8K."""
+    labelled = {(r["train_id"], r["bench_id"]): r for r in read_jsonl(LABELLED)}
+    copies = {k for k, r in labelled.items() if r["label"] == "copy"}
+    sets = {"math": (read_jsonl(DATA / "train" / "math_train.jsonl"), "math500"),
+            "gsm8k": (read_jsonl(DATA / CLEAN["gsm8k_train"]), "gsm8k")}
+    decisions = {"old (overlap)": {**overrides, **OLD_DECISION}, "copies": {**overrides, "policy": "copies"},
+                 "variants": {**overrides, "policy": "variants"}}
+    found: dict[str, dict[str, list]] = {}
+    for name, over in decisions.items():
+        found[name] = {}
+        for key, (rows, bench_name) in sets.items():
+            cfg = DecontamConfig(benchmarks=[BenchmarkRef(name=bench_name, path=str(DATA / "benchmarks" / f"{bench_name}.jsonl"))],
+                                 **over)
+            index = BenchmarkIndex(load_benchmarks(cfg.benchmarks), cfg)
+            matches = index.check_many([r["problem"] for r in rows])
+            found[name][key] = [(r, m) for r, m in zip(rows, matches) if m is not None and not m.candidate]
+
+    def cell(name: str, what: str) -> str:
+        pairs = [((r["id"], m.item_id), m) for r, m in found[name]["math"]]
+        labels = Counter(labelled[k]["label"] if k in labelled else "unlabelled" for k, _ in pairs)
+        n_lab = sum(v for k, v in labels.items() if k != "unlabelled")
+        if what == "flagged":
+            return f"{len(pairs)} ({100 * len(pairs) / len(sets['math'][0]):.2f}%)"
+        if what == "labels":
+            return " / ".join(str(labels[k]) for k in ("copy", "variant", "different", "unlabelled"))
+        if what == "unsure":
+            return str(sum(m.kind == "unsure" for _, m in pairs))
+        if what == "p_copies":
+            return f"{100 * labels['copy'] / n_lab:.1f}% ({labels['copy']}/{n_lab})" if n_lab else "-"
+        if what == "p_variants":
+            good = labels["copy"] + labels["variant"]
+            return f"{100 * good / n_lab:.1f}% ({good}/{n_lab})" if n_lab else "-"
+        if what == "recall":
+            hit = sum(k in copies for k, _ in pairs)
+            return f"{100 * hit / len(copies):.0f}% ({hit}/{len(copies)})"
+        if what == "gsm8k":
+            n = len(found[name]["gsm8k"])
+            return f"{100 * n / len(sets['gsm8k'][0]):.2f}% ({n}/{len(sets['gsm8k'][0])})"
+        raise KeyError(what)
+
+    names = list(decisions)
+    print(f"command: python tools/bench_decontam.py {' '.join(sys.argv[1:])}")
+    print(f"labelled pairs: {LABELLED.relative_to(LABELLED.parent.parent.parent)} ({len(labelled)}: "
+          f"{dict(Counter(r['label'] for r in labelled.values()))})\n")
+    print("| MATH-train (7,500) x MATH-500 | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    rows_out = [("problems removed", "flagged"), ("of which labelled copy / variant / different / unlabelled", "labels"),
+                ("of which unsure (judge band; removed without a judge)", "unsure"),
+                ("precision for `copies` (removed that are copies)", "p_copies"),
+                ("precision for `variants` (removed that are copies or variants)", "p_variants"),
+                ("recall on the labelled copies", "recall"),
+                ("GSM8K-train questions removed against GSM8K test", "gsm8k")]
+    for label, what in rows_out:
+        print(f"| {label} | " + " | ".join(cell(n, what) for n in names) + " |")
+    if show:
+        for name in names[1:]:
+            print(f"\n### removed under {name}")
+            for r, m in found[name]["math"]:
+                lab = labelled.get((r["id"], m.item_id), {}).get("label", "unlabelled")
+                print(f"- {r['id']} ~ {m.item_id} [{lab}] {m.method} {m.score:.2f}; {m.diff}")
+            for r, m in found[name]["gsm8k"]:
+                print(f"- {r['id']} ~ {m.item_id} [gsm8k] {m.method} {m.score:.2f}; {m.diff}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-kind", type=int, default=400, help="contaminated rows per kind")
@@ -88,7 +171,10 @@ def main() -> None:
                     help="also run (b): embeds the 6,039 benchmark problems once (3-6 min on 2 CPU cores)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="DecontamConfig override, e.g. --set ngram=8 --set embedding.threshold=0.9")
-    ap.add_argument("--show", type=int, default=0, help="print this many misses per kind and FPs per source")
+    ap.add_argument("--show", type=int, nargs="?", const=10, default=0,
+                    help="print this many misses per kind and FPs per source (--real: every removed pair)")
+    ap.add_argument("--real", action="store_true",
+                    help="MATH-train x MATH-500 pairs labelled by hand: old decision vs policies copies / variants")
     args = ap.parse_args()
 
     overrides: dict = {}
@@ -99,6 +185,9 @@ def main() -> None:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    if args.real:
+        real_mode(overrides, bool(args.show))
+        return
     refs = [BenchmarkRef(name=n, path=str(DATA / "benchmarks" / f"{n}.jsonl")) for n in INDEXED]
     cfg = DecontamConfig(benchmarks=refs, **overrides)
     benchmarks = load_benchmarks(cfg.benchmarks)
@@ -143,7 +232,7 @@ def main() -> None:
 
     names = list(results)
     print(f"command: python tools/bench_decontam.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"config: ngram={cfg.ngram} threshold={cfg.threshold} short_ngram={cfg.short_ngram} "
+    print(f"config: policy={cfg.policy} ngram={cfg.ngram} threshold={cfg.threshold} short_ngram={cfg.short_ngram} "
           f"short_max_words={cfg.short_max_words} short_threshold={cfg.short_threshold} "
           f"embedding.threshold={cfg.embedding.threshold}; seed={args.seed}; "
           f"{len(bench_texts)} benchmark problems ({', '.join(INDEXED)})\n")

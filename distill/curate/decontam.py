@@ -341,7 +341,7 @@ _BOILERPLATE = [re.compile(p) for p in (
     r"\b(?:express|enter|give|write|round|simplify) your answers?\b.*$",
     r"\benter the (?:letter|[a-z ]{0,40}? in the form)\b.*$",
     r"\benter all (?:the )?[a-z -]{0,40}? separated by commas\b",
-    r"(?:\( [a-h] \) [^()]{1,40}?){3,}(?=$|enter)",  # multiple-choice option lists
+    r"(?:\( [a-h] \) [a-z ]{1,40}?){3,}(?=$|enter)",  # option lists of words: "(A) Line (B) Circle ..."
     r"\( (?:reminder|hint)\b[^()]*\)",  # not "(Note that ...)": notes can carry conditions
     r"\([^()]*\bconsidered (?:the same|equivalent|different|distinct)\b[^()]*\)",  # "(Two seatings are considered the same if ...)"
     r"\ball functions are in radians\b",
@@ -511,7 +511,8 @@ def compare_problems(record: str, bench: str, record_answer: str | None = None,
         answers_differ = not _same_answer(record_answer, bench_answer)
         changed = changed or answers_differ
     # Content words in one text only, counted where they sit inside the shared stretch (a cut's
-    # missing words are not a re-wording).
+    # missing words are not a re-wording), over all its content tokens, symbols included: in
+    # "Compute $\binom{8}{4}$" vs "Calculate ..." one word of four tokens changed, not one of one.
     wa = Counter(t for t, k in zip(a, ka) if k == "word" and t not in _STOPWORDS)
     wb = Counter(t for t, k in zip(b, kb) if k == "word" and t not in _STOPWORDS)
     wonly_a, wonly_b = wa - wb, wb - wa
@@ -519,7 +520,8 @@ def compare_problems(record: str, bench: str, record_answer: str | None = None,
     in_b = [b[j] for j in span_b if kb[j] == "word" and b[j] not in _STOPWORDS]
     differing = sum(min(c, wonly_a[w]) for w, c in Counter(in_a).items()) \
         + sum(min(c, wonly_b[w]) for w, c in Counter(in_b).items())
-    word_change = differing / max(1, len(in_a) + len(in_b))
+    n_sym = sum(ka[i] in ("num", "sym") for i in span_a) + sum(kb[j] in ("num", "sym") for j in span_b)
+    word_change = differing / max(1, len(in_a) + len(in_b) + n_sym)
     masked_a = ["#" if ka[i] == "num" else "v" if ka[i] == "sym" and len(a[i]) == 1 else a[i] for i in span_a]
     masked_b = ["#" if kb[j] == "num" else "v" if kb[j] == "sym" and len(b[j]) == 1 else b[j] for j in span_b]
     skeleton = SequenceMatcher(None, masked_a, masked_b, autojunk=False).ratio()
