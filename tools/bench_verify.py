@@ -268,9 +268,20 @@ def main(argv: list[str] | None = None) -> None:
     if probes:
         mv_probe, _ = run_math_verify([(f"\\boxed{{{a}}}", ref) for a, ref in probes])
         d_probe, _, _, _ = run_distill([(f"\\boxed{{{a}}}", ref) for a, ref in probes], args.workers, warm=True)
+        from distill.curate.verify import approximates
+
+        def rounding(a: str, ref: str) -> bool:
+            p, r = plain_number(a), plain_number(ref)
+            return approximates(p.value, p.places, r.value, r.places)
+
         print(f"\nexactness probes: {len(probes)} wrong answers closer than 10^-6 to a plain-number reference "
-              f"(or a 16+ digit integer reference + 1): math-verify calls {sum(mv_probe)} right, distill "
-              f"{sum(v.correct for v in d_probe)}")
+              f"(or a 16+ digit integer reference + 1); called right by math-verify / distill:")
+        for label, want in (("exact under the rule", False), ("reference may round the answer (tolerance)", True)):
+            idx = [i for i, (a, ref) in enumerate(probes) if rounding(a, ref) == want]
+            print(f"  {label}: {len(idx)} probes, {sum(mv_probe[i] for i in idx)} / "
+                  f"{sum(d_probe[i].correct for i in idx)}")
+        changed = [(probes[i], d_probe[i].code) for i in range(len(probes)) if mv_probe[i] != d_probe[i].correct]
+        print(f"  verdicts that differ from math-verify: {changed}")
     slow = sorted(secs, reverse=True)
     print(f"\nmath-verify's 1% slowest pairs took {sum(slow[: max(1, n // 100)]):.1f} s of its {sum(secs):.1f} s.")
     print(f"\ncommand: `{cmd.strip()}`")
