@@ -58,3 +58,20 @@ def test_preflight_launcher_and_dry_run_report_the_same_problems(tmp_path):
                                                          *(e.split(":")[0] for e in EXPECTED)]
     assert all(any(p.startswith(e) for p in from_preflight) for e in EXPECTED)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sliding_window_shorter_than_seq_len_is_refused_for_either_backend(tmp_path):
+    """The packed attention (both backends) has no sliding window: it raised at the first forward
+    pass, after the token cache; now the preflight names train.seq_len."""
+    from transformers import MistralConfig
+
+    from distill.stages.train import preflight
+
+    MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, sliding_window=128).save_pretrained(tmp_path / "mistral")
+    base = [f"run.dir={tmp_path / 'run'}", f"train.student.model={tmp_path / 'mistral'}"]
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [*base, "train.seq_len=256"])
+    (problem,) = _problems(lambda: preflight(cfg))
+    assert problem.startswith("train.seq_len=256 exceeds the sliding window of train.student.model=")
+    assert "(128 tokens)" in problem and "lower train.seq_len to 128 or less" in problem
+    preflight(load_config(REPO / "configs" / "quickstart.yaml", [*base, "train.seq_len=128"]))

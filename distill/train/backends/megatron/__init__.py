@@ -58,7 +58,7 @@ def optim_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
 
 def model_problems(cfg: "TrainConfig", model_config) -> list[str]:
     """Preflight against the student's HF config (heads, kv heads, layers vs the degrees; the
-    family); run by the launcher before any worker starts."""
+    family); part of launch.student_problems."""
     from distill.train.backends.megatron.convert import UnsupportedModel, parallel_problems, spec_from_hf_config
 
     try:
@@ -66,12 +66,8 @@ def model_problems(cfg: "TrainConfig", model_config) -> list[str]:
     except UnsupportedModel as e:
         return [f"train.student.model={cfg.student.model!r}: {e}"]
     m = cfg.megatron
-    out = parallel_problems(spec, tp=m.tensor_parallel, pp=m.pipeline_parallel)
-    window = getattr(model_config, "sliding_window", None)
-    if window is not None and getattr(model_config, "use_sliding_window", True) and window < cfg.seq_len:
-        out.append(f"train.seq_len={cfg.seq_len} exceeds the student's sliding window ({window}), which the packed "
-                   "attention does not implement: lower train.seq_len")
-    return out
+    # (The sliding-window check, which concerns both backends, is in launch.student_problems.)
+    return parallel_problems(spec, tp=m.tensor_parallel, pp=m.pipeline_parallel)
 
 
 class MegatronBackend(TorchCollectives):
