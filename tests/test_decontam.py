@@ -480,3 +480,52 @@ def test_policy_decides_what_is_removed_and_the_judge_prompt_follows_it():
     assert m is not None and m.kind == "variant" and "names toot vs ellipse" in m.diff
     assert "numbers, names" in judge_messages("a", "b", "variants")[0]["content"]
     assert "differ in any number" in judge_messages("a", "b", "copies")[0]["content"]
+
+
+class _StubIndex:
+    """Returns the given match for every text: the stage's decision logic without an index."""
+
+    def __init__(self, match):
+        self.match = match
+
+    def check_many(self, texts):
+        return [self.match] * len(texts)
+
+
+class _StubJudge:
+    """An engine that answers every judge request with `reply` and keeps the prompts."""
+
+    def __init__(self, reply: str):
+        self.reply, self.prompts = reply, []
+
+    def generate(self, requests, params):
+        from distill.teachers.base import Completion, Result
+
+        self.prompts += [r.messages for r in requests]
+        return [Result([Completion(self.reply, "stop", 10, 1)]) for _ in requests]
+
+
+@pytest.mark.parametrize("policy", ["copies", "variants"])
+def test_unsure_pairs_go_to_the_judge_and_are_removed_without_one(policy):
+    from distill.curate.decontam import Match
+    from distill.stages.decontam import _process
+
+    dc = DecontamConfig(policy=policy, judge={"enabled": True})
+    unsure = Match("math500", "math500-378", "short", 0.5, "For how many two-digit primes is the sum of the digits equal to 8?",
+                   kind="unsure", diff="unsure; words 0.60, skeleton 0.80")
+    records = [{"key": "a", "id": "a", "problem": "For how many two-digit prime numbers is the sum of its digits 8?",
+                "response": "x"}]
+    kept, rejected, stats = _process((dc, _StubIndex(unsure), None, None), records)
+    assert not kept and stats["unsure_unjudged"] == 1  # no judge: removed, the conservative side
+    assert rejected[0]["match_kind"] == "unsure" and rejected[0]["match_method"] == "short"
+    no = _StubJudge("No.")
+    kept, rejected, stats = _process((dc, _StubIndex(unsure), None, no), records)
+    assert [r["key"] for r in kept] == ["a"] and stats["unsure_judged_false"] == 1
+    assert no.prompts[0][0]["content"] == judge_messages("", "", policy)[0]["content"]
+    kept, rejected, stats = _process((dc, _StubIndex(unsure), None, _StubJudge("yes")), records)
+    assert not kept and rejected[0]["match_method"] == "short+judge" and "unsure" in rejected[0]["reason"]
+    # A sure copy never reaches the judge.
+    judge = _StubJudge("no")
+    copy = Match("math500", "math500-378", "exact", 1.0, records[0]["problem"], kind="copy")
+    kept, rejected, stats = _process((dc, _StubIndex(copy), None, judge), records)
+    assert not kept and not judge.prompts

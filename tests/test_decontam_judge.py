@@ -26,7 +26,8 @@ def test_candidates_go_to_the_judge_and_its_answer_decides():
 
     bench = [json.loads(line) for line in open(DATA / "benchmarks" / "gsm8k.jsonl").readlines()[:3]]
     dc = DecontamConfig(benchmarks=[BenchmarkRef(name="gsm8k", path=str(DATA / "benchmarks" / "gsm8k.jsonl"))],
-                        maybe_threshold=0.05, judge={"enabled": True, "max_tokens": 8})
+                        maybe_threshold=0.05, judge={"enabled": True, "max_tokens": 8},
+                        policy="overlap")  # the maybe band of the scores; the policies' unsure band: test_decontam.py
     index = BenchmarkIndex(load_benchmarks(dc.benchmarks), dc)
     words = bench[0]["problem"].split()
     partial = " ".join(words[: len(words) // 3]) + " How many apples are left over at the end of the week?"

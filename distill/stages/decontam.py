@@ -1,4 +1,9 @@
-"""Stage `decontam`: remove samples whose question (or, optionally, response) overlaps a benchmark.
+"""Stage `decontam`: remove samples whose question (or, optionally, response) is a benchmark problem.
+
+The lexical (and embedding) checks find the closest benchmark problem; `curate.decontam.policy`
+then decides on what differs between the two (`compare_problems`): `copies` removes copies,
+`variants` also numbers-changed template variants, `overlap` every match. Pairs the comparison
+leaves unsure, and maybe-band candidates, go to the judge when it is enabled.
 
 Reads `RUN/dedup/`, writes `RUN/decontam/`. The benchmark files are read and hashed before any
 stage of the run starts (`preflight`), so an unreadable file fails the run at once, naming it.
