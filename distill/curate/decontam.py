@@ -377,6 +377,9 @@ re-wording such as "what is the value of" -> "then find")."""
 UNSURE_MAX_WORD_CHANGE = 0.75
 """Above COPY_MAX_WORD_CHANGE and up to this: unsure (the judge decides; removed without one).
 Above it: different problems that share their numbers (the same setup, another question)."""
+ALTERNATIVES = 5
+"""Under a policy, the matches per check (n-gram, short) compared before a text is kept: the
+best one can be a benchmark one-liner a long text happens to contain."""
 VARIANT_MIN_SKELETON = 0.85
 """Numbers or symbols differ: a template variant when the token sequences with every number and
 one-letter variable masked still match this well (difflib ratio), else a different problem."""
@@ -604,55 +607,71 @@ class BenchmarkIndex:
 
     def check_many(self, texts: list[str]) -> list[Match | None]:
         """The best match of each text, or None: an exact match first, else the higher-scoring
-        sure match of the n-gram and short checks, else the best candidate."""
+        sure match of the n-gram and short checks, else the best candidate. Under a policy
+        other than `overlap`, the first of the text's matches (best first, up to ALTERNATIVES
+        per check) that the policy keeps as a copy (or variant): a few-shot prompt whose best
+        n-gram score is a one-line benchmark problem it happens to contain is still caught by
+        the problem it really copies."""
         cfg = self.cfg
+        k = 1 if cfg.policy == "overlap" else ALTERNATIVES
         norms = [normalize_text(t) for t in texts]
         words = [words_of_normalized(n) for n in norms]
         grams = [ngram_hashes(w, cfg.ngram) for w in words]
-        ngram_best = self._best_pairs(grams, self.keys, self.owners, self.sizes, cfg.threshold)
+        ngram_pairs = self._ranked_pairs(grams, self.keys, self.owners, self.sizes, cfg.threshold, k)
         short_q = [i for i, w in enumerate(words) if cfg.short_ngram <= len(w) < cfg.short_max_words]
         short_grams = [ngram_hashes(words[i], cfg.short_ngram) for i in short_q]
-        short_best = dict(zip(short_q, self._best_pairs(short_grams, self.short_keys, self.short_owners,
-                                                        self.short_sizes, cfg.short_threshold)))
+        short_pairs = dict(zip(short_q, self._ranked_pairs(short_grams, self.short_keys, self.short_owners,
+                                                           self.short_sizes, cfg.short_threshold, k)))
         out: list[Match | None] = []
         for i, norm in enumerate(norms):
             exact = self.exact.get(norm) if norm else None
             if exact is not None:
-                out.append(self._match(exact, "exact", 1.0, 1.0, None))
+                out.append(apply_policy(self._match(exact, "exact", 1.0, 1.0, None), texts[i], cfg.policy))
                 continue
-            found = [self._pair_match(ngram_best[i], "ngram", cfg.threshold, cfg.maybe_threshold)]
-            if i in short_best:
-                item, sim, contained = short_best[i]
-                found.append(self._pair_match((int(self.short_items[item]) if item >= 0 else -1, sim, contained),
-                                              "short", cfg.short_threshold, cfg.short_maybe_threshold))
-            out.append(_best(found))
-        # Shared words found the pair; what differs decides whether it is a copy.
-        return [apply_policy(m, t, cfg.policy) for m, t in zip(out, texts)]
+            ngram = [self._pair_match(p, "ngram", cfg.threshold, cfg.maybe_threshold) for p in ngram_pairs[i]]
+            short = [self._pair_match((int(self.short_items[item]), sim, contained), "short", cfg.short_threshold,
+                                      cfg.short_maybe_threshold) for item, sim, contained in short_pairs.get(i, [])]
+            first = _best([ngram[0] if ngram else None, short[0] if short else None])
+            # Shared words found the pairs; what differs decides whether one is a copy.
+            kept = None
+            for m in [first] + ngram[1:] + short[1:]:
+                kept = apply_policy(m, texts[i], cfg.policy)
+                if kept is not None:
+                    break
+            out.append(kept)
+        return out
 
-    def _best_pairs(self, grams: list[np.ndarray], keys: np.ndarray, owners: np.ndarray,
-                    sizes: np.ndarray, threshold: float) -> list[tuple[int, float, float]]:
-        """(item, similarity, containment) of each query's best index item, (-1, 0, 0) for none.
+    def _ranked_pairs(self, grams: list[np.ndarray], keys: np.ndarray, owners: np.ndarray,
+                      sizes: np.ndarray, threshold: float, k: int) -> list[list[tuple[int, float, float]]]:
+        """(item, similarity, containment) of each query's `k` best index items, best first.
 
         similarity = shared / max(query n-grams, item n-grams): both texts must be mostly the
         same, so a short fragment inside a long problem ("the radius of its inscribed circle")
         does not match it, while a 60-80 % cut still does. containment = shared / item n-grams:
         the benchmark problem sits inside a longer record. Pairs are ranked by whichever is
-        further above its own threshold."""
+        further above its own threshold; ties go to the lower item index."""
         pq, pitem, shared = shared_counts(grams, keys, owners, len(sizes))
+        out: list[list[tuple[int, float, float]]] = [[] for _ in grams]
         if pq.size == 0:
-            return [(-1, 0.0, 0.0)] * len(grams)
+            return out
         qsize = np.fromiter((len(g) for g in grams), dtype=np.int64, count=len(grams))[pq]
         sim = shared / np.maximum(np.maximum(qsize, sizes[pitem]), 1)
         contained = shared / np.maximum(sizes[pitem], 1)
         rank = np.maximum(sim / threshold, contained / self.cfg.contain_threshold)
-        rows = best_rows(len(grams), pq, pitem, rank)
-        return [(int(pitem[r]), float(sim[r]), float(contained[r])) if r >= 0 else (-1, 0.0, 0.0) for r in rows]
+        if k == 1:
+            rows = best_rows(len(grams), pq, pitem, rank)
+            for q, r in enumerate(rows):
+                if r >= 0:
+                    out[q].append((int(pitem[r]), float(sim[r]), float(contained[r])))
+            return out
+        for r in np.lexsort((pitem, -rank, pq)):
+            if len(out[pq[r]]) < k:
+                out[pq[r]].append((int(pitem[r]), float(sim[r]), float(contained[r])))
+        return out
 
     def _pair_match(self, pair: tuple[int, float, float], method: str, sure: float,
                     maybe: float | None) -> Match | None:
         item, sim, contained = pair
-        if item < 0:
-            return None
         if sim < sure and contained >= self.cfg.contain_threshold:
             return self._match(item, method, contained, self.cfg.contain_threshold, None)
         return self._match(item, method, sim, sure, maybe)
