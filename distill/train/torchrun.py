@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides, require_source=False)
         run_dir = Path(cfg.run.dir)
-        store = launcher_store()  # kept open until training ends: rank 0 may be its server
-        job = prepare_on_rank0(lambda: prepare(cfg.train, run_dir), rank, store)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            job = prepare(cfg.train, run_dir)  # one rank: nobody to wait (and maybe no torchrun store)
+        else:
+            store = launcher_store()  # kept open until training ends: rank 0 may be its server
+            job = prepare_on_rank0(lambda: prepare(cfg.train, run_dir), rank, store)
         export_dir = cfg.train.export.dir or run_dir / "model"
     outcome = train_worker(job)
     outcome.backend.close()
