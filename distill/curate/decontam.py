@@ -146,8 +146,8 @@ class DecontamConfig(Section):
     hand; tools/bench_decontam.py --real): `overlap` removes 194 problems (2.6 %), 2 of them
     copies; `copies` removes 5, both copies among them; `variants` removes 87, 59 % of them
     copies or variants. The default is `copies`: a sibling with other numbers has another
-    answer, so training on it does not leak the test answer, and MATH-train holds such siblings
-    of MATH-500 by construction. Pairs the comparison cannot settle (same numbers and symbols,
+    answer, so training on it does not leak the test answer, and MATH's train and test splits
+    come from the same competitions, so siblings are expected. Pairs the comparison cannot settle (same numbers and symbols,
     many words changed) go to the judge when `judge.enabled`, else are removed."""
 
     ngram: int = 5
