@@ -58,7 +58,8 @@ def dying_handler():
 
 @pytest.fixture(scope="module")
 def verifier():
-    with Verifier(VerifyConfig(timeout_s=2, workers=2)) as v:
+    # 5 s as math-verify's default: the long College Math answers take over 2 s to parse on a loaded machine.
+    with Verifier(VerifyConfig(timeout_s=5, workers=2)) as v:
         yield v
 
 
