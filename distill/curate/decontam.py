@@ -14,6 +14,13 @@ Three lexical checks on `normalize_text` output, cheapest first, in `BenchmarkIn
 - short: texts of fewer than `short_max_words` words (AIME/MATH one-liners, "Compute
   $\\dbinom{8}{4}$.") are also compared by word k-grams with a small k, scored the same way.
 
+These checks find the benchmark problem a record shares the most wording with; shared wording
+alone is no verdict (MATH-train shares "Find the greatest common divisor of ..." and whole
+Asymptote diagrams with MATH-500). `compare_problems` then looks at what DIFFERS (numbers,
+variables, operators, names, negations; boilerplate and Asymptote code set aside) and calls the
+pair a copy, a template variant, a different problem or unsure; `DecontamConfig.policy` says
+which are removed (`apply_policy`).
+
 `EmbeddingIndex` (optional, needs torch) adds cosine similarity of sentence embeddings for
 paraphrases that change most words. Scores between a "maybe" and a "sure" threshold are
 candidates: the stage asks the teacher (`judge_messages` / `parse_judge`) whether they are the
@@ -147,8 +154,9 @@ class DecontamConfig(Section):
     copies; `copies` removes 5, both copies among them; `variants` removes 87, 59 % of them
     copies or variants. The default is `copies`: a sibling with other numbers has another
     answer, so training on it does not leak the test answer, and MATH's train and test splits
-    come from the same competitions, so siblings are expected. Pairs the comparison cannot settle (same numbers and symbols,
-    many words changed) go to the judge when `judge.enabled`, else are removed."""
+    come from the same competitions, so siblings are expected. Pairs the comparison cannot
+    settle (same numbers and symbols, many words changed) go to the judge when
+    `judge.enabled`, else are removed."""
 
     ngram: int = 5
     """Word n-gram length of the n-gram check (words of the normalised text). Longer n-grams
