@@ -9,11 +9,13 @@ from conftest import DATA
 
 from distill.curate.answers import (
     ANSWER_EXTRACTORS,
+    DEFAULT_METHODS,
     extract_answer,
     extract_answer_is,
     extract_boxed,
     extract_gsm8k,
     extract_last_number,
+    extract_last_statement,
     strip_thousands,
 )
 
@@ -170,3 +172,108 @@ def test_reference_solutions_roundtrip():
         assert extract_answer(r["solution"]) == r["answer"], r["id"]
         n_gsm += 1
     assert n_math > 450 and n_gsm == 1319
+
+
+# --------------------------------------------------------------------------- linear time
+
+# Shapes of truncated long-CoT output. The previous reader took ~2 minutes on the first (its
+# `^\s*answer` under MULTILINE rescanned the blank lines from every line start) and 15 s on the
+# second; `\boxed 1` sliced the rest of the text once per box.
+DEGENERATE = {
+    "blank lines": "\n" * 100_000 + "The answer is 5",
+    "newline-space lines": "\n " * 20_000 + "x",
+    "unclosed boxes": "\\boxed{" * 20_000,
+    "brace-less boxes": "\\boxed 1 " * 20_000,
+    "dollars": "$" * 100_000,
+    "dollar prose": "$5 and $" * 20_000,
+    "unclosed parens": "\\(" * 50_000,
+    "inline math sentences": "$1$. " * 20_000,
+    "answer lines": "answer\n" * 50_000,
+    "heading then blank lines": "**Final Answer**" + "\n" * 100_000 + "\\[" * 10_000,
+    "long subject": "Final answer: " + "the " * 50_000,
+    "equals signs": "= " * 50_000,
+    "calculator openings": "<<1" * 50_000,
+    "nested braces": "\\boxed{" + "{" * 100_000,
+}
+
+
+@pytest.mark.parametrize("name", DEGENERATE)
+def test_degenerate_inputs_take_linear_time(name):
+    import time
+
+    text = DEGENERATE[name]
+    for extract in (extract_answer, extract_answer_is, extract_last_statement, extract_boxed):
+        started = time.process_time()  # CPU time: other jobs on the machine do not inflate it
+        extract(text)
+        assert time.process_time() - started < 1.0, (name, extract.__name__)
+    assert extract_answer(DEGENERATE["blank lines"]) == "5"
+
+
+# --------------------------------------------------------------------------- final statements
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Final answer: the smallest value is 0.", "0"),
+        ("**Final Answer**\n\nThe smallest value is \\(0\\).", "0"),
+        ("The final answer is:\n\\[\n12\n\\]", "12"),
+        ("### Final Answer\n$$\\frac{\\sqrt{3}}{2}$$", "\\frac{\\sqrt{3}}{2}"),
+        ("So our answer is\\[(99+1)^3 = 100^3 = 1000000\\]", "1000000"),
+        ("The answer is 5. Because 5 is prime.", "5"),
+        ("The answer is $28$, which we halve later.", "28"),
+        ("The answer is = 42", "42"),
+        ("The answer is $(a, b) = (1, 2)$.", "(1, 2)"),
+        ("Answer:\n7", "7"),
+    ],
+)
+def test_answer_is_reads_the_statement(text, expected):
+    assert extract_answer_is(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("So the probability is \\(\\frac{1}{3}\\).", "\\frac{1}{3}"),  # not the 3
+        ("Thus $a+b=-3+3=0$.", "0"),
+        ("So the total is\n\\[ 3 + 4 = 7 \\]", "7"),
+        ("Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.", "72"),
+        ("Solving for $r$, we find that $r=7$, so the radius is $7$ units.", "7"),
+        ("Therefore, $n$ must be $-2.$", "-2"),
+        ("She needs 400ml of bubble bath.", "400"),
+        ("I think it's 15", "15"),
+        ("Adding up:\n**42**", "42"),
+        ("We solve\n$$x^2 + 3x - 4 = 0$$", "x^2 + 3x - 4 = 0"),  # an equation, not the answer 0
+        ("\\frac{1}{2}", "\\frac{1}{2}"),  # an answer column read with answer_extract: auto
+        # Several values in the last sentence: no guess between them.
+        ("Expanding (x+y+z)^1999 gives 2,001,000 terms and 3 kinds.", None),
+        ("He paid $5 and $3.", None),
+        ("&= -\\frac23 - 2 = -\\frac83.\\end{align*}", None),  # raw LaTeX, not the 83
+        ("So the answer follows from the table above.", None),
+    ],
+)
+def test_last_statement(text, expected):
+    assert extract_last_statement(text) == expected
+
+
+def test_last_number_is_opt_in():
+    text = "There are 1999 terms and 2001 factors."
+    assert "last_number" not in DEFAULT_METHODS
+    assert extract_answer(text) is None
+    assert extract_answer(text, methods=("last_number",)) == "2001"
+
+
+def test_human_solutions_with_the_box_removed():
+    """Real MATH train prose with its `\\boxed{X}` replaced by X: most answers are still found, and
+    a found answer is almost always the boxed one (the old last-number reader: 60% right)."""
+    import sys
+
+    sys.path.insert(0, str(DATA.parent.parent / "main" / "tools"))
+    from bench_extract import gsm8k_solutions, math_solutions, same_answer
+
+    for items, min_precision, min_recall in ((math_solutions(1000), 0.90, 0.65), (gsm8k_solutions(1000), 0.98, 0.85)):
+        got = [(extract_answer(t), label) for t, label in items]
+        found = [(g, label) for g, label in got if g is not None]
+        right = sum(same_answer(g, label) for g, label in found)
+        assert right / len(found) >= min_precision
+        assert right / len(items) >= min_recall
