@@ -321,6 +321,14 @@ def test_embedding_index_scores_a_reworded_problem_above_others(tmp_path):
     assert none is None
     clone = pickle.loads(pickle.dumps(emb))  # the model is dropped and reloaded
     assert clone._model is None and clone.check_many([reworded])[0].item_id == "gsm8k-0"
+    # Under a policy the embedding's matches are compared too: a sibling with other numbers is
+    # kept under `copies`; the paraphrase, same numbers, is still removed.
+    sibling = problems[0].replace("16 eggs", "20 eggs").replace("$2", "$3")
+    strict = EmbeddingIndex([bench("gsm8k", *problems)], EmbeddingConfig(enabled=True, threshold=0.8, cache_dir=tmp_path),
+                            policy="copies")
+    assert emb.check_many([sibling])[0] is not None
+    para, sib = strict.check_many([reworded, sibling])
+    assert para is not None and para.kind in ("copy", "unsure") and sib is None
 
 
 def test_benchmark_embeddings_are_cached_by_model_and_text_and_survive_a_corrupt_file(tmp_path, caplog):

@@ -451,6 +451,7 @@ class PairComparison:
     word_change: float  # share of content words in one text only
     skeleton: float  # similarity with numbers and one-letter variables masked
     answers_differ: bool | None  # None unless both answers were given
+    changed: bool = False  # numbers, symbols, names or answers differ (variant or different)
 
     def describe(self) -> str:
         parts = [self.kind]
@@ -548,7 +549,7 @@ def compare_problems(record: str, bench: str, record_answer: str | None = None,
     else:
         kind = "different"
     return PairComparison(kind, (sorted(only_a.elements()), sorted(only_b.elements())), names,
-                          word_change, skeleton, answers_differ)
+                          word_change, skeleton, answers_differ, changed)
 
 
 def apply_policy(match: Match | None, record: str, policy: str) -> Match | None:
@@ -558,9 +559,14 @@ def apply_policy(match: Match | None, record: str, policy: str) -> Match | None:
     if match is None or policy == "overlap":
         return match
     cmp = compare_problems(record, match.text)
-    if cmp.kind == "different" or (cmp.kind == "variant" and policy != "variants"):
+    kind = cmp.kind
+    if kind == "different" and not cmp.changed and match.method == "embedding":
+        # Same numbers and symbols, most words changed: what the embedding check is there to
+        # catch (a paraphrase); the word count alone cannot clear it.
+        kind = "unsure"
+    if kind == "different" or (kind == "variant" and policy != "variants"):
         return None
-    return replace(match, kind=cmp.kind, diff=cmp.describe())
+    return replace(match, kind=kind, diff=cmp.describe().replace(cmp.kind, kind, 1))
 
 
 # ----------------------------------------------------------------------------- the index
