@@ -26,8 +26,10 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> Path:
     stages = list(stages if stages is not None else cfg.run.stages)
     # Inputs a later stage needs (benchmark files, the student's config) are checked before the
     # first stage starts: a typo in a benchmark path must not surface after hours of generation.
+    # The preflights see run.stages as this invocation runs them (`distill train` runs only train).
+    planned = cfg.model_copy(update={"run": cfg.run.model_copy(update={"stages": stages})})
     for stage in stages:
-        stage_preflight(stage, cfg)
+        stage_preflight(stage, planned)
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -348,11 +348,14 @@ def check_inputs(cfg, stages: list[str]) -> tuple[list[str], list[str]]:
     if "eval" in stages:
         _check_benchmarks("eval.benchmarks", cfg.eval.benchmarks, problems, notes)
     if "train" in stages:
+        from distill.train.launch import data_path_problems, sft_input_problem
         from distill.train.metrics import check_sinks
 
-        for i, p in enumerate(cfg.train.data.paths):
-            if not Path(p).exists():
-                problems.append(f"train.data.paths[{i}]={str(p)!r}: no such file or directory")
+        problems += data_path_problems(cfg.train)
+        # A note, not a problem: a dry run usually runs elsewhere than the run (RUN/ on a cluster).
+        no_sft = sft_input_problem(cfg.train, Path(cfg.run.dir), stages[:stages.index("train")])
+        if no_sft:
+            notes.append(no_sft)
         problems += check_sinks(cfg.train.metrics)
     return problems, notes
 

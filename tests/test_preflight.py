@@ -75,3 +75,27 @@ def test_a_sliding_window_shorter_than_seq_len_is_refused_for_either_backend(tmp
     assert problem.startswith("train.seq_len=256 exceeds the sliding window of train.student.model=")
     assert "(128 tokens)" in problem and "lower train.seq_len to 128 or less" in problem
     preflight(load_config(REPO / "configs" / "quickstart.yaml", [*base, "train.seq_len=128"]))
+
+
+def test_training_data_that_will_not_exist_is_refused_before_the_first_stage(tmp_path):
+    """No train.data.paths and no sft stage before train (nor RUN/sft/ from an earlier run): the
+    train stage would find nothing after generation; a configured file that is missing, likewise."""
+    from distill.pipeline import run_pipeline
+
+    run_dir = tmp_path / "run"
+    base = ["run.stages=[generate,train]", f"run.dir={run_dir}"]
+    (problem,) = _problems(lambda: run_pipeline(load_config(REPO / "configs" / "quickstart.yaml", base)))
+    assert problem.startswith(f"train.data.paths is empty and {run_dir / 'sft'} does not exist")
+    missing = tmp_path / "nope.jsonl"
+    (problem,) = _problems(lambda: run_pipeline(load_config(REPO / "configs" / "quickstart.yaml",
+                                                            [*base, f"train.data.paths=[{missing}]"])))
+    assert problem == f"train.data.paths[0]={str(missing)!r}: no such file or directory"
+    assert not run_dir.exists()
+    # `distill train` (only the train stage) of a run whose sft/ an earlier invocation wrote: no data
+    # problem, while with `sft` configured but not run by this invocation there is one.
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"run.dir={run_dir}", "train.seq_len=9000"])
+    no_data, seq_len = _problems(lambda: run_pipeline(cfg, ["train"]))  # every problem at once
+    assert no_data.startswith("train.data.paths is empty") and seq_len.startswith("train.seq_len=9000 exceeds")
+    (run_dir / "sft").mkdir(parents=True)
+    (problem,) = _problems(lambda: run_pipeline(cfg, ["train"]))
+    assert problem.startswith("train.seq_len=9000 exceeds the context")  # past the data check, to the student's

@@ -13,13 +13,24 @@ from distill.config import RunConfig
 
 
 def preflight(cfg: RunConfig) -> None:
-    """What can be checked against the student before any stage of the run starts (its context
-    vs train.seq_len; for Megatron its family and shape vs the tensor / pipeline degrees) and the
-    configured metric sinks: the launcher's own checks, run hours earlier. (Data checks wait for
-    the data.)"""
-    from distill.train.launch import check_student
+    """What can be checked before any stage of the run starts: the launcher's own checks against
+    the student (its context and sliding window vs train.seq_len; for Megatron its family and
+    shape vs the tensor / pipeline degrees) and the metric sinks, run hours earlier; that the
+    training data will exist (train.data.paths, or an sft stage in this run, or RUN/sft/). The
+    contents of the data are checked when the token cache is built."""
+    from distill.config import ConfigError
+    from distill.train.launch import check_student, data_path_problems, sft_input_problem
 
-    check_student(cfg.train)
+    problems = data_path_problems(cfg.train)
+    before = cfg.run.stages[:cfg.run.stages.index("train")] if "train" in cfg.run.stages else []
+    no_sft = sft_input_problem(cfg.train, Path(cfg.run.dir), before)
+    problems += [no_sft] if no_sft else []
+    try:
+        check_student(cfg.train)
+    except ConfigError as e:  # reported with the data problems, all at once
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Path:

@@ -26,12 +26,26 @@ def data_files(cfg: TrainConfig, run_dir: Path) -> list[Path]:
     """The configured data, or the previous stage's output RUN/sft/."""
     if cfg.data.paths:
         return list(cfg.data.paths)
+    problem = sft_input_problem(cfg, run_dir, stages=[])
+    if problem:
+        raise ConfigError([problem])
+    return [Path(run_dir) / "sft"]
+
+
+def data_path_problems(cfg: TrainConfig) -> list[str]:
+    """train.data.paths that do not exist (checked before a run's first stage, and by the dry run)."""
+    return [f"train.data.paths[{i}]={str(p)!r}: no such file or directory"
+            for i, p in enumerate(cfg.data.paths) if not Path(p).exists()]
+
+
+def sft_input_problem(cfg: TrainConfig, run_dir: Path, stages: list[str]) -> str | None:
+    """Why training would find no data: train.data.paths empty, no `sft` stage among `stages` (the
+    stages running before it) and no RUN/sft/ from an earlier run. None when it will find some."""
     sft = Path(run_dir) / "sft"
-    if not sft.is_dir():
-        raise ConfigError([f"train.data.paths is empty and {sft} does not exist: run the stages that write it "
-                           "(add them to run.stages) or set train.data.paths to Parquet/JSONL files with a "
-                           "`messages` column"])
-    return [sft]
+    if cfg.data.paths or "sft" in stages or sft.is_dir():
+        return None
+    return (f"train.data.paths is empty and {sft} does not exist: run the stages that write it (add them to "
+            "run.stages) or set train.data.paths to Parquet/JSONL files with a `messages` column")
 
 
 def student_problems(cfg: TrainConfig, model_config) -> list[str]:
