@@ -442,6 +442,46 @@ def test_labelled_file_covers_the_old_decision_and_policies_keep_their_goal(math
     assert kept_right >= 0.5 > sum(label[k] in ("copy", "variant") for k in old) / len(old)  # measured 0.59 vs 0.34
 
 
+def _fewshot_wrapped(text: str, seed: str) -> str:
+    """`text` with contam_testset's `fewshot` edits (invisible characters, look-alike letters,
+    unicode math) as the last question of a prompt of three real GSM8K-train questions, whose
+    dollar amounts ("$12 an hour") are an odd count of "$"."""
+    import random
+
+    from contam_testset import fewshot
+
+    shots = [json.loads(line) for line in itertools.islice(open(DATA / "train" / "gsm8k_train.jsonl"), 3)]
+    return fewshot(text, random.Random(seed), shots)[0]
+
+
+def test_a_real_problem_in_a_fewshot_prompt_is_a_copy_and_a_wrapped_sibling_is_not(math_pairs):
+    """Under `copies`, a containment match is compared over the part of the record the problem
+    occupies: the other shots are neither changed words nor changed numbers. A sibling wrapped
+    the same way is still compared on its own text, and kept."""
+    train, index = math_pairs
+    copies = index(policy="copies")
+    bench_text = {i: t for i, t in zip(copies.item_ids, copies.item_texts)}
+    # an Asymptote problem (1226 chars), a radical equation and two short ones
+    for bid in ("math500-189", "math500-23", "math500-117", "math500-176"):
+        wrapped = _fewshot_wrapped(bench_text[bid], bid)
+        m = copies.check(wrapped)
+        assert m is not None and m.item_id == bid and m.kind == "copy", (bid, m, compare_problems(wrapped, bench_text[bid]))
+    overlap = index(policy="overlap")
+    for tid in ("math-train-2638", "math-train-1777", "math-train-7163"):
+        wrapped = _fewshot_wrapped(train[tid]["problem"], tid)
+        assert overlap.check(wrapped) is not None, tid  # still found (contained): it shares the wording
+        assert copies.check(wrapped) is None, (tid, copies.check(wrapped))
+
+
+def test_names_with_look_alike_letters_are_names():
+    # "\u0410lice": a Cyrillic capital A. Read from the raw text it is no name, and Alice vs
+    # Carol is one re-worded word of a copy.
+    record = "Yesterday, \u0410lice bought 5 bags of 3 apples. How many apples does she have?"
+    c = compare_problems(record, "Yesterday, Carol bought 5 bags of 3 apples. How many apples does she have?")
+    assert c.names == (["alice"], ["carol"]) and c.kind == "variant", c
+    assert compare_problems(record, record.replace("\u0410", "A")).kind == "copy"
+
+
 @pytest.mark.parametrize("record, bench_text, kind", [
     # numbers substituted: a variant; a sign flipped: a variant
     ("If $x+y=7$ and $xy=12$, find $x^2+y^2$.", "If $x+y=9$ and $xy=20$, find $x^2+y^2$.", "variant"),

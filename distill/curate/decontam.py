@@ -47,7 +47,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from distill.curate.benchmarks import Benchmark, BenchmarkRef
-from distill.curate.normalize import normalize_text, words_of_normalized
+from distill.curate.normalize import normalize_text, unify_unicode, words_of_normalized
 from distill.section import Section
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,7 @@ _MATH_SPAN_RE = re.compile(r"\$\$.*?\$\$|\$.*?\$|\\\[.*?\\\]|\\\(.*?\\\)", re.DO
 # Names: capitalised words not opening a sentence (Daniel, Lucas, ELLIPSE), and point labels in
 # math (DBEF, RPS). From the raw text: normalisation lower-cases them.
 _NAME_RE = re.compile(r"(?<=[a-z,;] )([A-Z][A-Za-z]+)\b")  # after a lower-case word: not a sentence start or a heading
+_CURRENCY_RE = re.compile(r"(?<![\\$])\$(?=\d[\d,]*(?:\.\d+)?(?:\s+[a-z]|[.,;:!?)]?(?:\s|$)))")
 _LABEL_RE = re.compile(r"(?<![\\A-Za-z])([A-Z]{2,})(?![A-Za-z])")
 
 # `compare_problems` thresholds, set by reading the MATH-train/MATH-500 pairs labelled in
@@ -396,7 +397,8 @@ one-letter variable masked still match this well (difflib ratio), else a differe
 def comparable_tokens(text: str) -> list[str]:
     """`normalize_text` tokens of `text` without Asymptote code and answer-format boilerplate,
     thousands groups joined."""
-    norm = normalize_text(_ASY_RE.sub(" ", text))
+    # Unified first: a look-alike letter in "[/аsy]" would otherwise hide the end of the code.
+    norm = normalize_text(_ASY_RE.sub(" ", unify_unicode(text)))
     for pat in _BOILERPLATE:
         norm = pat.sub(" ", norm)
     # A number followed by a 3-digit group is joined: "10,000" normalises to 10000 but
@@ -427,7 +429,11 @@ def token_kinds(tokens: list[str]) -> list[str]:
 
 def names_of(text: str) -> Counter:
     """Lower-cased names and point labels of a raw problem text (see _NAME_RE / _LABEL_RE)."""
-    text = _ASY_RE.sub(" ", text)
+    # Unified first: a look-alike capital ("\u0410lice", Cyrillic A) is still a capital letter.
+    text = _ASY_RE.sub(" ", unify_unicode(text))
+    # Currency ("$12 an hour", "$100.") opens no math span: in a few-shot prompt of GSM8K
+    # questions an odd count of them would pair every later "$" with the wrong one.
+    text = _CURRENCY_RE.sub(" ", text)
     labels = _LABEL_RE.findall(" ".join(_MATH_SPAN_RE.findall(text)))
     prose = re.sub(r"\\[A-Za-z]+", " ", _MATH_SPAN_RE.sub(" . ", text))
     return Counter(m.lower() for m in _NAME_RE.findall(re.sub(r"\s+", " ", prose)) + labels)
@@ -483,6 +489,48 @@ def _shared_span(a: list[str], b: list[str]) -> tuple[range, range]:
     return range(a0, a1), range(b0, b1)
 
 
+CONTAIN_MIN_COVER = 0.5
+"""A record much longer than the benchmark problem is cut to the stretch holding the problem
+(`_problem_window`) when that stretch holds at least this share of the problem's token
+3-grams; below it the whole record is compared."""
+
+
+def _problem_window(a: list[str], b: list[str], n: int = 3) -> range:
+    """The stretch of record tokens `a` that holds benchmark tokens `b` when `a` is much longer
+    (a few-shot prompt, a wrapper the normaliser does not know). Without it the other shots of a
+    few-shot prompt read as changed words and numbers, and the copy is kept.
+
+    The window of len(b) + 2 * slack tokens (slack: a tenth of the problem, at least 3) holding
+    the most of b's n-grams, cut to its first and last hit and widened by what of b lies before
+    the first hit and after the last one (edited edges), plus 2 tokens when that is not
+    nothing: a copy that starts with b's first n-gram starts there, so the previous shot's
+    answer ("Answer: 5 Question:") is not read as an added number. `_shared_span` then trims
+    what does not align. The whole record when it is not much longer than b, or when no window
+    holds CONTAIN_MIN_COVER of b's n-grams (the record does not contain the problem: its own
+    text is compared, so a sibling with other numbers is still a sibling)."""
+    slack = max(3, len(b) // 10)
+    if len(a) <= len(b) + 2 * slack or len(b) < n:
+        return range(len(a))
+    first_at: dict[tuple[str, ...], int] = {}
+    last_at: dict[tuple[str, ...], int] = {}
+    for j in range(len(b) - n + 1):
+        first_at.setdefault(tuple(b[j : j + n]), j)
+        last_at[tuple(b[j : j + n])] = j
+    hits = np.fromiter((tuple(a[i : i + n]) in first_at for i in range(len(a) - n + 1)), dtype=np.int64,
+                       count=len(a) - n + 1)
+    width = min(len(hits), len(b) - n + 1 + 2 * slack)
+    in_window = np.convolve(hits, np.ones(width, dtype=np.int64), mode="valid")
+    start = int(np.argmax(in_window))  # the first best window: deterministic
+    if in_window[start] < CONTAIN_MIN_COVER * len(first_at):
+        return range(len(a))
+    pos = np.flatnonzero(hits[start : start + width]) + start
+    before = first_at[tuple(a[pos[0] : pos[0] + n])]  # b tokens before the first hit
+    after = len(b) - n - last_at[tuple(a[pos[-1] : pos[-1] + n])]  # and after the last one
+    lo = int(pos[0]) - before - (2 if before else 0)
+    hi = int(pos[-1]) + n + after + (2 if after else 0)
+    return range(max(0, lo), min(len(a), hi))
+
+
 def compare_problems(record: str, bench: str, record_answer: str | None = None,
                      bench_answer: str | None = None) -> PairComparison:
     """Copy, template variant, different problem, or unsure: decided by what differs, not by what
@@ -502,6 +550,8 @@ def compare_problems(record: str, bench: str, record_answer: str | None = None,
     matched record, ~0.1-1 ms.
     """
     a, b = comparable_tokens(record), comparable_tokens(bench)
+    window = _problem_window(a, b)
+    a = a[window.start : window.stop]
     ka, kb = token_kinds(a), token_kinds(b)
     span_a, span_b = _shared_span(a, b)
     # Symbols compared as multisets (a reordered sentence is no change): extras on both sides
