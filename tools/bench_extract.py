@@ -196,8 +196,8 @@ def time_degenerate(rev: str | None, name: str, cap_s: float) -> float | None:
 TEMPLATES = ["{problem}", "{problem}\nSolve the problem step by step and state the final answer."]
 
 
-def generate(out: Path, n_math: int, n_gsm: int, seed: int) -> None:
-    """SmolLM2-135M-Instruct completions (temperature 0.7, 300 tokens) to questions drawn from
+def generate(out: Path, n_math: int, n_gsm: int, seed: int, max_tokens: int = 300, batch: int = 16) -> None:
+    """SmolLM2-135M-Instruct completions (temperature 0.7, `max_tokens`) to questions drawn from
     MATH and GSM8K train, the two plain prompts alternating per pair (each set gets both); written without labels."""
     from distill.config import HFEngineConfig
     from distill.teachers.base import Request, SamplingParams
@@ -206,16 +206,16 @@ def generate(out: Path, n_math: int, n_gsm: int, seed: int) -> None:
     rng = random.Random(seed)
     rows = rng.sample([json.loads(x) for x in open(TRAIN / "math_train.jsonl")], n_math)
     rows += rng.sample([json.loads(x) for x in open(TRAIN / "gsm8k_train.jsonl")], n_gsm)
-    eng = HFEngine(HFEngineConfig(model="smollm2-135m-instruct", batch_size=16))
+    eng = HFEngine(HFEngineConfig(model="smollm2-135m-instruct", batch_size=batch))
     # MATH and GSM8K interleaved, written a batch at a time: a run cut short still gives a mix.
     rows = [r for pair in zip(rows[:n_math], rows[n_math:]) for r in pair]
-    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=300, seed=0)
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_tokens, seed=0)
     with open(out, "w") as f:
-        for b in range(0, len(rows), 16):
-            batch = rows[b : b + 16]
+        for b in range(0, len(rows), batch):
+            chunk = rows[b : b + batch]
             reqs = [Request([{"role": "user", "content": TEMPLATES[(b + i) // 2 % 2].format(problem=r["problem"])}],
-                            seed=1000 + b + i) for i, r in enumerate(batch)]
-            for i, (r, res) in enumerate(zip(batch, eng.generate(reqs, params))):
+                            seed=1000 + b + i) for i, r in enumerate(chunk)]
+            for i, (r, res) in enumerate(zip(chunk, eng.generate(reqs, params))):
                 c = res.completions[0]
                 f.write(json.dumps({"id": r["id"], "prompt_template": TEMPLATES[(b + i) // 2 % 2], "completion": c.text,
                                     "finish_reason": c.finish_reason, "label": None}) + "\n")
@@ -229,16 +229,21 @@ def main() -> None:
     ap.add_argument("--old-rev", default=OLD_REV, help="git revision of the old answers.py")
     ap.add_argument("--cap-s", type=float, default=60.0, help="give up timing one degenerate input after this")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--n", type=int, default=150, help="--generate: completions (half MATH, half GSM8K)")
+    ap.add_argument("--seed", type=int, default=12, help="--generate: which questions")
+    ap.add_argument("--max-tokens", type=int, default=300, help="--generate: new tokens per completion")
+    ap.add_argument("--batch", type=int, default=16, help="--generate: sequences decoded together")
     ap.add_argument("--generate", type=Path, help="write fresh unlabelled SmolLM2 completions here and exit")
     args = ap.parse_args()
     if args.generate:
-        generate(args.generate, 75, 75, seed=12)
+        generate(args.generate, args.n // 2, args.n - args.n // 2, args.seed, args.max_tokens, args.batch)
         return
 
     from distill.curate.answers import extract_answer
 
     old = load_old(args.old_rev)
-    sets = {
+    sets = {} if args.timing_only else {
         "smollm2 (hand-labelled)": smollm2_set(),
         "math_solutions (box removed)": math_solutions(args.limit),
         "gsm8k_solutions (#### removed)": gsm8k_solutions(args.limit),

@@ -56,6 +56,8 @@ _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _CALC = re.compile(r"<<[^<>\n]*>>")  # GSM8K's calculator annotations, `<<48/2=24>>`
 _DISPLAY_OPEN = re.compile(r"\s*(\\\[|\$\$)")
 _NON_SPACE = re.compile(r"\S")
+_ALNUM = re.compile(r"[A-Za-z0-9]")
+_LEADING_NUMBER = re.compile(r"(" + _NUMBER.pattern + r")(?:[ \t]+[A-Za-z][A-Za-z ]*)?")
 _COMMAND = re.compile(r"\\[A-Za-z]+")
 _EQUATION_SIDE = re.compile(r"[A-Za-z][^=]*[-+*/^]|[-+*/^][^=]*[A-Za-z]")  # letters and operators
 _DEFINED = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?'?\s*")
@@ -64,7 +66,7 @@ _BARE_NUMBER = re.compile(r"(?<![\w\\{}^_.])(?:" + _NUMBER.pattern + r")(?![\d{}
 # Where the stated value starts in a last sentence: after its last `=`, verb or clause break
 # ("so the radius is $7$ units" -> "$7$ units").
 _SPLIT = re.compile(
-    r"=|\b(?:is|are|was|were|be|equals|gives|get|gets|got|obtain|find|implies|have|has)\b|[,;:](?=\s)",
+    r"=|\b(?:is|are|was|were|be|equals|gives|get|gets|got|obtain|find|implies|have|has)\b|(?<=\w)'s\b|[,;:](?=\s)",
     re.IGNORECASE,
 )
 _MAX_STATEMENT = 300  # an "answer" longer than this is a paragraph, not a final answer
@@ -220,7 +222,7 @@ def _strip_wrapping(s: str) -> str:
 
 def _read_statement(s: str) -> str | None:
     """The answer a final statement states: `s` ("the smallest value is \\(0\\)." -> `0`,
-    "$\\frac{1}{3}$" -> `\\frac{1}{3}`, "= 42" -> `42`, "5 apples" as is: the verifier reads units)."""
+    "$\\frac{1}{3}$" -> `\\frac{1}{3}`, "= 42" -> `42`, "5 + 7 = 12 apples" -> `12`)."""
     s = _strip_wrapping(_first_sentence(s.strip().lstrip(":*_ \t")))
     if s.startswith("="):
         s = s[1:].strip()
@@ -235,6 +237,10 @@ def _read_statement(s: str) -> str | None:
         rest = s[:a] + " " + s[b:]
         if not _NUMBER.search(rest):
             s = _rhs(s[c:d])
+    elif not spans:
+        s = _rhs(s)  # "12.5 + 12.5 = 24"
+    if (m := _LEADING_NUMBER.fullmatch(s)) is not None:
+        s = m.group(1)  # "580 total shoppers": the units are words
     if not s or len(s) > _MAX_STATEMENT:
         return None
     return s
@@ -318,7 +324,7 @@ def extract_last_statement(text: str) -> str | None:
     if len(line) > 2000:
         return None
     bare = _strip_wrapping(line).strip("$").strip()
-    if bare and len(bare) <= 100 and "&" not in bare and not _WORD.search(bare):
+    if len(bare) <= 100 and _ALNUM.search(bare) and "&" not in bare and not _WORD.search(bare):
         # A last line that is only math (`**42**`, `= 42`, `\frac{1}{2}`, an answer column): whole.
         return _rhs(bare) or None
     sentence = _last_sentence(line)
