@@ -489,7 +489,7 @@ def _shared_span(a: list[str], b: list[str]) -> tuple[range, range]:
     return range(a0, a1), range(b0, b1)
 
 
-CONTAIN_MIN_COVER = 0.5
+CONTAIN_MIN_COVER = 0.8
 """A record much longer than the benchmark problem is cut to the stretch holding the problem
 (`_problem_window`) when that stretch holds at least this share of the problem's token
 3-grams; below it the whole record is compared."""
@@ -511,6 +511,13 @@ def _problem_window(a: list[str], b: list[str], n: int = 3) -> range:
     slack = max(3, len(b) // 10)
     if len(a) <= len(b) + 2 * slack or len(b) < n:
         return range(len(a))
+    # Brackets set aside: re-typing adds and drops them ("sqrt(11 - 2x)" vs "sqrt 11 - 2x") and
+    # one breaks n n-grams. `keep` maps the kept tokens back to positions in `a`.
+    whole = range(len(a))
+    keep = [i for i, t in enumerate(a) if t not in _BRACKETS]
+    a, b = [a[i] for i in keep], [t for t in b if t not in _BRACKETS]
+    if len(b) < n or len(a) < n:
+        return whole
     first_at: dict[tuple[str, ...], int] = {}
     last_at: dict[tuple[str, ...], int] = {}
     for j in range(len(b) - n + 1):
@@ -522,13 +529,13 @@ def _problem_window(a: list[str], b: list[str], n: int = 3) -> range:
     in_window = np.convolve(hits, np.ones(width, dtype=np.int64), mode="valid")
     start = int(np.argmax(in_window))  # the first best window: deterministic
     if in_window[start] < CONTAIN_MIN_COVER * len(first_at):
-        return range(len(a))
+        return whole
     pos = np.flatnonzero(hits[start : start + width]) + start
     before = first_at[tuple(a[pos[0] : pos[0] + n])]  # b tokens before the first hit
     after = len(b) - n - last_at[tuple(a[pos[-1] : pos[-1] + n])]  # and after the last one
-    lo = int(pos[0]) - before - (2 if before else 0)
-    hi = int(pos[-1]) + n + after + (2 if after else 0)
-    return range(max(0, lo), min(len(a), hi))
+    lo = max(0, int(pos[0]) - before - (2 if before else 0))
+    hi = min(len(a), int(pos[-1]) + n + after + (2 if after else 0))
+    return range(keep[lo], keep[hi - 1] + 1)
 
 
 def compare_problems(record: str, bench: str, record_answer: str | None = None,
