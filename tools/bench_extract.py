@@ -248,9 +248,10 @@ def main() -> None:
         "math_solutions (box removed)": math_solutions(args.limit),
         "gsm8k_solutions (#### removed)": gsm8k_solutions(args.limit),
     }
-    print("| set | n | labelled | old precision | new precision | old recall | new recall "
-          "| old no-answer | new no-answer |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if sets:
+        print("| set | n | labelled | old precision | new precision | old recall | new recall "
+              "| old no-answer | new no-answer |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, items in sets.items():
         o, n = score(old.extract_answer, items), score(extract_answer, items)
         print(f"| {name} | {o['n']} | {o['labelled']} | {o['precision']:.1%} | **{n['precision']:.1%}** "
