@@ -272,7 +272,8 @@ def test_human_solutions_with_the_box_removed():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from bench_extract import gsm8k_solutions, math_solutions, same_answer
 
-    for items, min_precision, min_recall in ((math_solutions(1000), 0.90, 0.65), (gsm8k_solutions(1000), 0.98, 0.85)):
+    # Measured on these first 1000 of each: MATH 90.7% / 69.2%, GSM8K 99.3% / 88.8%.
+    for items, min_precision, min_recall in ((math_solutions(1000), 0.87, 0.65), (gsm8k_solutions(1000), 0.98, 0.85)):
         got = [(extract_answer(t), label) for t, label in items]
         found = [(g, label) for g, label in got if g is not None]
         right = sum(same_answer(g, label) for g, label in found)
