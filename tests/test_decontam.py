@@ -473,6 +473,16 @@ def test_a_real_problem_in_a_fewshot_prompt_is_a_copy_and_a_wrapped_sibling_is_n
         assert copies.check(wrapped) is None, (tid, copies.check(wrapped))
 
 
+def test_currency_dollars_do_not_hide_the_labels_of_a_later_problem():
+    from distill.curate.decontam import names_of
+
+    # One "$" of currency before the problem: paired with the problem's first "$", it would put
+    # DBC outside any math span and after a "$", where it reads as neither label nor name.
+    shots = "Question: Weng earns $12 an hour for babysitting. How much did she earn in 50 minutes?\nAnswer: 10\n\n"
+    assert names_of(shots + "Question: Determine the area of $\\triangle DBC$.")["dbc"] == 1
+    assert names_of("If $5 \\le x$ and $AB = 12$, find $x$.")["ab"] == 1  # "$5 \\le" is math, not money
+
+
 def test_names_with_look_alike_letters_are_names():
     # "\u0410lice": a Cyrillic capital A. Read from the raw text it is no name, and Alice vs
     # Carol is one re-worded word of a copy.

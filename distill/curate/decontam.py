@@ -374,7 +374,8 @@ _MATH_SPAN_RE = re.compile(r"\$\$.*?\$\$|\$.*?\$|\\\[.*?\\\]|\\\(.*?\\\)", re.DO
 # Names: capitalised words not opening a sentence (Daniel, Lucas, ELLIPSE), and point labels in
 # math (DBEF, RPS). From the raw text: normalisation lower-cases them.
 _NAME_RE = re.compile(r"(?<=[a-z,;] )([A-Z][A-Za-z]+)\b")  # after a lower-case word: not a sentence start or a heading
-_CURRENCY_RE = re.compile(r"(?<![\\$])\$(?=\d[\d,]*(?:\.\d+)?(?:\s+[a-z]|[.,;:!?)]?(?:\s|$)))")
+# "$" before an amount followed by a word or a sentence end; not "$5 \\le x$", "$2, 3$", "$5$".
+_CURRENCY_RE = re.compile(r"(?<![\\$])\$(?=\d[\d,]*(?:\.\d+)?(?:\s+[a-z]|[.!?)]?(?:\s+(?![\s\\\d+*/=<>^-])|$)))")
 _LABEL_RE = re.compile(r"(?<![\\A-Za-z])([A-Z]{2,})(?![A-Za-z])")
 
 # `compare_problems` thresholds, set by reading the MATH-train/MATH-500 pairs labelled in
@@ -544,8 +545,11 @@ def compare_problems(record: str, bench: str, record_answer: str | None = None,
     is shared.
 
     Both texts are tokenised as for the n-gram check, minus Asymptote code and answer-format
-    boilerplate, and compared over the stretch they share (`_shared_span`): what a cut drops
-    or a wrapper / few-shot prompt adds at either end is not a difference. The record changed
+    boilerplate. A record much longer than the benchmark problem that holds most of it in one
+    stretch (a containment match: a few-shot prompt, an unknown wrapper) is first cut to that
+    stretch (`_problem_window`), so the other shots are neither changed words nor changed
+    numbers. The texts are then compared over the stretch they share (`_shared_span`): what a
+    cut drops or a wrapper adds at either end is not a difference. The record changed
     the problem when, inside that stretch, numbers, variables, math words (sin, sqrt),
     operators or negations differ (a 5 became a 7, a + a -, "not" dropped, arcsin 1 vs
     arcsin(-1/2)), when both texts hold a name or point label the other lacks (ELLIPSE vs TOOT,
