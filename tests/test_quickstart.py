@@ -1,6 +1,11 @@
 """The README's first command, minus the install: `distill run configs/quickstart.yaml`, end to
 end on the real SmolLM2 model and the real GSM8K seeds (generate, curate, train, export, eval), then
-again to show it resumes with nothing left to do."""
+again to show it resumes with nothing left to do.
+
+Shrunk by command-line overrides to fit CI's time budget (half of each size: 16 questions, 4
+training steps with a checkpoint every 2, 2 eval questions per benchmark): every stage, setting
+and check is the quickstart's, only fewer of each. The full-size quickstart's time is measured
+with `make quickstart` (README)."""
 
 from __future__ import annotations
 
@@ -15,18 +20,28 @@ import yaml
 from conftest import REPO, distill_cmd
 from distill.store import Manifest, read_records
 
-# Two full runs: ~10 min on 2 quiet cores, 20 min when the cores are shared (measured), over the
-# suite's 900 s default.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+# Two runs: 1,219 s measured with the 2 cores shared (load average 5-15), over the suite's 900 s
+# default; the limits below are hang guards, not budgets.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+# Half the quickstart's sizes: its first 16 questions (the full run's first two generation shards).
+SHRINK = {"source.limit": 16, "train.max_steps": 4, "train.checkpoint.every_steps": 2, "eval.limit": 2}
 
 
 def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    for key, value in SHRINK.items():  # the config the run sees, for the checks below
+        *path, leaf = key.split(".")
+        section = cfg
+        for part in path:
+            section = section[part]
+        assert leaf in section and value < section[leaf], key  # a real key, made smaller
+        section[leaf] = value
     run_dir = tmp_path / "quickstart"
     # A relative run.dir, as the README's user has (runs/quickstart): Ray workers do not share the
     # driver's working directory, so every path they read must be made absolute by the driver.
-    args = ["run", "configs/quickstart.yaml", f"run.dir={os.path.relpath(run_dir, REPO)}", "run.progress=false"]
-    first = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    args = ["run", "configs/quickstart.yaml", f"run.dir={os.path.relpath(run_dir, REPO)}", "run.progress=false",
+            *(f"{k}={v}" for k, v in SHRINK.items())]
+    first = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=1600)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
 
     n_q, n_s = cfg["source"]["limit"], cfg["generate"]["n_samples"]
@@ -65,7 +80,8 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     metrics = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics and all(m["loss"] == m["loss"] and m["loss"] > 0 for m in metrics if "loss" in m)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == cfg["train"]["max_steps"] and all(0 < x < 20 for x in losses), metrics  # finite, sane
     assert "train: model written to" in first.stdout and "from_pretrained" in first.stdout
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
@@ -107,7 +123,7 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
 
     second = subprocess.run(distill_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "source: 32 questions (unchanged, reused)" in second.stdout
+    assert f"source: {n_q} questions (unchanged, reused)" in second.stdout
     assert f"0 to generate in 0 shards ({n_q * n_s} already done)" in second.stdout
     assert len(read_records(run_dir / "generate")) == n_q * n_s
     # Training reached train.max_steps the first time: the rerun only re-exports.
