@@ -483,6 +483,16 @@ def test_currency_dollars_do_not_hide_the_labels_of_a_later_problem():
     assert names_of("If $5 \\le x$ and $AB = 12$, find $x$.")["ab"] == 1  # "$5 \\le" is math, not money
 
 
+def test_an_obfuscated_copy_reads_the_benchmarks_greek_letters_as_its_own():
+    bench_text = "The angle between the 2 lines tangent to the circle $x^2+y^2-4x-1=0$ through $(0,-2)$ is $\\alpha$. Find $\\sin \\alpha$."
+    # Cyrillic look-alikes make the text obfuscated: the normaliser then reads its α as "a".
+    obfuscated = "The \u0430ngle between the 2 lines t\u0430ngent to the circle x\u00b2+y\u00b2-4x-1=0 through (0,-2) is \u03b1. Find sin \u03b1."
+    assert compare_problems(obfuscated, bench_text).kind == "copy", compare_problems(obfuscated, bench_text)
+    # In plain text "a" is not alpha: another variable.
+    plain = "The angle between the 2 lines tangent to the circle $x^2+y^2-4x-1=0$ through $(0,-2)$ is $\\beta$. Find $\\sin \\beta$."
+    assert compare_problems(plain, bench_text).kind == "variant"
+
+
 def test_names_with_look_alike_letters_are_names():
     # "\u0410lice": a Cyrillic capital A. Read from the raw text it is no name, and Alice vs
     # Carol is one re-worded word of a copy.

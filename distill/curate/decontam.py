@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
@@ -47,7 +48,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from distill.curate.benchmarks import Benchmark, BenchmarkRef
-from distill.curate.normalize import normalize_text, unify_unicode, words_of_normalized
+from distill.curate.normalize import _FOLD, _GREEK_LOOKALIKE, _GREEK_NAMES, _obfuscated, normalize_text, unify_unicode, words_of_normalized
 from distill.section import Section
 
 log = logging.getLogger(__name__)
@@ -395,6 +396,14 @@ VARIANT_MIN_SKELETON = 0.85
 one-letter variable masked still match this well (difflib ratio), else a different problem."""
 
 
+_GREEK_TO_LATIN = {_GREEK_NAMES[g]: latin for g, latin in _GREEK_LOOKALIKE.items()}  # alpha -> a, nu -> v
+
+
+def _obfuscated_text(text: str) -> bool:
+    """Whether the normaliser reads `text` as homoglyph-obfuscated (as `unify_unicode` decides)."""
+    return not text.isascii() and _obfuscated(unicodedata.normalize("NFKC", text).translate(_FOLD))
+
+
 def comparable_tokens(text: str) -> list[str]:
     """`normalize_text` tokens of `text` without Asymptote code and answer-format boilerplate,
     thousands groups joined."""
@@ -561,6 +570,12 @@ def compare_problems(record: str, bench: str, record_answer: str | None = None,
     matched record, ~0.1-1 ms.
     """
     a, b = comparable_tokens(record), comparable_tokens(bench)
+    if _obfuscated_text(record):
+        # The normaliser reads every Greek look-alike of an obfuscated text as the Latin letter
+        # it imitates (a disguised "α" is "a"), so the benchmark's α or \alpha, rendered as α by
+        # the copy, reads as alpha on one side and a on the other: the benchmark is read the
+        # same way.
+        b = [_GREEK_TO_LATIN.get(t, t) for t in b]
     window = _problem_window(a, b)
     a = a[window.start : window.stop]
     ka, kb = token_kinds(a), token_kinds(b)
