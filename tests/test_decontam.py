@@ -488,6 +488,9 @@ def test_an_obfuscated_copy_reads_the_benchmarks_greek_letters_as_its_own():
     # Cyrillic look-alikes make the text obfuscated: the normaliser then reads its α as "a".
     obfuscated = "The \u0430ngle between the 2 lines t\u0430ngent to the circle x\u00b2+y\u00b2-4x-1=0 through (0,-2) is \u03b1. Find sin \u03b1."
     assert compare_problems(obfuscated, bench_text).kind == "copy", compare_problems(obfuscated, bench_text)
+    # ... but a `\alpha` it kept as LaTeX is still alpha
+    kept_latex = bench_text.replace("The angle", "The \u0430ngle")
+    assert compare_problems(kept_latex, bench_text).kind == "copy", compare_problems(kept_latex, bench_text)
     # In plain text "a" is not alpha: another variable.
     plain = "The angle between the 2 lines tangent to the circle $x^2+y^2-4x-1=0$ through $(0,-2)$ is $\\beta$. Find $\\sin \\beta$."
     assert compare_problems(plain, bench_text).kind == "variant"

@@ -574,8 +574,9 @@ def compare_problems(record: str, bench: str, record_answer: str | None = None,
         # The normaliser reads every Greek look-alike of an obfuscated text as the Latin letter
         # it imitates (a disguised "α" is "a"), so the benchmark's α or \alpha, rendered as α by
         # the copy, reads as alpha on one side and a on the other: the benchmark is read the
-        # same way.
-        b = [_GREEK_TO_LATIN.get(t, t) for t in b]
+        # same way. Not a name the record still spells out (`\alpha` is no look-alike).
+        spelled = set(a)
+        b = [t if t in spelled else _GREEK_TO_LATIN.get(t, t) for t in b]
     window = _problem_window(a, b)
     a = a[window.start : window.stop]
     ka, kb = token_kinds(a), token_kinds(b)
