@@ -381,7 +381,8 @@ def math_pairs():
 
 # Real MATH-train / MATH-500 pairs, read by hand (tools/data/decontam_pairs_labelled.jsonl).
 REAL_COPIES = [("math-train-304", "math500-386"),   # "How many integers are (there) in the solution set of |x-2| <= 5.6?"
-               ("math-train-1509", "math500-237")]  # "what is the value of x+y+z?" vs "then find x + y + z."
+               ("math-train-1509", "math500-237"),  # "what is the value of x+y+z?" vs "then find x + y + z."
+               ("math-train-6140", "math500-378")]  # "two-digit prime numbers ... its digits 8" (short score 0.50)
 REAL_SIBLINGS = {  # flagged by the old decision; not copies
     "math-train-7163": "variant",    # z^4 - z^2 + 1 vs z^4 + z^2 + 1 (the old n-gram score was 1.00)
     "math-train-1777": "variant",    # arrange the letters of RADII vs ELLIPSE
@@ -402,10 +403,8 @@ def test_real_copies_are_removed_under_every_policy(math_pairs):
             m = idx.check(train[tid]["problem"])
             assert m is not None and not m.candidate and m.item_id == bid, (policy, tid, m)
             assert m.kind == (None if policy == "overlap" else "copy")
-    # The third copy scores 0.50 on the short check: a lower short_threshold finds it, and under
-    # `copies` that costs no precision because siblings are then compared, not removed.
-    m = index(short_threshold=0.5).check(train["math-train-6140"]["problem"])
-    assert m is not None and m.item_id == "math500-378" and m.kind == "copy"
+    # The third copy scores 0.50 on the short check: the threshold before it was lowered missed it.
+    assert index(short_threshold=0.6).check(train["math-train-6140"]["problem"]) is None
 
 
 def test_real_template_siblings_are_kept_under_copies_and_variants_removed_under_variants(math_pairs):
@@ -440,6 +439,13 @@ def test_labelled_file_covers_the_old_decision_and_policies_keep_their_goal(math
     var = removed(policy="variants", short_threshold=0.6)
     kept_right = sum(label[k] in ("copy", "variant") for k in var) / len(var)
     assert kept_right >= 0.5 > sum(label[k] in ("copy", "variant") for k in old) / len(old)  # measured 0.59 vs 0.34
+    # At the default short_threshold (0.5) every removed pair is labelled (found_by short_0.5),
+    # every copy is removed, and neither policy loses precision for its goal.
+    new, var = removed(policy="copies"), removed(policy="variants")
+    assert new <= set(label) and var <= set(label)
+    assert {k for k in label if label[k] == "copy"} <= new
+    assert len(new - {k for k in new if label[k] == "copy"}) <= 4  # measured 3 of 6
+    assert sum(label[k] in ("copy", "variant") for k in var) / len(var) >= 0.5  # measured 70/122
 
 
 def _fewshot_wrapped(text: str, seed: str) -> str:
@@ -471,6 +477,25 @@ def test_a_real_problem_in_a_fewshot_prompt_is_a_copy_and_a_wrapped_sibling_is_n
         wrapped = _fewshot_wrapped(train[tid]["problem"], tid)
         assert overlap.check(wrapped) is not None, tid  # still found (contained): it shares the wording
         assert copies.check(wrapped) is None, (tid, copies.check(wrapped))
+
+
+def test_a_sibling_on_one_check_does_not_hide_the_copy_on_the_other():
+    """The short check's best pair outscores the n-gram check's (a one-line sibling with another
+    number shares more word pairs with a cut copy than the whole problem it was cut from); the
+    sibling is kept under `copies`, and the n-gram pair, the problem the record was cut from, is
+    then compared and removed. (Once only the winning check's later pairs were tried.)"""
+    whole = ("A bag holds 7 red marbles and 5 blue marbles. 2 marbles are drawn at random without replacement. "
+             "What is the probability that both marbles are red? Express your answer as a common fraction.")
+    # Another number and other words: no 5-gram survives, half the word pairs do.
+    sibling = "3 marbles are picked at random with no replacement. What is the chance that both marbles are red?"
+    record = "2 marbles are drawn at random without replacement. What is the probability that both marbles are red?"
+    benchmarks = [bench("b", whole, sibling)]
+    # The sibling wins on score (short 0.50 against n-gram 0.43), so the order of trying matters.
+    best = BenchmarkIndex(benchmarks, DecontamConfig(policy="overlap", short_threshold=0.5)).check(record)
+    assert best is not None and best.item_id == "b-1" and best.method == "short"
+    assert compare_problems(record, sibling).kind != "copy"
+    m = BenchmarkIndex(benchmarks, DecontamConfig(policy="copies", short_threshold=0.5)).check(record)
+    assert m is not None and m.item_id == "b-0" and m.method == "ngram" and m.kind == "copy", m
 
 
 def test_currency_dollars_do_not_hide_the_labels_of_a_later_problem():

@@ -151,9 +151,9 @@ class DecontamConfig(Section):
     variants, the same problem with other numbers, expressions or names (different answers).
     `overlap`: remove every match, i.e. shared wording alone decides (the behaviour before
     policies existed). Measured on MATH-train vs MATH-500 (the 194 matches of `overlap`, read by
-    hand; tools/bench_decontam.py --real): `overlap` removes 194 problems (2.6 %), 2 of them
-    copies; `copies` removes 5, both copies among them; `variants` removes 87, 59 % of them
-    copies or variants. The default is `copies`: a sibling with other numbers has another
+    hand; tools/bench_decontam.py --real): `overlap` (as it was, short_threshold 0.6) removes
+    194 problems (2.6 %), 2 of them copies; `copies` removes 6, all 3 copies among them;
+    `variants` removes 122, 57 % of them copies or variants. The default is `copies`: a sibling with other numbers has another
     answer, so training on it does not leak the test answer, and MATH's train and test splits
     come from the same competitions, so siblings are expected. Pairs the comparison cannot
     settle (same numbers and symbols, many words changed) go to the judge when
@@ -189,9 +189,13 @@ class DecontamConfig(Section):
     """Records and benchmark problems with fewer words than this also go through the short check;
     larger values check more pairs at k-gram granularity (slower, more chance overlap)."""
 
-    short_threshold: float = 0.6
+    short_threshold: float = 0.5
     """Short check: sure match when the shared k-grams are at least this fraction of the LARGER
-    of the two k-gram sets (so a short text inside a long one does not match)."""
+    of the two k-gram sets (so a short text inside a long one does not match). Under `copies`
+    and `variants` the match is then compared, so this only finds pairs: 0.5 (was 0.6) finds
+    the reworded one-line copy "For how many two-digit prime numbers is the sum of its digits
+    8?" (score 0.50) and no new false positive on the synthetic set's clean rows (seeds 0, 1, 7);
+    under `overlap` every match at 0.5 is removed."""
 
     short_maybe_threshold: float | None = None
     """Short-check score at or above which a record is a judge candidate (below
@@ -722,10 +726,13 @@ class BenchmarkIndex:
             ngram = [self._pair_match(p, "ngram", cfg.threshold, cfg.maybe_threshold) for p in ngram_pairs[i]]
             short = [self._pair_match((int(self.short_items[item]), sim, contained), "short", cfg.short_threshold,
                                       cfg.short_maybe_threshold) for item, sim, contained in short_pairs.get(i, [])]
-            first = _best([ngram[0] if ngram else None, short[0] if short else None])
-            # Shared words found the pairs; what differs decides whether one is a copy.
+            tops = [ngram[0] if ngram else None, short[0] if short else None]
+            first = _best(tops)
+            # Shared words found the pairs; what differs decides whether one is a copy. The other
+            # check's best pair is tried next: a short pair that outscores the n-gram pair but is
+            # only a sibling must not hide the n-gram pair that is the copy.
             kept = None
-            for m in [first] + ngram[1:] + short[1:]:
+            for m in [first] + [t for t in tops if t is not first] + ngram[1:] + short[1:]:
                 kept = apply_policy(m, texts[i], cfg.policy)
                 if kept is not None:
                     break
