@@ -291,7 +291,27 @@ def test_hand_labelled_real_completions():
     from bench_extract import LABELLED, score
 
     rows = [json.loads(line) for line in open(LABELLED)]
-    assert len(rows) >= 24 and all(r["label"] is None or isinstance(r["label"], str) for r in rows)
+    assert len(rows) >= 152 and all(r["label"] is None or isinstance(r["label"], str) for r in rows)
     got = score(extract_answer, [(r["completion"], r["label"]) for r in rows])
-    # Measured 2026-12-02: precision 81.8% (9 of 11), recall 90% (9 of 10); the old reader 40% / 60%.
-    assert got["precision"] >= 0.75 and got["recall"] >= 0.8, got
+    # Measured 2026-12-03 on 152 (86 with a stated answer): precision 77.2%, recall 82.6%; the old
+    # reader 47.3% / 61.6%.
+    assert got["precision"] >= 0.74 and got["recall"] >= 0.79, got
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [  # final statements of real SmolLM2 completions (tools/data/extraction_labelled.jsonl)
+        ("So, to answer the question, the answer is that the area of the square of the smallest square that has a "
+         "radius of 4 is actually 1.", "1"),
+        ("The answer is a decimal approximation of 1.0024, which is a fixed-point decimal number.", "1.0024"),
+        ("So, the answer is $215.\n\nThe solution is:\nIf the answer is $215, it is not a result of the solution "
+         "and is just a case of the correct answer.", "215"),
+        ("Step 5: Calculate the final answer\n\nThere are 2 nail polishes of Kim and Kim's husbands' wives.", "2"),
+        ("The final answer is that there are no cars that the fourth and fourth suppliers each receive.", None),
+        ("The answer is 12 apples and 3 pears.", None),  # two values in the statement: no guess
+        ("The answer is Monday.", "Monday"),  # a short text answer is kept
+        ("The answer is no real solutions.", "no real solutions"),
+    ],
+)
+def test_a_final_statement_in_prose_gives_its_one_value(text, expected):
+    assert extract_answer_is(text) == expected

@@ -70,6 +70,9 @@ _SPLIT = re.compile(
     re.IGNORECASE,
 )
 _MAX_STATEMENT = 300  # an "answer" longer than this is a paragraph, not a final answer
+# A final statement with no number or math in it and more words than this (of 3+ letters) is
+# prose, not an answer; up to it, a text answer ("Monday", "no real solutions") is kept.
+_MAX_TEXT_ANSWER_WORDS = 3
 
 
 def strip_thousands(answer: str) -> str:
@@ -243,6 +246,15 @@ def _read_statement(s: str) -> str | None:
         s = m.group(1)  # "580 total shoppers": the units are words
     if not s or len(s) > _MAX_STATEMENT:
         return None
+    spans = _math_spans(s)
+    blank = _blank(s, spans)
+    words = _WORD.findall(blank)
+    if words and (spans or _BARE_NUMBER.search(blank)):
+        # A value inside prose: "that the area of the square ... is actually 1" is 1, "a decimal
+        # approximation of 1.0024" 1.0024; two values in it are no answer.
+        return _one_value(s, blank)
+    if len(words) > _MAX_TEXT_ANSWER_WORDS:
+        return None  # prose with no value ("that there are no cars that ..."): not an answer
     return s
 
 
@@ -331,6 +343,13 @@ def extract_last_statement(text: str) -> str | None:
     blank = _blank(sentence, _math_spans(sentence))
     if "\\" in blank:
         return None  # LaTeX outside any delimiter (`&= -\frac83 \end{align*}`): no plain reading
+    return _one_value(sentence, blank)
+
+
+def _one_value(sentence: str, blank: str) -> str | None:
+    """The one value of a sentence of prose (`blank`: the sentence with its math blanked), read
+    after its last `=`, verb or clause break, else in the whole sentence: a number, or the
+    content of a math span (its right side). None for none, or for several: no guess."""
     cut = max((m.end() for m in _SPLIT.finditer(blank)), default=0)
     for part in (sentence[cut:], sentence) if cut else (sentence,):
         spans = _math_spans(part)
