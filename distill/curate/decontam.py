@@ -153,7 +153,8 @@ class DecontamConfig(Section):
     policies existed). Measured on MATH-train vs MATH-500 (the 194 matches of `overlap`, read by
     hand; tools/bench_decontam.py --real): `overlap` (as it was, short_threshold 0.6) removes
     194 problems (2.6 %), 2 of them copies; `copies` removes 6, all 3 copies among them;
-    `variants` removes 122, 57 % of them copies or variants. The default is `copies`: a sibling with other numbers has another
+    `variants` removes 122, 57 % of them copies or variants. The default is `copies`: a
+    sibling with other numbers has another
     answer, so training on it does not leak the test answer, and MATH's train and test splits
     come from the same competitions, so siblings are expected. Pairs the comparison cannot
     settle (same numbers and symbols, many words changed) go to the judge when
