@@ -6,7 +6,12 @@ transformers model runs it (model code stays free of packing). Two paths, chosen
 - CUDA with fp16/bf16 and flash-attn installed: `flash_attn_varlen_func` over the flattened
   row with `cu_seqlens`, which skips the masked blocks entirely (cost ~ sum of segment
   lengths squared, not seq_len squared).
-- otherwise (CPU, fp32, no flash-attn): one causal SDPA call per segment of the flattened rows,
+- CUDA without flash-attn: torch's FlexAttention (compiled) with a document mask built from the
+  segments: a BlockMask lists, per 128x128 tile, whether it is empty, full or partial, so the
+  kernel skips the cross-sample tiles as varlen does (cost ~ sum of segment lengths squared
+  rounded up to tiles), with no [T, T] mask in memory. The BlockMask is built once per batch
+  and shared by every layer.
+- otherwise (CPU, fp32 on GPU): one causal SDPA call per segment of the flattened rows,
   the same cost shape as varlen (`block_causal_mask` remains for tests and callers that want a
   single masked call).
 
@@ -27,10 +32,23 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def _use_flash(query) -> bool:
+def _half_on_cuda(query) -> bool:
     import torch
 
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+
+
+def _use_flash(query) -> bool:
+    return _half_on_cuda(query) and flash_attn_available()
+
+
+def _use_flex(query) -> bool:
+    return _half_on_cuda(query) and not flash_attn_available()
+
+
+def packed_path(query) -> str:
+    """Which kernel `packed_attention_forward` runs for this query: "flash", "flex" or "sdpa"."""
+    return "flash" if _use_flash(query) else "flex" if _use_flex(query) else "sdpa"
 
 
 def segment_ids(batch: int, length: int, *, cu_seqlens=None, position_ids=None, device=None):
@@ -64,6 +82,71 @@ def _cu_from_segments(segments):
     flat = (segments + torch.arange(segments.shape[0], device=segments.device)[:, None] * segments.shape[1]).flatten()
     starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1) != 0).flatten()
     return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+_FLEX: dict = {}
+"""The compiled flex_attention per device type, built on first use (compilation costs tens of
+seconds once per shape; eager flex materialises the [T, T] scores, which is what it avoids)."""
+
+_MASK_CACHE: list = []
+"""[(key tensor, its version, shape, BlockMask)] of the last batch: every layer of one forward
+(and the recomputation under activation checkpointing) passes the same cu_seqlens / position-id
+tensor, so the mask is built once per batch. Holding the tensor keeps its id from being reused
+by a later batch's tensor."""
+
+
+def _flex_attention(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if "fn" not in _FLEX:
+        import torch
+
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def document_block_mask(segments, *, compiled: bool = True):
+    """FlexAttention BlockMask of the packed rows' block-diagonal causal attention: query i sees
+    key j when both are in the same segment and j <= i. `segments`: [B, T] segment ids."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, t = segments.shape
+
+    def same_sample_causal(batch, head, q_idx, kv_idx):
+        return (segments[batch, q_idx] == segments[batch, kv_idx]) & (q_idx >= kv_idx)
+
+    # _compile builds the tile table without materialising the [B, T, T] boolean mask (268 MB
+    # per row at 16k tokens); on CPU the eager build is cheaper than compiling it.
+    return create_block_mask(same_sample_causal, b, None, t, t, device=segments.device,
+                             _compile=compiled and segments.is_cuda)
+
+
+def _cached_block_mask(b: int, t: int, cu, position_ids, device, compiled: bool):
+    key = cu if cu is not None else position_ids
+    if key is not None and _MASK_CACHE:
+        held, version, shape, mask = _MASK_CACHE[0]
+        if held is key and key._version == version and shape == (b, t):
+            return mask
+    mask = document_block_mask(segment_ids(b, t, cu_seqlens=cu, position_ids=position_ids, device=device),
+                               compiled=compiled)
+    _MASK_CACHE[:] = [(key, key._version if key is not None else None, (b, t), mask)] if key is not None else []
+    return mask
+
+
+def flex_packed_attention(query, key, value, *, cu_seqlens=None, position_ids=None, scaling=None,
+                          compiled: bool | None = None):
+    """Packed attention through FlexAttention: query [B, H, T, D], key/value [B, Hkv, T, D]
+    (GQA handled by the kernel); returns [B, T, H, D]. Compiled on CUDA; elsewhere (unless told)
+    flex's eager reference, which gives the same numbers with dense [T, T] scores (CPU tests)."""
+    b, h, t, d = query.shape
+    compiled = query.is_cuda if compiled is None else compiled
+    cu = cu_seqlens.to(query.device) if cu_seqlens is not None else None
+    mask = _cached_block_mask(b, t, cu, position_ids, query.device, compiled)
+    out = _flex_attention(compiled)(query, key, value, block_mask=mask, scale=scaling,
+                                    enable_gqa=key.shape[1] != h)
+    return out.transpose(1, 2).contiguous()
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -100,6 +183,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         out = flash_attn_varlen_func(q, k, v, cu.to(torch.int32), cu.to(torch.int32), max_len, max_len,
                                      dropout_p=dropout, softmax_scale=scaling, causal=True)
         return out.view(b, t, h, d), None
+
+    if _use_flex(query):
+        if dropout:
+            raise NotImplementedError(f"{NAME} attention through FlexAttention has no dropout; set it to 0")
+        return flex_packed_attention(query, key, value, cu_seqlens=cu, position_ids=kwargs.get("position_ids"),
+                                     scaling=scaling), None
 
     if cu is None:
         cu = _cu_from_segments(segment_ids(b, t, position_ids=kwargs.get("position_ids"), device=query.device))
