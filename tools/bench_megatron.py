@@ -6,8 +6,9 @@ packed rows (flash-attn varlen on GPU), through the backend's real train_step.
     torchrun --nproc-per-node 2 tools/bench_megatron.py --tp 2
     python tools/bench_megatron.py --tiny               # CPU smoke test (seconds)
 
-MFU = 6 * params * tokens / s / peak (attention FLOPs not counted, as in the trainer's metric);
---peak-flops defaults to 989e12 (H100/H200 dense bf16). Prints one JSON line on rank 0.
+MFU = (6 * params * tokens + causal attention FLOPs of the packed samples) / s / peak, the
+trainer's metric (distill.train.metrics.mfu); --peak-flops defaults to 989e12 (H100/H200 dense
+bf16). Prints one JSON line on rank 0.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     from distill.train.backends.megatron import MegatronBackend
     from distill.train.config import TrainConfig
     from distill.train.loop import local_env
-    from distill.train.metrics import mfu
+    from distill.train.metrics import attention_flops, attention_shape, flop_params, mfu
 
     if "RANK" not in os.environ:
         import socket
@@ -94,6 +95,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16 if gpu else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
+    n_flop_params, (layers, attn_dim) = flop_params(model), attention_shape(hf_cfg)
     backend.setup(model, total_steps=args.warmup + args.steps)
     del model
     step_batches = [[packed_rows(1, seq_len, shape["vocab_size"], seed=1000 * s + 10 * backend.dp_rank + j,
@@ -114,11 +116,14 @@ def main() -> None:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tokens = tokens_per_step * args.steps
+    # Every data rank runs batches of the same lengths' distribution; rank 0's timed ones stand for all.
+    attn = backend.dp_size * sum(attention_flops(torch.diff(b.cu_seqlens).tolist(), layers, attn_dim)
+                                 for mbs in step_batches[args.warmup:] for b in mbs)
     out = {"bench": "megatron", "device": torch.cuda.get_device_name(0) if gpu else "cpu", "params": n_params,
            "seq_len": seq_len, "tp": args.tp, "pp": args.pp, "dp": backend.dp_size, "precision": precision,
            "flash_attn": gpu and flash_attn_available(),
            "steps": args.steps, "tokens_per_s": round(tokens / dt, 1),
-           "mfu": round(mfu(n_params, tokens, dt, args.peak_flops, backend.world_size), 4) if gpu else None,
+           "mfu": round(mfu(n_flop_params, tokens, dt, args.peak_flops, backend.world_size, attn), 4) if gpu else None,
            "compute_share": round(compute / dt, 3), "losses": losses,
            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None}
     if backend.rank == 0:

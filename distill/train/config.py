@@ -199,8 +199,9 @@ class MetricsSection(Section):
     """MLflow experiment to log to (needs `pip install mlflow`; unset: off)."""
 
     peak_flops: float | None = Field(default=None, gt=0)
-    """Peak FLOP/s of ONE worker's device, for the MFU estimate 6 * params * tokens / time / peak
-    (e.g. 989e12 for an H100 in bf16). Unset: MFU is not reported."""
+    """Peak FLOP/s of ONE worker's device, for the MFU estimate (6 * params * tokens + causal
+    attention FLOPs) / time / peak (distill.train.metrics.mfu; e.g. 989e12 for an H100 in bf16).
+    Unset: MFU is not reported."""
 
     progress: bool = True
     """Print a progress line on rank 0 every train.log_every steps."""

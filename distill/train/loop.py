@@ -164,7 +164,7 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
     from distill.train.backends import build_backend
     from distill.train.data import load_token_cache
     from distill.train.faults import FaultInjector, parse_faults
-    from distill.train.metrics import MetricsLogger, mfu
+    from distill.train.metrics import MetricsLogger, attention_flops, attention_shape, flop_params, mfu
     from distill.train.model import load_student
     from distill.train.monitor import StepMonitor, launch_goodput, next_attempt, write_goodput
     from distill.train.packing import make_batch, packing_efficiency, plan_steps
@@ -211,7 +211,8 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
     model = load_student(job.model_path, dtype="bfloat16" if precision == "bf16" else "float32",
                          packed=cfg.student.attention == "packed",
                          gradient_checkpointing=cfg.deepspeed.activation_checkpointing)
-    n_params = sum(p.numel() for p in model.parameters())  # counted before ZeRO-3 partitions them
+    n_params = flop_params(model)  # counted before ZeRO-3 partitions them
+    layers, attn_dim = attention_shape(model.config)
     backend.setup(model, total_steps=cfg.schedule.total_steps or total)
 
     ckpt_root = Path(job.checkpoint_dir)
@@ -277,10 +278,11 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
         if step % cfg.log_every == 0 or last:
             rows = [b for share in shares for mb in share for b in mb]
             real = int(sum(int(cache.lengths[b].sum()) for b in rows))
+            attn = attention_flops((n for b in rows for n in cache.lengths[b]), layers, attn_dim)
             values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                       "target_tokens": global_targets, "target_tokens_per_s": global_targets / dt,
                       "tokens_per_s": real / dt, "packing_efficiency": real / (len(rows) * cfg.seq_len),
-                      "mfu": mfu(n_params, real, dt, cfg.metrics.peak_flops, backend.world_size), "step_s": dt,
+                      "mfu": mfu(n_params, real, dt, cfg.metrics.peak_flops, backend.world_size, attn), "step_s": dt,
                       "data_s": data_s, "compute_s": stats.compute_s, "comm_s": stats.comm_s + wait_s,
                       "straggler_ratio": monitor.max_ratio}
             if report is not None:

@@ -15,12 +15,43 @@ from pathlib import Path
 from distill.train.config import MetricsSection
 
 
-def mfu(n_params: int, tokens: int, seconds: float, peak_flops: float | None, world_size: int) -> float | None:
-    """Model FLOP utilisation: 6 * params * tokens (forward + backward of a dense transformer,
-    attention FLOPs left out) over the peak of all workers. None without a configured peak. Pure."""
+def mfu(n_params: int, tokens: int, seconds: float, peak_flops: float | None, world_size: int,
+        attention_flops: float = 0.0) -> float | None:
+    """Model FLOP utilisation: (6 * params * tokens + attention_flops) / seconds over the peak of
+    all workers, as torchtitan and Megatron count it: 6 FLOPs per parameter per token for the
+    forward and backward matmuls (`flop_params`), plus attention's two matmuls, which have no
+    parameters (`attention_flops`). None without a configured peak. Pure."""
     if peak_flops is None or seconds <= 0:
         return None
-    return 6.0 * n_params * tokens / seconds / (peak_flops * world_size)
+    return (6.0 * n_params * tokens + attention_flops) / seconds / (peak_flops * world_size)
+
+
+def attention_flops(sample_lengths, n_layers: int, attn_dim: int) -> float:
+    """Forward + backward FLOPs of causal attention's score and value matmuls (Q K^T and P V)
+    over packed samples of these lengths: per layer and sample of L tokens, 2 matmuls x 2 FLOPs
+    x L^2 x attn_dim forward for full attention, halved for causal (the convention of Megatron's
+    and torchtitan's causal counts: L^2 / 2 pairs), times 3 for forward + backward:
+    6 * n_layers * attn_dim * sum(L^2). Samples of one row never attend to each other, so each
+    counts alone (a row of 8 samples of 512 tokens costs 1/8 of one 4096-token sample).
+    attn_dim = attention heads x head dim. Pure."""
+    return 6.0 * n_layers * attn_dim * float(sum(int(n) ** 2 for n in sample_lengths))
+
+
+def attention_shape(config) -> tuple[int, int]:
+    """(layers, attention heads x head dim) of a transformers decoder config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, heads * head_dim
+
+
+def flop_params(model) -> int:
+    """Parameters that cost 6 FLOPs per token: all of them, less an input embedding that is not
+    tied to the output head (a lookup, no matmul). A tied embedding counts once, as the head."""
+    n = sum(p.numel() for p in model.parameters())
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp.weight is not out.weight:
+        n -= inp.weight.numel()
+    return n
 
 
 def check_sinks(cfg: MetricsSection) -> list[str]:
@@ -39,10 +70,6 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= after_step]
     path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
 class MetricsLogger:
