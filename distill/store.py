@@ -20,16 +20,19 @@ nothing. Everything loads with `datasets.load_dataset("parquet", data_dir=...)`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -41,6 +44,41 @@ _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 def reason_code(reason: str) -> str:
     """Rejection reasons are written "code: detail"; counts and funnels group by the code."""
     return reason.split(":", 1)[0].strip()
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def shard_index(name: str) -> int:
+    return int(_PART.match(name).group(1))
+
+
+def partition_of(ids: Iterable[str], n: int) -> np.ndarray:
+    """The partition (0..n-1) of each question id: a stable hash, the same in every process and
+    Python version (no `hash()` randomisation), so a question's samples meet in one partition
+    whatever the shard layout they come from. ~1 s per million ids."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") % n
+                        for i in ids), dtype=np.int64)
+
+
+class InputShardError(RuntimeError):
+    """An input shard could not be read (missing, truncated, not Parquet); names the file."""
+
+
+def read_shards(paths: Iterable[str | os.PathLike], columns: Iterable[str] | None = None) -> pa.Table | None:
+    """The rows of several shards as one table (None for no paths); an unreadable one raises
+    `InputShardError` naming it."""
+    cols = list(columns) if columns is not None else None
+    tables = []
+    for p in paths:
+        try:
+            tables.append(pq.read_table(p, columns=cols))
+        except (OSError, pa.ArrowException) as e:
+            raise InputShardError(f"cannot read input shard {p}: {e}") from e
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
 class MissingInputError(RuntimeError):
@@ -98,6 +136,9 @@ class Manifest:
     settings: dict
     inputs: dict[str, str] = field(default_factory=dict)
     status: str = "running"  # running | complete | failed
+    partitions: int | None = None
+    """Set when shard N holds exactly the questions of partition N (`partition_of`) of this many;
+    None when shards are cut by arrival order (generate)."""
     counts: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     updated: float = 0.0
@@ -107,7 +148,8 @@ class Manifest:
         path = root / MANIFEST
         if not path.exists():
             return None
-        return cls(**json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
     def write(self, root: Path) -> None:
         self.updated = time.time()
@@ -185,15 +227,22 @@ class ShardStore:
 
     def commit(self, index: int, records: list[dict], rejected: list[dict] = ()) -> str:
         """Commit shard `index` atomically: its rejected records first, then the shard."""
-        name = f"part-{index:05d}.parquet"
-        if (self.root / name).exists():
-            raise FileExistsError(f"{self.root / name} is already committed")
-        tmp = self.root / ".tmp"
-        if rejected:
-            table = pa.Table.from_pylist(list(rejected), schema=self.rejected_schema)
-            write_parquet_atomic(table, self.root / REJECTED / name, tmp)
-        write_parquet_atomic(pa.Table.from_pylist(list(records), schema=self.schema), self.root / name, tmp)
-        return name
+        return self.commit_staged(stage_shard(self.root, index, records, rejected, self.schema, self.rejected_schema))
+
+    def commit_staged(self, staged: "StagedShard") -> str:
+        """Commit a shard a worker wrote to `.tmp/` (`stage_shard`): rename its rejected twin, then
+        the shard itself (the commit point), and make both renames durable. Only the driver calls
+        this, once per shard: a retried unit's duplicate (a worker thought dead that finished
+        anyway) stays an unrenamed temp file, deleted with `.tmp/`."""
+        dest = self.root / staged.name
+        if dest.exists():
+            raise FileExistsError(f"{dest} is already committed")
+        if staged.rejected_path:
+            os.replace(staged.rejected_path, self.root / REJECTED / staged.name)
+            fsync_dir(self.root / REJECTED)
+        os.replace(staged.path, dest)
+        fsync_dir(self.root)
+        return staged.name
 
     def finish(self, summary: dict | None = None, status: str = "complete") -> Manifest:
         self.manifest.counts = self.counts()
@@ -205,9 +254,42 @@ class ShardStore:
 
     def counts(self) -> dict[str, Any]:
         rows = sum(pq.ParquetFile(self.root / n).metadata.num_rows for n in self.shard_names())
-        reasons = Counter(reason_code(r["reason"]) for r in self.read_columns(("reason",), accepted=False))
+        # One file's reasons at a time: memory is one shard's column, not the stage's.
+        reasons: Counter = Counter()
+        for p in self.rejected_paths():
+            reasons.update(reason_code(r) for r in pq.read_table(p, columns=["reason"]).column(0).to_pylist())
         return {"shards": len(self.shard_names()), "records": rows,
                 "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+
+
+@dataclass(frozen=True)
+class StagedShard:
+    """A shard written in full under `.tmp/`, waiting for the driver's `commit_staged`."""
+
+    name: str
+    path: str
+    rejected_path: str | None
+    rows: int
+    rejected_rows: int
+
+
+def stage_shard(root: str | os.PathLike, index: int, records: list[dict], rejected: list[dict],
+                schema: pa.Schema, rejected_schema: pa.Schema) -> StagedShard:
+    """Write shard `index` of the dataset at `root` (and its rejected twin) to unique temporary
+    names in `root/.tmp/`, fsynced, not yet visible. Runs in workers: the data never passes
+    through the driver, which only renames (`ShardStore.commit_staged`)."""
+    tmp = Path(root) / ".tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    name, tag = shard_name(index), uuid.uuid4().hex[:12]
+
+    def write(rows: list[dict], sch: pa.Schema, dest: Path) -> str:
+        pq.write_table(pa.Table.from_pylist(list(rows), schema=sch), dest)
+        with open(dest, "rb+") as f:
+            os.fsync(f.fileno())
+        return str(dest)
+
+    rej = write(rejected, rejected_schema, tmp / f"rejected-{name}.{tag}") if rejected else None
+    return StagedShard(name, write(records, schema, tmp / f"{name}.{tag}"), rej, len(records), len(rejected))
 
 
 def read_records(root: str | os.PathLike, columns: Iterable[str] | None = None, *, rejected: bool = False) -> list[dict]:

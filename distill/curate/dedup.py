@@ -17,6 +17,7 @@ order.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -137,6 +138,71 @@ def minhash_signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
     return out
 
 
+def exact_key(normalized: str) -> int:
+    """64-bit key of a normal form: equal forms, equal keys (two different forms collide with
+    probability ~2^-64 per pair, ~3e-8 over a million questions)."""
+    return int.from_bytes(hashlib.blake2b(normalized.encode(), digest_size=8).digest(), "little")
+
+
+def band_hashes(signatures: np.ndarray, threshold: float) -> np.ndarray:
+    """`uint64[n, bands]`: each LSH band of each signature hashed to one number (the layout of
+    `lsh_params`). Two questions are LSH candidates when they share a value in some column; 64
+    bits per band instead of the band's rows x 4 bytes, so a million questions cost ~8 MB a band."""
+    num_perm = signatures.shape[1]
+    bands, rows = lsh_params(threshold, num_perm)
+    out = np.empty((signatures.shape[0], bands), dtype=np.uint64)
+    for b in range(bands):
+        block = np.ascontiguousarray(signatures[:, b * rows:(b + 1) * rows])
+        out[:, b] = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") for row in block]
+    return out
+
+
+def candidate_pairs(bands: np.ndarray) -> np.ndarray:
+    """`int64[k, 2]` row pairs (i < j) that share a value in at least one band column, each once.
+
+    One band at a time: sort its column and pair up the rows of each run of equal values (a
+    run of m rows gives m(m-1)/2 pairs: a template many questions share makes as many
+    comparisons as an LSH index would). Memory: one column and the pairs."""
+    found = []
+    for b in range(bands.shape[1]):
+        col = bands[:, b]
+        order = np.argsort(col, kind="stable")
+        sorted_col = col[order]
+        starts = np.flatnonzero(np.r_[True, sorted_col[1:] != sorted_col[:-1]])
+        ends = np.r_[starts[1:], len(col)]
+        for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            rows = np.sort(order[lo:hi])
+            i, j = np.triu_indices(len(rows), k=1)
+            found.append(np.stack([rows[i], rows[j]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(found).astype(np.int64), axis=0)
+
+
+def resolve_near(pairs: np.ndarray, scores: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:
+    """Which questions are near copies, given candidate `pairs` (rows in input order, i < j) and
+    their exact Jaccard `scores`: rows are taken in order and a row with a kept earlier row at
+    or above `threshold` is dropped as a copy of the most similar one (ties: the earliest).
+    Returns dropped row -> (kept row, score). The same decisions as querying an LSH index of the
+    kept rows one by one, since the index proposes exactly the pairs sharing a band."""
+    keep = scores >= threshold
+    pairs, scores = pairs[keep], scores[keep]
+    order = np.lexsort((pairs[:, 0], pairs[:, 1]))
+    dropped: dict[int, tuple[int, float]] = {}
+    best: tuple[int, int, float] | None = None  # (later row, earlier row, score)
+    for (i, j), score in zip(pairs[order].tolist(), scores[order].tolist()):
+        if best is not None and best[0] != j:
+            dropped[best[0]] = (best[1], best[2])
+            best = None
+        if i in dropped:
+            continue
+        if best is None or score > best[2]:
+            best = (j, i, score)
+    if best is not None:
+        dropped[best[0]] = (best[1], best[2])
+    return dropped
+
+
 def dedup_questions(
     ids: list[str], texts: list[str], cfg: DedupConfig, signatures: np.ndarray | None = None
 ) -> DedupResult:
@@ -144,7 +210,9 @@ def dedup_questions(
 
     `signatures` (from `minhash_signatures(texts, cfg)`, rows aligned with `texts`) may be passed
     when computed elsewhere; they are computed here otherwise. Each dropped question names the
-    kept question it duplicates: for near copies, the most similar kept one (ties: earliest)."""
+    kept question it duplicates: for near copies, the most similar kept one (ties: earliest).
+    The dedup stage runs the same steps (`exact_key`, `band_hashes`, `candidate_pairs`,
+    `resolve_near`) over partitions without holding the texts."""
     if len(ids) != len(texts):
         raise ValueError(f"dedup_questions: {len(ids)} ids but {len(texts)} texts")
     if len(set(ids)) != len(ids):
@@ -172,25 +240,16 @@ def dedup_questions(
             f"dedup_questions: signatures have shape {signatures.shape}, expected "
             f"({len(texts)}, {cfg.num_perm}) (curate.dedup.num_perm)"
         )
-    from datasketch import MinHash, MinHashLSH
-
-    lsh = MinHashLSH(num_perm=cfg.num_perm, params=lsh_params(cfg.threshold, cfg.num_perm))
-    permutations = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=_SCHEME).permutations
-    shingles: dict[int, set[str]] = {}
+    rows = np.asarray(candidates, dtype=np.int64)
+    pairs = rows[candidate_pairs(band_hashes(signatures[rows], cfg.threshold))] if len(rows) else np.empty((0, 2), np.int64)
+    shingles = {i: shingle_set(normalized[i], cfg.shingle) for i in np.unique(pairs).tolist()}
+    scores = np.array([jaccard(shingles[i], shingles[j]) for i, j in pairs.tolist()], dtype=np.float64)
+    near = resolve_near(pairs, scores, cfg.threshold)
     for i in candidates:
-        shingles[i] = shingle_set(normalized[i], cfg.shingle)
-        m = MinHash(seed=cfg.seed, hashvalues=signatures[i], permutations=permutations, scheme=_SCHEME)
-        best = None
-        # The LSH returns an unordered set: sort so ties resolve to the earliest kept question.
-        for j in sorted(lsh.query(m)):
-            score = jaccard(shingles[i], shingles[j])
-            if score >= cfg.threshold and (best is None or score > best[1]):
-                best = (j, score)
-        if best is None:
-            lsh.insert(i, m, check_duplication=False)
-            result.kept.append(ids[i])
-        else:
-            j, score = best
+        if i in near:
+            j, score = near[i]
             estimate = float(np.mean(signatures[i] == signatures[j]))
             result.dropped[ids[i]] = Duplicate(ids[j], "near", score, estimate)
+        else:
+            result.kept.append(ids[i])
     return result

@@ -22,11 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from distill.config import RunConfig, fingerprint, output_fields
-from distill.stages.derived import (
-    done_question_ids, finish_stage, input_schema, open_derived, plan_question_units, rejected_schema_for,
-    run_units,
-)
-from distill.store import read_records
+from distill.stages.derived import finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
 
 AUDIT_COLUMNS = [("bench", pa.string()), ("bench_id", pa.string()), ("match_method", pa.string()),
                  ("match_score", pa.float64()), ("match_field", pa.string()), ("matched_text", pa.string()),
@@ -143,13 +139,12 @@ def run(cfg: RunConfig, run_dir: Path):
     provenance = {b.name: b.provenance() for b in benchmarks}
     schema = input_schema(run_dir / "dedup")
     # The benchmark hashes are inputs: a changed benchmark file recomputes the stage.
-    store = open_derived(run_dir, "decontam", "dedup", output_fields(dc), schema,
-                         rejected_schema_for(schema, AUDIT_COLUMNS),
-                         extra_inputs={f"benchmark:{n}": fingerprint(p["sha256"]) for n, p in provenance.items()})
-    records = read_records(run_dir / "dedup")
-    units = plan_question_units(records, done_question_ids(store), cfg.curate.shard_size, store.next_index())
-    print(f"decontam: {len(records)} samples against {len(benchmarks)} benchmarks "
-          f"({', '.join(f'{b.name}={len(b.items)}' for b in benchmarks) or 'none'}); {len(units)} shards", flush=True)
+    store, units = open_partitioned(run_dir, "decontam", "dedup", output_fields(dc), schema,
+                                    rejected_schema_for(schema, AUDIT_COLUMNS), cfg,
+                                    extra_inputs={f"benchmark:{n}": fingerprint(p["sha256"])
+                                                  for n, p in provenance.items()})
+    print(f"decontam: {len(units)} of {store.manifest.partitions} partitions against {len(benchmarks)} benchmarks "
+          f"({', '.join(f'{b.name}={len(b.items)}' for b in benchmarks) or 'none'})", flush=True)
     index_ref = embed_ref = None
     if units:
         index_ref = ray.put(BenchmarkIndex(benchmarks, dc))

@@ -2,71 +2,165 @@
 
 Reads `RUN/filter/`, writes `RUN/dedup/`. Exact duplicates after normalisation and near
 duplicates by MinHash LSH. The kept representative is the question that comes first in the
-source, so the choice does not depend on shard order or worker timing. MinHash signatures are
-computed on Ray in chunks; the LSH pass over all signatures runs in the driver (it is a dict of
-band hashes: memory linear in questions, seconds for 10^5 of them).
+source, so the choice does not depend on shard order or worker timing.
+
+Three steps, so that no process holds the texts of the whole set:
+1. per partition, on Ray: each question's source position, normal form, exact key, MinHash
+   signature and LSH band hashes, written to `dedup/.exchange/lsh-pN.parquet`;
+2. in the driver: the exact keys and band hashes of all questions as numpy arrays
+   (8 x (bands + 2) bytes a question: ~200 MB per million questions at the default 0.8 / 128,
+   which gives 22 bands), candidate pairs by sorting each band, then the normal forms of the
+   candidates only, read back by filter, for the exact Jaccard that confirms a pair;
+3. per partition, on Ray: the partition's samples, minus the dropped questions' (the dropped
+   set, a few bytes a duplicate, is shared through the object store).
 """
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from distill.config import RunConfig, output_fields
 from distill.stages.derived import (
-    done_question_ids, finish_stage, group_by_question, input_schema, open_derived, rejected_schema_for,
+    EXCHANGE, Unit, finish_stage, input_schema, map_items, open_partitioned, rejected_schema_for, run_units,
 )
-from distill.store import read_records
+from distill.store import fsync_dir, partition_of, read_shards
 
 DUP_COLUMNS = [("dup_of", pa.string()), ("dup_method", pa.string()), ("dup_score", pa.float64())]
 
 
-def _signatures(texts: list[str], dedup_cfg) -> np.ndarray:
-    from distill.curate.dedup import minhash_signatures
+def _sketch_partition(dc, source_ids: pa.Array, tmp_dir: str, unit: Unit) -> tuple[int, str]:
+    """Step 1 for one partition: one row per question, written to a temp file."""
+    from distill.curate.dedup import band_hashes, exact_key, lsh_params, minhash_signatures
+    from distill.curate.normalize import normalize_text
 
-    return minhash_signatures(texts, dedup_cfg)
+    table = read_shards(unit.inputs, ["id", "problem"])
+    ids, problems = [], []
+    if table is not None:
+        seen = set()
+        for qid, problem in zip(table.column("id").to_pylist(), table.column("problem").to_pylist()):
+            if qid not in seen:
+                seen.add(qid)
+                ids.append(qid)
+                problems.append(problem)
+    # Source position decides the representative; ids not in the source come after it, in a
+    # stable hash order.
+    pos = pc.index_in(pa.array(ids, pa.string()), value_set=source_ids).to_numpy(zero_copy_only=False)
+    missing = np.isnan(pos) if pos.dtype.kind == "f" else np.zeros(len(ids), bool)
+    ordinal = np.where(missing, len(source_ids) + (partition_of(ids, 2**40) if ids else 0), np.nan_to_num(pos))
+    norms = [normalize_text(t) for t in problems]
+    columns = {"ordinal": pa.array(ordinal.astype(np.int64)), "id": pa.array(ids, pa.string()),
+               "norm": pa.array(norms, pa.string()),
+               "exact": pa.array(np.array([exact_key(n) for n in norms], dtype=np.uint64))}
+    if dc.near:
+        sigs = minhash_signatures(problems, dc) if ids else np.empty((0, dc.num_perm), np.uint32)
+        columns["sig"] = pa.array([row.tobytes() for row in sigs], pa.binary())
+        n_bands = lsh_params(dc.threshold, dc.num_perm)[0]
+        bands = band_hashes(sigs, dc.threshold) if ids else np.empty((0, n_bands), np.uint64)
+        for b in range(bands.shape[1]):
+            columns[f"b{b}"] = pa.array(bands[:, b])
+    path = f"{tmp_dir}/lsh-p{unit.index:05d}.{uuid.uuid4().hex[:12]}"
+    pq.write_table(pa.table(columns), path)
+    return unit.index, path
+
+
+def _decide(files: list[Path], dc) -> dict[str, tuple[str, str, float]]:
+    """Step 2: dropped question id -> (kept id, method, Jaccard), from the sketch files."""
+    from distill.curate.dedup import candidate_pairs, jaccard, resolve_near, shingle_set
+
+    head = pq.read_schema(files[0]).names if files else []
+    bcols = [c for c in head if c.startswith("b") and c[1:].isdigit()]
+    table = read_shards(files, ["ordinal", "exact", *bcols])
+    if table is None or table.num_rows == 0:
+        return {}
+    ordinal = table.column("ordinal").to_numpy()
+    order = np.argsort(ordinal, kind="stable")  # rows in source order from here on
+    ordinal = ordinal[order]
+    exact = table.column("exact").to_numpy()[order]
+    bands = np.stack([table.column(c).to_numpy()[order] for c in bcols], axis=1) if bcols else None
+    del table
+
+    dropped: dict[int, tuple[int, str, float]] = {}  # row -> (kept row, method, score)
+    survivors = np.arange(len(ordinal))
+    if dc.exact:
+        _, first = np.unique(exact, return_index=True)  # first row of each key, in source order
+        first_of = dict(zip(exact[first].tolist(), first.tolist()))
+        survivors = np.sort(first)
+        for row in np.setdiff1d(np.arange(len(ordinal)), first).tolist():
+            dropped[row] = (first_of[int(exact[row])], "exact", 1.0)
+    if dc.near and bands is not None and len(survivors):
+        pairs = survivors[candidate_pairs(bands[survivors])]
+        need = np.unique(pairs)
+        texts = read_shards(files, ["ordinal", "norm"])
+        texts = texts.filter(pc.is_in(texts.column("ordinal"), value_set=pa.array(ordinal[need])))
+        by_ordinal = dict(zip(texts.column("ordinal").to_pylist(), texts.column("norm").to_pylist()))
+        del texts
+        shingles = {int(r): shingle_set(by_ordinal[int(ordinal[r])], dc.shingle) for r in need}
+        scores = np.array([jaccard(shingles[i], shingles[j]) for i, j in pairs.tolist()], dtype=np.float64)
+        for row, (kept, score) in resolve_near(pairs, scores, dc.threshold).items():
+            dropped[row] = (kept, "near", score)
+
+    involved = sorted({int(ordinal[r]) for r in dropped} | {int(ordinal[k]) for k, _, _ in dropped.values()})
+    names = read_shards(files, ["ordinal", "id"])
+    names = names.filter(pc.is_in(names.column("ordinal"), value_set=pa.array(involved, pa.int64())))
+    id_of = dict(zip(names.column("ordinal").to_pylist(), names.column("id").to_pylist()))
+    return {id_of[int(ordinal[r])]: (id_of[int(ordinal[k])], method, score) for r, (k, method, score) in dropped.items()}
+
+
+def _setup(dropped_ref):
+    import ray
+
+    return ray.get(dropped_ref)
+
+
+def _process(dropped: dict, records: list[dict]):
+    kept, rejected = [], []
+    for r in records:
+        if r["id"] in dropped:
+            kept_id, method, score = dropped[r["id"]]
+            reason = f"duplicate: {method} copy of question {kept_id} (jaccard {score:.2f})"
+            rejected.append({**r, "reason": reason, "dup_of": kept_id, "dup_method": method, "dup_score": float(score)})
+        else:
+            kept.append(r)
+    return kept, rejected
 
 
 def run(cfg: RunConfig, run_dir: Path):
-    import time
-
     import ray
 
     dc = cfg.curate.dedup
     start = time.monotonic()
     schema = input_schema(run_dir / "filter")
-    store = open_derived(run_dir, "dedup", "filter", output_fields(dc), schema, rejected_schema_for(schema, DUP_COLUMNS))
-    groups = group_by_question(read_records(run_dir / "filter"))
-    order = {r["id"]: i for i, r in enumerate(read_records(run_dir / "source", ["id"]))}
-    ids = sorted(groups, key=lambda q: (order.get(q, len(order)), q))
-    texts = [groups[q][0]["problem"] for q in ids]
-
-    signatures = None
-    if dc.near and ids:
-        chunk = max(1, cfg.curate.shard_size * 4)
-        task = ray.remote(_signatures)
-        refs = [task.remote(texts[i:i + chunk], dc) for i in range(0, len(texts), chunk)]
-        signatures = np.concatenate(ray.get(refs))
-
-    from distill.curate.dedup import dedup_questions
-
-    result = dedup_questions(ids, texts, dc, signatures=signatures)
-    done = done_question_ids(store)
-    index = store.next_index()
-    batch_ids = [q for q in ids if q not in done]
-    for lo in range(0, len(batch_ids), cfg.curate.shard_size):
-        kept, rejected = [], []
-        for q in batch_ids[lo:lo + cfg.curate.shard_size]:
-            if q in result.dropped:
-                d = result.dropped[q]
-                reason = f"duplicate: {d.method} copy of question {d.kept_id} (jaccard {d.score:.2f})"
-                rejected += [{**r, "reason": reason, "dup_of": d.kept_id, "dup_method": d.method,
-                              "dup_score": float(d.score)} for r in groups[q]]
-            else:
-                kept += groups[q]
-        store.commit(index, kept, rejected)
-        index += 1
-    return finish_stage(store, "dedup", time.monotonic() - start,
-                        {"questions": len(ids), "duplicate_questions": len(result.dropped)})
+    store, units = open_partitioned(run_dir, "dedup", "filter", output_fields(dc), schema,
+                                    rejected_schema_for(schema, DUP_COLUMNS), cfg)
+    n = store.manifest.partitions
+    summary = {}
+    if units:
+        ex = store.root / EXCHANGE
+        ex.mkdir(exist_ok=True)
+        tmp = store.root / ".tmp"
+        tmp.mkdir(exist_ok=True)
+        # Every partition's questions take part in the decision, committed ones included.
+        filter_root = run_dir / "filter"
+        todo = [Unit(p, [str(filter_root / f"part-{p:05d}.parquet")]) for p in range(n)
+                if not (ex / f"lsh-p{p:05d}.parquet").exists()]
+        source_ids = read_shards(sorted((run_dir / "source").glob("part-*.parquet")), ["id"]).column("id").combine_chunks()
+        print(f"dedup: sketching {len(todo)} of {n} partitions", flush=True)
+        for p, path in map_items(_sketch_partition, (dc, source_ids, str(tmp)), todo, cfg,
+                                 lambda u: f"dedup sketch of partition {u.index} ({u.inputs[0]})"):
+            os.replace(path, ex / f"lsh-p{p:05d}.parquet")
+        fsync_dir(ex)
+        del source_ids
+        dropped = _decide([ex / f"lsh-p{p:05d}.parquet" for p in range(n)], dc)
+        summary = {"questions": sum(pq.ParquetFile(ex / f"lsh-p{p:05d}.parquet").metadata.num_rows for p in range(n)),
+                   "duplicate_questions": len(dropped)}
+        print(f"dedup: {summary['duplicate_questions']} of {summary['questions']} questions are duplicates", flush=True)
+        run_units(store, units, cfg, "dedup", setup=_setup, setup_args=(ray.put(dropped),), process=_process)
+    return finish_stage(store, "dedup", time.monotonic() - start, summary)

@@ -12,10 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from distill.config import RunConfig, output_fields
-from distill.stages.derived import (
-    done_question_ids, finish_stage, input_schema, open_derived, plan_question_units, rejected_schema_for, run_units,
-)
-from distill.store import read_records
+from distill.stages.derived import finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SFT_SCHEMA = pa.schema([
@@ -45,10 +42,8 @@ def _process(sft_cfg, records):
 
 def run(cfg: RunConfig, run_dir: Path):
     sc = cfg.curate.sft
-    upstream = read_records(run_dir / "decontam")
-    store = open_derived(run_dir, "sft", "decontam", output_fields(sc), SFT_SCHEMA,
-                         rejected_schema_for(input_schema(run_dir / "decontam")))
-    units = plan_question_units(upstream, done_question_ids(store), cfg.curate.shard_size, store.next_index())
+    store, units = open_partitioned(run_dir, "sft", "decontam", output_fields(sc), SFT_SCHEMA,
+                                    rejected_schema_for(input_schema(run_dir / "decontam")), cfg)
     _, seconds = run_units(store, units, cfg, "sft", setup=_setup, setup_args=(sc,), process=_process)
     manifest = finish_stage(store, "sft", seconds)
     print(f"sft: {manifest.counts['records']} training conversations in {store.root}", flush=True)

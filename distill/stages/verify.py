@@ -18,11 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from distill.config import RunConfig, output_fields
-from distill.stages.derived import (
-    done_question_ids, extend_schema, finish_stage, input_schema, open_derived, plan_question_units,
-    rejected_schema_for, run_units,
-)
-from distill.store import read_records
+from distill.stages.derived import extend_schema, finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
 
 VERIFY_COLUMNS = [("pred_answer", pa.string()), ("label", pa.string()), ("agreement", pa.float64()),
                   ("verdict", pa.string()), ("verdict_detail", pa.string()), ("correct", pa.bool_()),
@@ -52,11 +48,9 @@ def _process(state, records):
 def run(cfg: RunConfig, run_dir: Path):
     vc = cfg.curate.verify
     schema = extend_schema(input_schema(run_dir / "generate"), VERIFY_COLUMNS)
-    store = open_derived(run_dir, "verify", "generate", output_fields(vc), schema, rejected_schema_for(schema))
-    samples = read_records(run_dir / "generate")
-    units = plan_question_units(samples, done_question_ids(store), cfg.curate.shard_size, store.next_index())
-    print(f"verify: {len(samples)} samples; {sum(len(u.records) for u in units)} to verify in {len(units)} shards",
-          flush=True)
+    store, units = open_partitioned(run_dir, "verify", "generate", output_fields(vc), schema,
+                                    rejected_schema_for(schema), cfg)
+    print(f"verify: {len(units)} of {store.manifest.partitions} partitions to verify", flush=True)
     # Each actor runs `vc.workers` verifier processes: reserve that many CPUs for it.
     verdicts, seconds = run_units(store, units, cfg, "verify", setup=_setup, setup_args=(vc, cfg.generate), process=_process,
                                   cpus=vc.workers)
