@@ -7,6 +7,7 @@ Nothing here knows about Ray; `stages/generate.py` runs `run_unit` inside actors
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Container, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -70,27 +71,41 @@ class UnitResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def plan_units(
-    questions: list[dict], *, n_samples: int, params_hash: str, done: set[str], shard_size: int,
+def iter_units(
+    questions: Iterable[dict], *, n_samples: int, params_hash: str, done: Container[str], shard_size: int,
     first_index: int, base_seed: int | None,
-) -> list[WorkUnit]:
-    """Every (question, sample < n_samples) whose key is not in `done`, in shards of `shard_size`.
+) -> Iterator[WorkUnit]:
+    """Every (question, sample < n_samples) whose key is not in `done`, in shards of `shard_size`,
+    made one at a time as the pool asks for them (the driver never holds the whole plan).
 
     Deterministic given its inputs, so a resumed run plans exactly the work that is missing.
     """
-    tasks = [
-        Task(key, q, s, derive_seed(base_seed, q["id"], s))
-        for q in questions
-        for s in range(n_samples)
-        if (key := sample_key(q["id"], s, params_hash)) not in done
-    ]
-    return [WorkUnit(first_index + i, tasks[j : j + shard_size])
-            for i, j in enumerate(range(0, len(tasks), shard_size))]
+    tasks: list[Task] = []
+    index = first_index
+    for q in questions:
+        for s in range(n_samples):
+            if (key := sample_key(q["id"], s, params_hash)) not in done:
+                tasks.append(Task(key, q, s, derive_seed(base_seed, q["id"], s)))
+                if len(tasks) == shard_size:
+                    yield WorkUnit(index, tasks)
+                    tasks, index = [], index + 1
+    if tasks:
+        yield WorkUnit(index, tasks)
 
 
-def changed_questions(existing: list[dict], questions: list[dict]) -> list[str]:
+def plan_units(questions: list[dict], **kw) -> list[WorkUnit]:
+    """`iter_units` as a list."""
+    return list(iter_units(questions, **kw))
+
+
+def count_missing(questions: Iterable[dict], n_samples: int, params_hash: str, done: Container[str]) -> int:
+    return sum(sample_key(q["id"], s, params_hash) not in done for q in questions for s in range(n_samples))
+
+
+def changed_questions(existing: Iterable[dict], questions: list[dict]) -> list[str]:
     """Ids whose problem text differs between stored samples and the current source: samples
-    keyed by such an id answer a question that is no longer the one asked."""
+    keyed by such an id answer a question that is no longer the one asked. `existing` may be a
+    stream (one shard's rows at a time)."""
     current = {q["id"]: q["problem"] for q in questions}
     return sorted({r["id"] for r in existing if r["id"] in current and current[r["id"]] != r["problem"]})
 

@@ -81,23 +81,40 @@ class ReplicaPool:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        pending = list(items)[::-1]
+        # Items are drawn from the iterator only when an actor has room, so a lazily planned stage
+        # holds `depth` items per replica plus retries, never the whole plan.
+        source = iter(items)
+        retry: list[Any] = []
+        exhausted = False
+
+        def next_item():
+            nonlocal exhausted
+            if retry:
+                return retry.pop()
+            if not exhausted:
+                try:
+                    return next(source)
+                except StopIteration:
+                    exhausted = True
+            return None
+
         inflight: dict[Any, tuple[int, Any, Any]] = {}
         attempts: Counter = Counter()
         load = Counter()
         probes: dict[Any, tuple[int, Any]] = {}  # __ray_ready__ of actors not known to have started
         start_failures = 0
         idle_since = time.monotonic()
-        while pending or inflight:
+        while retry or not exhausted or inflight:
             for i, actor in enumerate(self.actors):
                 if not self._started[i]:
                     if not any(a is actor for _, a in probes.values()):
                         probes[actor.__ray_ready__.remote()] = (i, actor)
                     continue
-                while pending and load[i] < depth:
-                    item = pending.pop()
+                while load[i] < depth and (item := next_item()) is not None:
                     inflight[getattr(actor, method).remote(item)] = (i, actor, item)
                     load[i] += 1
+            if not inflight and not probes:
+                break  # every actor has started and none took an item: nothing is left
             ready, _ = ray.wait(list(inflight) + list(probes), num_returns=1, timeout=_STALL_WARN_S)
             if inflight or ready:
                 idle_since = time.monotonic()
@@ -136,7 +153,7 @@ class ReplicaPool:
                         raise ShardFailed(f"{self._describe(item)} failed {attempts[id(item)]} times; last error:\n{e}") from e
                     if actor_lost:
                         self._replace(i, actor)
-                    pending.append(item)
+                    retry.append(item)
                     continue
                 yield result
 

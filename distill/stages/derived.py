@@ -137,13 +137,21 @@ def choose_partitions(old: Manifest | None, fingerprint: str, upstream: Manifest
     return max(1, math.ceil(upstream.counts.get("records", 0) / target_rows))
 
 
-def _map_batches(paths: list[Path], rows_per_map: int) -> list[list[str]]:
-    """Consecutive input shards grouped into map tasks of about `rows_per_map` rows (footers only)."""
+_MAP_BYTES = 64 << 20
+_MAX_MAPS = 64
+
+
+def _map_batches(paths: list[Path]) -> list[list[str]]:
+    """Consecutive input shards grouped into map tasks by size on disk (a stat, no read: an
+    unreadable shard fails in a worker, which is retried and names it). At least 64 MiB a map
+    and at most 64 maps, so the exchange writes at most 64 files per partition."""
+    sizes = [p.stat().st_size for p in paths]
+    target = max(_MAP_BYTES, -(-sum(sizes) // _MAX_MAPS))
     batches, cur, n = [], [], 0
-    for p in paths:
+    for p, size in zip(paths, sizes):
         cur.append(str(p))
-        n += pq.ParquetFile(p).metadata.num_rows
-        if n >= rows_per_map:
+        n += size
+        if n >= target:
             batches.append(cur)
             cur, n = [], 0
     if cur:
@@ -223,8 +231,7 @@ def plan_units(store: ShardStore, up_root: Path, upstream: Manifest, n_partition
         return [Unit(p, [str(up_root / shard_name(p))]) for p in todo]
     ex = store.root / EXCHANGE
     ex.mkdir(exist_ok=True)
-    rows_per_map = max(8 * cfg.curate.shard_size, 64 * n_partitions)
-    batches = _map_batches(sorted(up_root.glob("part-*.parquet")), rows_per_map)
+    batches = _map_batches(sorted(up_root.glob("part-*.parquet")))
     maps = [(j, b, n_partitions, str(store.root / ".tmp")) for j, b in enumerate(batches)
             if not (ex / f"m{j:05d}").is_dir()]
     if maps:

@@ -11,22 +11,38 @@ from collections import Counter
 from pathlib import Path
 
 from distill.config import RunConfig
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
 from distill.generation import (
-    GEN_REJECTED_SCHEMA, GENERATED_SCHEMA, UnitResult, WorkUnit, changed_questions, generation_settings, plan_units,
-    run_unit,
-    sampling_params, settings_hash, teacher_name,
+    GEN_REJECTED_SCHEMA, GENERATED_SCHEMA, WorkUnit, changed_questions, count_missing, generation_settings, iter_units,
+    run_unit, sampling_params, settings_hash, teacher_name,
 )
 from distill.progress import Progress, format_counter
 from distill.raypool import ReplicaPool
-from distill.store import Manifest, ShardStore, StaleOutputError, read_records, reason_code, require_complete
+from distill.store import (
+    Manifest, ShardStore, StagedShard, StaleOutputError, read_records, reason_code, require_complete, stage_shard,
+)
 
 log = logging.getLogger("distill.generate")
 
 
-class TeacherReplica:
-    """One engine in one Ray actor. `run` is a plain function of a work unit."""
+@dataclass
+class UnitDone:
+    """What a replica returns for a unit: the shard it staged and its counts, not the records."""
 
-    def __init__(self, cfg: RunConfig):
+    staged: StagedShard
+    tokens: int
+    rejected: Counter
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class TeacherReplica:
+    """One engine in one Ray actor. `run` generates a work unit and stages its shard in `out_root`
+    (the driver commits it)."""
+
+    def __init__(self, cfg: RunConfig, out_root: str):
         import faulthandler
         import sys
 
@@ -39,13 +55,17 @@ class TeacherReplica:
         gen = cfg.generate
         self.engine = build_engine(gen.engine, gen.engine_config())
         self.args = (sampling_params(gen), gen.prompt, teacher_name(gen), settings_hash(gen))
+        self.out_root = out_root
 
-    def run(self, unit: WorkUnit) -> UnitResult:
+    def run(self, unit: WorkUnit) -> UnitDone:
         before = self.engine.stats()
         result = run_unit(self.engine, unit, *self.args)
         after = self.engine.stats()
-        result.stats = {k: after[k] - before.get(k, 0) for k in after}
-        return result
+        staged = stage_shard(self.out_root, unit.index, result.records, result.rejected, GENERATED_SCHEMA,
+                             GEN_REJECTED_SCHEMA)
+        return UnitDone(staged, int(sum(r["n_tokens"] for r in result.records)),
+                        Counter(reason_code(r["reason"]) for r in result.rejected),
+                        {k: after[k] - before.get(k, 0) for k in after})
 
 
 def run(cfg: RunConfig, run_dir: Path) -> Manifest:
@@ -58,30 +78,35 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     store = ShardStore(run_dir / "generate", stage="generate", fingerprint=params_hash,
                        settings=generation_settings(gen), schema=GENERATED_SCHEMA,
                        rejected_schema=GEN_REJECTED_SCHEMA, inputs={"source": source.fingerprint}).open()
-    changed = changed_questions(store.read_columns(("id", "problem")), questions)
+    # One shard's (id, problem) at a time: the stored samples are never all in memory.
+    stored = (r for p in [store.root / n for n in store.shard_names()] + store.rejected_paths()
+              for r in pq.read_table(p, columns=["id", "problem"]).to_pylist())
+    changed = changed_questions(stored, questions)
     if changed:
         raise StaleOutputError(
             f"{store.root} holds samples for {len(changed)} question ids whose problem text has changed in "
             f"the source (e.g. {changed[0]!r}). Give changed questions new ids, or write to a new run.dir.")
-    units = plan_units(questions, n_samples=gen.n_samples, params_hash=params_hash, done=store.done_keys(),
-                       shard_size=gen.shard_size, first_index=store.next_index(), base_seed=gen.sampling.seed)
-    planned = sum(len(u.tasks) for u in units)
+    done = store.done_key_hashes()
+    planned = count_missing(questions, gen.n_samples, params_hash, done)
+    n_units = -(-planned // gen.shard_size)
     print(f"generate: {len(questions)} questions x {gen.n_samples} samples; {planned} to generate "
-          f"in {len(units)} shards ({len(questions) * gen.n_samples - planned} already done)", flush=True)
+          f"in {n_units} shards ({len(questions) * gen.n_samples - planned} already done)", flush=True)
+    units = iter_units(questions, n_samples=gen.n_samples, params_hash=params_hash, done=done,
+                       shard_size=gen.shard_size, first_index=store.next_index(), base_seed=gen.sampling.seed)
 
     stats, rejected = Counter(), Counter()
-    bar = Progress(len(units), "generate", enabled=cfg.run.progress)
+    bar = Progress(n_units, "generate", enabled=cfg.run.progress)
     pool = None
-    if units:
+    if n_units:
         actor = ray.remote(TeacherReplica)
         options = {"num_cpus": gen.cpus_per_replica, "num_gpus": gen.gpus_per_replica}
-        pool = ReplicaPool(actor, (cfg,), replicas=min(gen.replicas, len(units)), options=options,
+        pool = ReplicaPool(actor, (cfg, str(store.root)), replicas=min(gen.replicas, n_units), options=options,
                            max_retries=gen.max_shard_retries, describe=lambda u: f"shard {u.index}")
         for res in pool.map_unordered("run", units):
-            store.commit(res.index, res.records, res.rejected)
+            store.commit_staged(res.staged)
             stats.update(res.stats)
-            rejected.update(reason_code(r["reason"]) for r in res.rejected)
-            bar.update(len(res.records) + len(res.rejected), int(sum(r["n_tokens"] for r in res.records)))
+            rejected.update(res.rejected)
+            bar.update(res.staged.rows + res.staged.rejected_rows, res.tokens)
         pool.shutdown()
     bar.close()
 
