@@ -361,41 +361,17 @@ def check_inputs(cfg, stages: list[str]) -> tuple[list[str], list[str]]:
 
 
 def stage_resources(cfg, stages: list[str]) -> list[StagePlan]:
-    """The Ray actors each stage asks for (what `ray status` will show it holding)."""
-    gen, cur = cfg.generate, cfg.curate
+    """The Ray actors each stage asks for (what `ray status` will show it holding): each stage's
+    own `resources`, the function its run sizes its pool with."""
+    from distill.stages import STAGE_RESOURCES, stage_resources as ask_of
+
     out = []
     for stage in stages:
-        if stage == "generate":
-            model = gen.engine_config().model
-            what = f"{gen.engine} engine, teacher {model}, {gen.n_samples} samples per question"
-            if gen.engine == "vllm":
-                what += f", tensor parallel {gen.vllm.tensor_parallel_size}"
-            if gen.engine == "openai":
-                what += f" at {gen.openai.base_url} ({gen.openai.concurrency} requests in flight per replica)"
-            out.append(StagePlan(stage, gen.replicas, gen.cpus_per_replica, gen.gpus_per_replica, what))
-        elif stage == "verify":
-            out.append(StagePlan(stage, cur.workers, cur.verify.workers,
-                                 what=f"{cur.verify.workers} verifier processes per actor"))
-        elif stage == "dedup":
-            out.append(StagePlan(stage, 1, 1, what="MinHash signatures as Ray tasks, index in the driver"))
-        elif stage == "decontam":
-            what = "n-gram index in the object store"
-            if cur.decontam.judge.enabled:
-                what += f"; the {gen.engine} teacher judges candidates in each actor"
-            out.append(StagePlan(stage, cur.workers, 1, what=what))
-        elif stage == "train":
-            ln = cfg.train.launch
-            out.append(StagePlan(stage, ln.num_workers, ln.cpus_per_worker, ln.gpus_per_worker,
-                                 f"{cfg.train.backend} ranks via {ln.launcher}"))
-        elif stage == "eval":
-            ev = cfg.eval
-            out.append(StagePlan(stage, 1, ev.cpus, ev.gpus,
-                                 f"one Ray task per model, in turn ({', '.join(ev.models)}) on {len(ev.benchmarks)} "
-                                 "benchmark(s); the teacher's task takes generate's replica resources"))
-        elif stage in ("filter", "sft"):
-            out.append(StagePlan(stage, cur.workers, 1))
-        else:
+        if stage not in STAGE_RESOURCES:
             out.append(StagePlan(stage, 0, 0, what="resources not modelled by distill.plan"))
+            continue
+        ask = ask_of(stage, cfg)
+        out.append(StagePlan(stage, ask.replicas, ask.cpus, ask.gpus, ask.what))
     return out
 
 

@@ -95,6 +95,15 @@ def test_driver_group_killed_mid_verify_then_resumed(tmp_path):
     assert full.returncode == 0, full.stdout + full.stderr[-3000:]
     n_parts = json.loads((ref / "verify" / "_manifest.json").read_text())["partitions"]
     assert n_parts == -(-len(keys) // 8)
+    # What `--dry-run` prints for each stage is what the stage asked Ray for (and, with one
+    # worker of one CPU on a 2-CPU cluster, what it placed).
+    from distill.config import load_config
+    from distill.plan import stage_resources
+
+    for plan in stage_resources(load_config(ref_cfg, require_source=False), STAGES):
+        actors = json.loads((ref / plan.name / "_manifest.json").read_text())["summary"]["actors"]
+        asked = {"replicas": plan.actors, "cpus": plan.cpus, "gpus": plan.gpus}
+        assert actors["asked"] == asked == actors["placed"], (plan.name, actors)
 
     # Its own session, so the kill reaches the driver and the Ray processes it started.
     proc = subprocess.Popen(distill_cmd("curate", str(cfg)), cwd=REPO, stdout=subprocess.PIPE,

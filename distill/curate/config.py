@@ -13,12 +13,16 @@ from distill.section import Section
 
 
 class CurateConfig(Section):
-    shard_size: int = Field(default=256, ge=1)
-    """Questions per work unit (all samples of a question stay in one unit, so per-question
-    filters and pass rates see every sample). Larger units mean fewer, bigger output shards."""
+    shard_size: int = Field(default=1024, ge=1)
+    """Samples per partition, as a target: the first curation stage splits its input into
+    ceil(samples / shard_size) partitions by a stable hash of the question id (all samples of a
+    question in one, so per-question filters and pass rates see every sample), and the later
+    stages keep them. A partition is a worker's unit of memory and of retry (1,024 R1-length
+    samples: ~30 MB of text); more partitions mean more, smaller shards. A resumed stage keeps
+    the partition count it started with."""
 
     workers: int = Field(default=2, ge=1)
-    """Ray actors per curation stage. The verify stage's actors each run `verify.workers`
+    """Ray actors per curation stage (and per exchange or dedup-sketch step). The verify stage's actors each run `verify.workers`
     processes, so its actor count is also capped by the cluster's CPUs."""
 
     verify: VerifyConfig = Field(default_factory=VerifyConfig)

@@ -2,13 +2,27 @@
 
 Each stage module is imported only when the stage runs, so `distill config ...` stays fast and a
 CPU-only install never imports a GPU-only stage's dependencies. A stage may also register a
-preflight `(RunConfig) -> None` that checks its inputs before any stage of the run starts.
+preflight `(RunConfig) -> None` that checks its inputs before any stage of the run starts, and
+declares what it asks Ray for (`resources(RunConfig) -> ActorAsk`): its run sizes its actor pool
+with that function and `--dry-run` prints it, so the two cannot drift.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Callable
+
+
+@dataclass(frozen=True)
+class ActorAsk:
+    """The Ray actors a stage asks for: `replicas` x (`cpus`, `gpus`). A pool may place fewer
+    (no more than its work units, or than the cluster's CPUs hold) and says so in its manifest."""
+
+    replicas: int
+    cpus: float
+    gpus: float = 0.0
+    what: str = ""
 
 STAGE_RUNNERS: dict[str, str] = {
     "generate": "distill.stages.generate:run",
@@ -27,6 +41,9 @@ STAGE_PREFLIGHT: dict[str, str] = {
     "eval": "distill.stages.eval:preflight",
 }
 
+STAGE_RESOURCES: dict[str, str] = {name: ref.replace(":run", ":resources") for name, ref in STAGE_RUNNERS.items()}
+"""Every stage module defines `resources` beside `run`."""
+
 CURATE_STAGES = ("verify", "filter", "dedup", "decontam", "sft")
 """What `distill curate` runs, in order."""
 
@@ -43,3 +60,7 @@ def stage_runner(name: str) -> Callable:
 def stage_preflight(name: str, cfg) -> None:
     if name in STAGE_PREFLIGHT:
         _load(STAGE_PREFLIGHT[name])(cfg)
+
+
+def stage_resources(name: str, cfg) -> ActorAsk:
+    return _load(STAGE_RESOURCES[name])(cfg)

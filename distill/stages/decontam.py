@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from distill.config import RunConfig, fingerprint, output_fields
+from distill.stages import ActorAsk
 from distill.stages.derived import finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
 
 AUDIT_COLUMNS = [("bench", pa.string()), ("bench_id", pa.string()), ("match_method", pa.string()),
@@ -34,6 +35,13 @@ def preflight(cfg: RunConfig) -> None:
     from distill.curate.benchmarks import load_benchmarks
 
     load_benchmarks(cfg.curate.decontam.benchmarks)
+
+
+def resources(cfg: RunConfig) -> ActorAsk:
+    what = "n-gram index in the object store"
+    if cfg.curate.decontam.judge.enabled:
+        what += f"; the {cfg.generate.engine} teacher judges candidates in each actor"
+    return ActorAsk(cfg.curate.workers, 1, what=what)
 
 
 def _setup(dc, index_ref, embed_ref, gen):
@@ -153,5 +161,6 @@ def run(cfg: RunConfig, run_dir: Path):
 
             embed_ref = ray.put(EmbeddingIndex(benchmarks, dc.embedding, dc.policy))
     stats, seconds = run_units(store, units, cfg, "decontam", setup=_setup,
-                               setup_args=(dc, index_ref, embed_ref, cfg.generate), process=_process)
+                               setup_args=(dc, index_ref, embed_ref, cfg.generate), process=_process,
+                               ask=resources(cfg))
     return finish_stage(store, "decontam", seconds, {"benchmarks": provenance, "this_run": dict(stats)})

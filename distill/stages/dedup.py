@@ -28,12 +28,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distill.config import RunConfig, output_fields
+from distill.stages import ActorAsk
 from distill.stages.derived import (
     EXCHANGE, Unit, finish_stage, input_schema, map_items, open_partitioned, rejected_schema_for, run_units,
 )
 from distill.store import fsync_dir, partition_of, read_shards
 
 DUP_COLUMNS = [("dup_of", pa.string()), ("dup_method", pa.string()), ("dup_score", pa.float64())]
+
+
+def resources(cfg: RunConfig) -> ActorAsk:
+    return ActorAsk(cfg.curate.workers, 1, what="sketches and drops per partition on Ray; the decision in the driver "
+                                                "(exact keys and band hashes, ~200 MB per million questions)")
 
 
 def _sketch_partition(dc, source_ids: pa.Array, tmp_dir: str, unit: Unit) -> tuple[int, str]:
@@ -162,5 +168,6 @@ def run(cfg: RunConfig, run_dir: Path):
         summary = {"questions": sum(pq.ParquetFile(ex / f"lsh-p{p:05d}.parquet").metadata.num_rows for p in range(n)),
                    "duplicate_questions": len(dropped)}
         print(f"dedup: {summary['duplicate_questions']} of {summary['questions']} questions are duplicates", flush=True)
-        run_units(store, units, cfg, "dedup", setup=_setup, setup_args=(ray.put(dropped),), process=_process)
+        run_units(store, units, cfg, "dedup", setup=_setup, setup_args=(ray.put(dropped),), process=_process,
+                  ask=resources(cfg))
     return finish_stage(store, "dedup", time.monotonic() - start, summary)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from distill.config import RunConfig, fingerprint
 from distill.progress import Progress, format_counter
+from distill.stages import ActorAsk
 from distill.store import (
     Manifest, ShardStore, StagedShard, diff_settings, fsync_dir, partition_of, read_shards, require_complete,
     shard_index, shard_name, stage_shard,
@@ -272,8 +273,25 @@ class StageWorker:
                           rest[0] if rest else {})
 
 
+def placed(ask: ActorAsk, n_units: int) -> ActorAsk:
+    """What a pool actually starts for `ask`: no more replicas than work units, nor than the
+    cluster's CPUs hold (more would hold units that never start)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1)
+    cpus = min(ask.cpus, total)
+    replicas = max(1, min(ask.replicas, n_units, int(total // cpus) if cpus else ask.replicas))
+    return ActorAsk(replicas, cpus, ask.gpus, ask.what)
+
+
+def record_actors(store: ShardStore, ask: ActorAsk, used: ActorAsk | None) -> None:
+    store.manifest.summary = {**store.manifest.summary, "actors": {
+        "asked": {"replicas": ask.replicas, "cpus": ask.cpus, "gpus": ask.gpus},
+        "placed": None if used is None else {"replicas": used.replicas, "cpus": used.cpus, "gpus": used.gpus}}}
+
+
 def run_units(store: ShardStore, units: list[Unit], cfg: RunConfig, stage: str, *, setup: Callable,
-              setup_args: tuple, process: Callable, cpus: float = 1) -> tuple[Counter, float]:
+              setup_args: tuple, process: Callable, ask: ActorAsk) -> tuple[Counter, float]:
     """Run `process` over the partitions on a pool of Ray actors; commit each as it arrives."""
     import ray
 
@@ -281,13 +299,11 @@ def run_units(store: ShardStore, units: list[Unit], cfg: RunConfig, stage: str, 
 
     stats: Counter = Counter()
     bar = Progress(len(units), stage, enabled=cfg.run.progress)
+    used = placed(ask, len(units)) if units else None
+    record_actors(store, ask, used)
     if units:
-        # More actors than the cluster can place would hold units that never start.
-        total = ray.cluster_resources().get("CPU", 1)
-        cpus = min(cpus, total)
-        replicas = max(1, min(cfg.curate.workers, len(units), int(total // cpus)))
         args = (setup, setup_args, process, str(store.root), store.schema, store.rejected_schema)
-        pool = ReplicaPool(ray.remote(StageWorker), args, replicas=replicas, options={"num_cpus": cpus},
+        pool = ReplicaPool(ray.remote(StageWorker), args, replicas=used.replicas, options={"num_cpus": used.cpus},
                            max_retries=2, describe=lambda u: f"{stage} partition {u.index} ({', '.join(u.inputs[:3])}"
                                                              f"{' ...' if len(u.inputs) > 3 else ''})")
         try:
@@ -327,7 +343,8 @@ def finish_stage(store: ShardStore, stage: str, seconds: float, summary: dict | 
         # Nothing survived (or nothing came in): an empty shard still carries the schema, so the
         # next stage reads "zero records" instead of failing on a missing file.
         store.commit(store.next_index(), [])
-    manifest = store.finish({"seconds": round(seconds, 2), **(summary or {})})
+    manifest = store.finish({"seconds": round(seconds, 2), **{k: v for k, v in store.manifest.summary.items()
+                                                             if k == "actors"}, **(summary or {})})
     c = manifest.counts
     print(f"{stage}: {c['records']} kept, {c['rejected']} rejected ({format_counter(c['rejected_by_reason'])})"
           f" in {seconds:.1f}s", flush=True)

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from distill.config import ConfigError, RunConfig, fingerprint
+from distill.stages import ActorAsk
 from distill.evaluate import (
     EvalRun, EvalSet, ModelSpec, evaluate, format_scores, load_eval_set, model_fingerprint, write_json, write_records,
 )
@@ -26,6 +27,13 @@ RESULTS = "results.json"
 
 def eval_sets(cfg: RunConfig) -> list[EvalSet]:
     return [load_eval_set(ref, cfg.eval.limit) for ref in cfg.eval.benchmarks]
+
+
+def resources(cfg: RunConfig) -> ActorAsk:
+    ev = cfg.eval
+    return ActorAsk(1, ev.cpus, ev.gpus, f"one Ray task per model, in turn ({', '.join(ev.models)}) on "
+                                         f"{len(ev.benchmarks)} benchmark(s); the teacher's task takes generate's "
+                                         "replica resources")
 
 
 def preflight(cfg: RunConfig) -> None:

@@ -12,8 +12,13 @@ from collections import Counter
 from pathlib import Path
 
 from distill.config import RunConfig, output_fields
+from distill.stages import ActorAsk
 from distill.stages.derived import finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
 from distill.store import reason_code
+
+
+def resources(cfg: RunConfig) -> ActorAsk:
+    return ActorAsk(cfg.curate.workers, 1)
 
 
 def _setup(filter_cfg):
@@ -33,5 +38,6 @@ def run(cfg: RunConfig, run_dir: Path):
     store, units = open_partitioned(run_dir, "filter", "verify", output_fields(fc), schema,
                                     rejected_schema_for(schema), cfg)
     print(f"filter: {len(units)} of {store.manifest.partitions} partitions to filter", flush=True)
-    _, seconds = run_units(store, units, cfg, "filter", setup=_setup, setup_args=(fc,), process=_process)
+    _, seconds = run_units(store, units, cfg, "filter", setup=_setup, setup_args=(fc,), process=_process,
+                            ask=resources(cfg))
     return finish_stage(store, "filter", seconds)

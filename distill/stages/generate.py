@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from distill.config import RunConfig
+from distill.stages import ActorAsk
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
@@ -68,6 +69,16 @@ class TeacherReplica:
                         {k: after[k] - before.get(k, 0) for k in after})
 
 
+def resources(cfg: RunConfig) -> ActorAsk:
+    gen = cfg.generate
+    what = f"{gen.engine} engine, teacher {gen.engine_config().model}, {gen.n_samples} samples per question"
+    if gen.engine == "vllm":
+        what += f", tensor parallel {gen.vllm.tensor_parallel_size}"
+    if gen.engine == "openai":
+        what += f" at {gen.openai.base_url} ({gen.openai.concurrency} requests in flight per replica)"
+    return ActorAsk(gen.replicas, gen.cpus_per_replica, gen.gpus_per_replica, what)
+
+
 def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     import ray
 
@@ -99,8 +110,9 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     pool = None
     if n_units:
         actor = ray.remote(TeacherReplica)
-        options = {"num_cpus": gen.cpus_per_replica, "num_gpus": gen.gpus_per_replica}
-        pool = ReplicaPool(actor, (cfg, str(store.root)), replicas=min(gen.replicas, n_units), options=options,
+        ask = resources(cfg)
+        options = {"num_cpus": ask.cpus, "num_gpus": ask.gpus}
+        pool = ReplicaPool(actor, (cfg, str(store.root)), replicas=min(ask.replicas, n_units), options=options,
                            max_retries=gen.max_shard_retries, describe=lambda u: f"shard {u.index}")
         for res in pool.map_unordered("run", units):
             store.commit_staged(res.staged)

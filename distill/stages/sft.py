@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from distill.config import RunConfig, output_fields
+from distill.stages import ActorAsk
 from distill.stages.derived import finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -21,6 +22,10 @@ SFT_SCHEMA = pa.schema([
     ("pass_rate", pa.float64()), ("n_tokens", pa.int32()),
 ])
 PROVENANCE = [n for n in SFT_SCHEMA.names if n != "messages"]
+
+
+def resources(cfg: RunConfig) -> ActorAsk:
+    return ActorAsk(cfg.curate.workers, 1)
 
 
 def _setup(sft_cfg):
@@ -44,7 +49,8 @@ def run(cfg: RunConfig, run_dir: Path):
     sc = cfg.curate.sft
     store, units = open_partitioned(run_dir, "sft", "decontam", output_fields(sc), SFT_SCHEMA,
                                     rejected_schema_for(input_schema(run_dir / "decontam")), cfg)
-    _, seconds = run_units(store, units, cfg, "sft", setup=_setup, setup_args=(sc,), process=_process)
+    _, seconds = run_units(store, units, cfg, "sft", setup=_setup, setup_args=(sc,), process=_process,
+                            ask=resources(cfg))
     manifest = finish_stage(store, "sft", seconds)
     print(f"sft: {manifest.counts['records']} training conversations in {store.root}", flush=True)
     return manifest

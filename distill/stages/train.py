@@ -10,6 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.config import RunConfig
+from distill.stages import ActorAsk
+
+
+def resources(cfg: RunConfig) -> ActorAsk:
+    ln = cfg.train.launch
+    return ActorAsk(ln.num_workers, ln.cpus_per_worker, ln.gpus_per_worker, f"{cfg.train.backend} ranks via {ln.launcher}")
 
 
 def preflight(cfg: RunConfig) -> None:

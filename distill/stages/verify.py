@@ -18,11 +18,19 @@ from pathlib import Path
 import pyarrow as pa
 
 from distill.config import RunConfig, output_fields
+from distill.stages import ActorAsk
 from distill.stages.derived import extend_schema, finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
 
 VERIFY_COLUMNS = [("pred_answer", pa.string()), ("label", pa.string()), ("agreement", pa.float64()),
                   ("verdict", pa.string()), ("verdict_detail", pa.string()), ("correct", pa.bool_()),
                   ("pass_rate", pa.float64()), ("n_samples", pa.int32())]
+
+
+def resources(cfg: RunConfig) -> ActorAsk:
+    cur = cfg.curate
+    return ActorAsk(cur.workers, cur.verify.workers,
+                    what=f"{cur.verify.workers} verifier processes per actor; first, the exchange of generate's "
+                         f"shards into partitions on {cur.workers} 1-CPU actors")
 
 
 def _setup(verify_cfg, gen):
@@ -51,9 +59,9 @@ def run(cfg: RunConfig, run_dir: Path):
     store, units = open_partitioned(run_dir, "verify", "generate", output_fields(vc), schema,
                                     rejected_schema_for(schema), cfg)
     print(f"verify: {len(units)} of {store.manifest.partitions} partitions to verify", flush=True)
-    # Each actor runs `vc.workers` verifier processes: reserve that many CPUs for it.
-    verdicts, seconds = run_units(store, units, cfg, "verify", setup=_setup, setup_args=(vc, cfg.generate), process=_process,
-                                  cpus=vc.workers)
+    # Each actor runs `vc.workers` verifier processes: `resources` reserves that many CPUs for it.
+    verdicts, seconds = run_units(store, units, cfg, "verify", setup=_setup, setup_args=(vc, cfg.generate),
+                                  process=_process, ask=resources(cfg))
     # `_process` counts verdicts and, with the judge on, its outcomes (`judged_*`, `judge_skipped`).
     judged = {k: v for k, v in verdicts.items() if k.startswith("judge")}
     summary = {"verdicts_this_run": {k: v for k, v in verdicts.items() if k not in judged}}
