@@ -12,7 +12,6 @@ resumed run reuses every finished shard; changing anything else is refused (see 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from distill.fsio import fingerprint  # noqa: F401  (re-exported: `from distill.config import fingerprint`)
 from distill.section import Section
 from distill.curate.config import CurateConfig
 from distill.curate.benchmarks import BenchmarkRef
@@ -579,10 +579,6 @@ def output_fields(section: BaseModel) -> dict:
         value = getattr(section, name)
         out[name] = output_fields(value) if isinstance(value, BaseModel) else value
     return json.loads(json.dumps(out, default=str))
-
-
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- help text

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -42,10 +41,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from distill.config import EvalBenchmarkRef, PromptConfig, SamplingConfig, fingerprint, output_fields
+from distill.config import EvalBenchmarkRef, PromptConfig, SamplingConfig, output_fields
 from distill.curate.answers import ANSWER_EXTRACTORS, extract_answer
 from distill.curate.benchmarks import BenchmarkError, load_benchmark
 from distill.curate.verify import VerifyConfig, vote_keys
+from distill.fsio import atomic_write_json, atomic_write_text, fingerprint, sha256_file
 from distill.section import Section
 
 # --------------------------------------------------------------------------- estimators
@@ -393,22 +393,16 @@ def format_scores(scores: dict) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_records(path: Path, records: Sequence[dict]) -> Path:
     """Per-completion records as JSON Lines (one object a line), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 
 def write_json(path: Path, obj: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(path, obj, indent=2, ensure_ascii=False)
     return path
 
 
@@ -419,7 +413,5 @@ def model_fingerprint(path: str | Path) -> str | None:
     p = Path(path).expanduser()
     if not p.is_dir():
         return None
-    from distill.curate.benchmarks import sha256_file
-
     files = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name == "config.json"))
     return fingerprint({f.name: sha256_file(f) for f in files})

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from distill.fsio import read_jsonl
 from distill.store import MANIFEST, REJECTED, Manifest, reason_code
-from distill.train.monitor import read_jsonl
 
 FUNNEL = ("source", "generate", "verify", "filter", "dedup", "decontam", "sft")
 """Stage directories in pipeline order; the report covers those present in the run."""
@@ -159,9 +159,9 @@ def read_train(train_dir: Path) -> dict:
     stragglers = train_dir / "stragglers.jsonl"
     goodput = train_dir / "goodput.json"
     return {
-        "metrics": read_jsonl(metrics) if metrics.is_file() else None,
-        "step_times": [r for p in ranks for r in read_jsonl(p)] if ranks else None,
-        "stragglers": read_jsonl(stragglers) if stragglers.is_file() else None,
+        "metrics": read_jsonl(metrics, skip_invalid=True) if metrics.is_file() else None,
+        "step_times": [r for p in ranks for r in read_jsonl(p, skip_invalid=True)] if ranks else None,
+        "stragglers": read_jsonl(stragglers, skip_invalid=True) if stragglers.is_file() else None,
         "goodput": json.loads(goodput.read_text()) if goodput.is_file() else None,
     }
 

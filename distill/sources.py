@@ -8,17 +8,18 @@ configured error budget, and even then the quarantine is written first so it can
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 
-from distill.config import SourceConfig, fingerprint, output_fields
+from distill import fsio
+from distill.config import SourceConfig, output_fields
+from distill.fsio import Row, fingerprint, hash_files, iter_jsonl, quarantine_record
 from distill.curate.answers import ANSWER_EXTRACTORS
 from distill.store import Manifest, ShardStore, reason_code
 
@@ -26,22 +27,12 @@ SOURCE_SCHEMA = pa.schema(
     [("key", pa.string()), ("id", pa.string()), ("problem", pa.string()),
      ("answer", pa.string()), ("source", pa.string())]
 )
-QUARANTINE_SCHEMA = pa.schema(
-    [("key", pa.string()), ("location", pa.string()), ("reason", pa.string()), ("raw", pa.string())]
-)
-_RAW_LIMIT = 2000  # quarantined raw text is cut here: enough to see the problem, bounded size
+QUARANTINE_SCHEMA = pa.schema([("key", pa.string()), *fsio.QUARANTINE_SCHEMA])
 _SHARD_ROWS = 10_000
 
 
 class SourceError(RuntimeError):
     pass
-
-
-@dataclass
-class Row:
-    location: str  # "path:line" or "dataset[split]:row N"
-    value: Any  # a dict, or an error string when the row could not be decoded at all
-    raw: str = ""
 
 
 @dataclass
@@ -54,29 +45,6 @@ class IngestSummary:
 
 
 # --------------------------------------------------------------------------- readers
-
-
-def _read_jsonl(path: Path, start: int = 0, stop: int | None = None, first_line: int = 1) -> Iterator[Row]:
-    """Rows of a JSON Lines file; with `start`/`stop`, only the lines in bytes [start, stop),
-    where `start` is the first byte of line `first_line` (one parallel reader's share)."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        lines = f if stop is None else io.BytesIO(f.read(stop - start))
-        for lineno, raw in enumerate(lines, start=first_line):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield Row(where, f"undecodable: bytes that are not UTF-8 at byte {e.start}", raw[:_RAW_LIMIT].decode("utf-8", "replace"))
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield Row(where, f"invalid_json: {e.msg} at column {e.colno}", text)
-                continue
-            yield Row(where, value if isinstance(value, dict) else f"not_an_object: got JSON {type(value).__name__}", text)
 
 
 def _read_table_rows(name: str, rows: Iterator[dict]) -> Iterator[Row]:
@@ -133,10 +101,10 @@ def read_rows(cfg: SourceConfig) -> tuple[Iterator[Row], str, str]:
     fmt = detect_format(cfg)
     path = Path(cfg.path)
     if fmt == "jsonl":
-        return _read_jsonl(path), _hash_files([path]), path.stem
+        return iter_jsonl(path), hash_files([path]), path.stem
     if fmt == "parquet":
         files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
-        return _read_parquet(path), _hash_files(files), path.stem
+        return _read_parquet(path), hash_files(files), path.stem
     import datasets
 
     if fmt == "hf_disk":
@@ -150,16 +118,6 @@ def read_rows(cfg: SourceConfig) -> tuple[Iterator[Row], str, str]:
         where = f"{cfg.path}[{cfg.split}]"
     name = cfg.path.rstrip("/").split("/")[-1]
     return _read_table_rows(where, iter(ds)), ds._fingerprint, name
-
-
-def _hash_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -232,7 +190,7 @@ def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
             summary.bad += 1
             summary.reasons[reason_code(reason)] += 1
             raw = row.raw or json.dumps(row.value, default=str, ensure_ascii=False)
-            bad.append({"key": row.location, "location": row.location, "reason": reason, "raw": raw[:_RAW_LIMIT]})
+            bad.append({"key": row.location, **quarantine_record(row.location, reason, raw)})
             continue
         first_seen[rec["id"]] = row.location
         good.append(rec)

@@ -219,7 +219,7 @@ def test_load_benchmarks_records_files_and_hashes(tmp_path):
     ('{"question": "ok"}\n', "problem", r"bad\.jsonl:1 has no column 'problem' \(columns: question\)"),
     ('{"problem": 3}\n', "problem", r"column 'problem' is a int, expected a string"),
     ("", "problem", r"has no rows"),
-    ("[1, 2]\n", "problem", r"bad\.jsonl:1 is a JSON list"),
+    ("[1, 2]\n", "problem", r"bad\.jsonl:1 is not valid JSON Lines: not_an_object: got JSON list"),
 ])
 def test_benchmark_errors_name_the_file_and_the_problem(tmp_path, content, column, message):
     path = tmp_path / "bad.jsonl"

@@ -15,12 +15,13 @@ import pytest
 
 from conftest import DATA
 from distill.config import EvalBenchmarkRef, HFEngineConfig, PromptConfig, SamplingConfig
-from distill.curate.benchmarks import BenchmarkError, sha256_file
+from distill.curate.benchmarks import BenchmarkError
 from distill.curate.verify import VerifyConfig
 from distill.evaluate import (
     EvalRun, ModelSpec, QuestionScore, evaluate, load_eval_set, maj_at_k, model_fingerprint, pass_at_k,
     resolve_benchmark, score_questions,
 )
+from distill.fsio import sha256_file
 from distill.teachers.base import Completion, Result
 
 BENCH = DATA / "benchmarks"

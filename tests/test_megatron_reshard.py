@@ -105,7 +105,8 @@ def test_resume_under_other_degrees_continues_the_same_run(assets):
     # comparison above could not tell carried moments from fresh ones.
     import torch
 
-    from distill.train.checkpoint import MANIFEST, build_manifest, write_json_atomic
+    from distill.fsio import atomic_write_json
+    from distill.train.checkpoint import MANIFEST, build_manifest
 
     job = make_job(assets, "zeroed-moments", max_steps=2 * N, **{**common, **layouts["pp2"]})
     shutil.copytree(first.checkpoint_dir, job.checkpoint_dir, dirs_exist_ok=True)
@@ -116,7 +117,7 @@ def test_resume_under_other_degrees_continues_the_same_run(assets):
             moments["exp_avg"].zero_()
             moments["exp_avg_sq"].zero_()
         torch.save(st, f)
-    write_json_atomic(step_dir / MANIFEST, build_manifest(step_dir, checksums=True))  # deliberate, not corruption
+    atomic_write_json(step_dir / MANIFEST, build_manifest(step_dir, checksums=True))  # deliberate, not corruption
     run_probe(job)
     got = read_losses(job)
     # Step N+1's loss is computed before the first update with the zeroed moments; step 2N's after.

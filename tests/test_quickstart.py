@@ -93,7 +93,7 @@ def test_quickstart_end_to_end_then_nothing_left_to_do(tmp_path):
 
     # Eval: the teacher (== the student before training: evaluated once) and the trained student,
     # on the configured slices of GSM8K and MATH-500; the scores are the records' own aggregates.
-    from distill.curate.benchmarks import sha256_file
+    from distill.fsio import sha256_file
     from distill.evaluate import pass_at_k
 
     results = json.loads((run_dir / "eval" / "results.json").read_text())

@@ -9,10 +9,11 @@ import random
 import numpy as np
 import pytest
 
+from distill.fsio import read_jsonl
 from distill.train import checkpoint as ck
 from distill.train.loop import plan_signature, planned_steps, resume_problems
 from distill.train.config import TrainConfig
-from distill.train.metrics import mfu, read_jsonl, truncate_jsonl
+from distill.train.metrics import mfu, truncate_jsonl
 
 
 def _save(root, step, keep=2):

@@ -24,7 +24,7 @@ def test_train_stage_on_ray(tmp_path, gsm8k_train, capsys):
 
     from distill.stages.train import run
     from distill.config import RunConfig
-    from distill.train.metrics import read_jsonl
+    from distill.fsio import read_jsonl
 
     model = make_tiny_model(tmp_path / "tiny")
     rows = [json.loads(line) for line in write_sft_jsonl(gsm8k_train, tmp_path / "sft.jsonl", 32).read_text().splitlines()]

@@ -116,7 +116,7 @@ def run_probe(job: TrainJob, world: int = 2) -> np.ndarray:
 
 def read_losses(job: TrainJob) -> dict[int, float]:
     """step -> loss from the job's metrics.jsonl."""
-    from distill.train.metrics import read_jsonl
+    from distill.fsio import read_jsonl
 
     return {r["step"]: r["loss"] for r in read_jsonl(Path(job.out_dir) / "metrics.jsonl")}
 

@@ -45,10 +45,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from contam_testset import CLEAN, DATA, INDEXED, KINDS, build_testset, read_jsonl  # noqa: E402
+from contam_testset import CLEAN, DATA, INDEXED, KINDS, build_testset  # noqa: E402
 
 from distill.curate.benchmarks import BenchmarkRef, load_benchmarks  # noqa: E402
 from distill.curate.decontam import BenchmarkIndex, DecontamConfig, EmbeddingIndex, combine  # noqa: E402
+from distill.fsio import read_jsonl  # noqa: E402
 
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 

@@ -48,6 +48,8 @@ OLD_REV = "5d28103"  # the last commit with the previous answers.py
 
 sys.path.insert(0, str(REPO))
 
+from distill.fsio import read_jsonl  # noqa: E402
+
 # --------------------------------------------------------------------------- comparison
 
 _LAYOUT = re.compile(r"\\[,;:! ]|\\left|\\right|\\displaystyle|\s+|\^\\circ|\^\{\\circ\}|\\%|%")
@@ -89,15 +91,14 @@ def same_answer(pred: str, label: str) -> bool:
 
 
 def smollm2_set() -> list[tuple[str, str | None]]:
-    return [(r["completion"], r["label"]) for r in map(json.loads, open(LABELLED))]
+    return [(r["completion"], r["label"]) for r in read_jsonl(LABELLED)]
 
 
 def math_solutions(limit: int | None) -> list[tuple[str, str | None]]:
     from distill.curate.answers import _box_spans
 
     out = []
-    for line in open(TRAIN / "math_train.jsonl"):
-        r = json.loads(line)
+    for r in read_jsonl(TRAIN / "math_train.jsonl"):
         sol = r["solution"]
         spans = _box_spans(sol)
         if r["answer"] is None or not spans or any(end is None for _, end in spans):
@@ -115,8 +116,7 @@ def math_solutions(limit: int | None) -> list[tuple[str, str | None]]:
 
 def gsm8k_solutions(limit: int | None) -> list[tuple[str, str | None]]:
     out = []
-    for line in open(TRAIN / "gsm8k_train.jsonl"):
-        r = json.loads(line)
+    for r in read_jsonl(TRAIN / "gsm8k_train.jsonl"):
         body, _, answer = r["solution"].rpartition("####")
         out.append((body.rstrip(), answer.strip().replace(",", "")))
         if limit and len(out) >= limit:
@@ -204,8 +204,8 @@ def generate(out: Path, n_math: int, n_gsm: int, seed: int, max_tokens: int = 30
     from distill.teachers.hf import HFEngine
 
     rng = random.Random(seed)
-    rows = rng.sample([json.loads(x) for x in open(TRAIN / "math_train.jsonl")], n_math)
-    rows += rng.sample([json.loads(x) for x in open(TRAIN / "gsm8k_train.jsonl")], n_gsm)
+    rows = rng.sample(read_jsonl(TRAIN / "math_train.jsonl"), n_math)
+    rows += rng.sample(read_jsonl(TRAIN / "gsm8k_train.jsonl"), n_gsm)
     eng = HFEngine(HFEngineConfig(model="smollm2-135m-instruct", batch_size=batch))
     # MATH and GSM8K interleaved, written a batch at a time: a run cut short still gives a mix.
     rows = [r for pair in zip(rows[:n_math], rows[n_math:]) for r in pair]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ SEEDS = REPO.parent / "shared" / "data" / "train" / "gsm8k_train.jsonl"
 
 
 def load_problems(n: int) -> list[str]:
-    with open(SEEDS) as f:
-        return [json.loads(next(f))["problem"] for _ in range(n)]
+    from distill.fsio import read_jsonl
+
+    return [r["problem"] for r in read_jsonl(SEEDS)[:n]]
 
 
 def bench_hf(problems: list[str], max_new_tokens: int, batch_size: int) -> list[dict]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from distill.fsio import read_jsonl  # noqa: E402
 from distill.train.data import _CHUNK_BYTES, build_token_cache, local_chunk_map, local_cpus, plan_chunks  # noqa: E402
 
 GSM8K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train" / "gsm8k_train.jsonl"
@@ -35,10 +36,7 @@ GSM8K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tra
 
 def write_sft(path: Path, repeat: int) -> Path:
     chats = []
-    for line in GSM8K.read_text().split("\n"):
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for r in read_jsonl(GSM8K):
         chats.append(json.dumps({"messages": [{"role": "user", "content": r["problem"]},
                                               {"role": "assistant", "content": r["solution"]}]}))
     path.write_text("\n".join(chats * repeat) + "\n")

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.fsio import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO.parent / "shared" / "data" / "train" / "gsm8k_train.jsonl"
 
 
 def make_data(path: Path, tokenizer, n: int, min_len: int, max_len: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
+    rows = read_jsonl(GSM8K)[:n]
     with open(path, "w") as f:
         for r in rows:
             target = int(np.exp(rng.uniform(np.log(min_len), np.log(max_len))))
@@ -42,7 +44,6 @@ def make_data(path: Path, tokenizer, n: int, min_len: int, max_len: int, seed: i
 def bench_distill(model_path: str, data: Path, work: Path, seq_len: int, threads: int) -> dict:
     from distill.train.config import TrainConfig
     from distill.train.launch import launch, prepare
-    from distill.train.metrics import read_jsonl
 
     cfg = TrainConfig.model_validate({
         "data": {"paths": [str(data)]}, "student": {"model": model_path}, "seq_len": seq_len,

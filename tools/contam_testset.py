@@ -36,6 +36,8 @@ import random
 import re
 from pathlib import Path
 
+from distill.fsio import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
 INDEXED = ["gsm8k", "math500", "aime24", "amc23", "minerva_math", "olympiadbench", "college_math", "gaokao2023en"]
@@ -45,11 +47,6 @@ KINDS = ["exact", "reformatted", "latex", "prefixed", "partial", "paraphrased",
 # Kinds added later draw from their own random stream (seeded by seed and kind), so adding one
 # leaves every row of the earlier kinds and the clean sample as they were.
 _OWN_STREAM = {"invisible", "confusable", "unicode_math", "fewshot"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------- reformatting

@@ -12,13 +12,12 @@ run before any work starts.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import field_validator
 
+from distill.fsio import iter_jsonl, sha256_file
 from distill.section import Section
 
 
@@ -72,30 +71,14 @@ class Benchmark:
         return {"name": self.name, "items": len(self.items), "files": list(self.files), "sha256": dict(self.sha256)}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _rows_jsonl(path: Path, ref: BenchmarkRef):
     try:
-        f = open(path, "rb")
+        for row in iter_jsonl(path):
+            if isinstance(row.value, str):
+                raise BenchmarkError(f"benchmark {ref.name!r}: {row.location} is not valid JSON Lines: {row.value}")
+            yield row.location, row.value
     except OSError as e:
         raise BenchmarkError(f"benchmark {ref.name!r}: cannot read {path}: {e.strerror}") from e
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BenchmarkError(f"benchmark {ref.name!r}: {path}:{lineno} is not valid JSON ({e})") from e
-            if not isinstance(row, dict):
-                raise BenchmarkError(f"benchmark {ref.name!r}: {path}:{lineno} is a JSON {type(row).__name__}, expected an object")
-            yield f"{path}:{lineno}", row
 
 
 def _rows_parquet(path: Path, ref: BenchmarkRef):

@@ -49,6 +49,7 @@ from pydantic import Field, model_validator
 
 from distill.curate.benchmarks import Benchmark, BenchmarkRef
 from distill.curate.normalize import _FOLD, _GREEK_LOOKALIKE, _GREEK_NAMES, _obfuscated, normalize_text, unify_unicode, words_of_normalized
+from distill.fsio import atomic_writer, hash_files
 from distill.section import Section
 
 log = logging.getLogger(__name__)
@@ -817,15 +818,13 @@ def embedding_cache_path(model_path: str, cfg: EmbeddingConfig, texts: list[str]
     local directory (a Hub id names no fixed bytes to key on)."""
     import hashlib
 
-    from distill.sources import _hash_files
-
     model_dir = Path(model_path)
     if not model_dir.is_dir():
         return None
     h = hashlib.sha256(f"{_CACHE_FORMAT}\0{cfg.max_length}\0".encode())
     # Every model file's bytes, not names and sizes: a re-downloaded or fine-tuned model with the
     # same layout must miss. ~0.1 s for MiniLM's 90 MB.
-    h.update(_hash_files(sorted(q for q in model_dir.rglob("*") if q.is_file())).encode())
+    h.update(hash_files(sorted(q for q in model_dir.rglob("*") if q.is_file())).encode())
     for t in texts:
         h.update(t.encode() + b"\0")
     return (cfg.cache_dir or DEFAULT_EMBEDDING_CACHE).expanduser() / f"{h.hexdigest()[:32]}.npy"
@@ -849,24 +848,14 @@ def load_cached_vectors(path: Path, rows: int) -> np.ndarray | None:
 
 
 def store_cached_vectors(path: Path, vectors: np.ndarray) -> None:
-    """Written to a temporary file and renamed: concurrent runs and a kill mid-write leave
-    either no file or a whole one. A read-only cache directory only costs the cache."""
-    import os
-    import tempfile
-
-    tmp = None
+    """Written atomically (`atomic_writer`): concurrent runs and a kill mid-write leave either
+    no file or a whole one. A read-only cache directory only costs the cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_writer(path, binary=True) as f:
             np.save(f, vectors, allow_pickle=False)
-        os.replace(tmp, path)
-        tmp = None
     except OSError as e:
         log.warning("could not write the embedding cache %s: %s", path, e)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 class EmbeddingIndex:

@@ -25,6 +25,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from distill.fsio import replace_dir
 from distill.train.backends.deepspeed import CHECKPOINT_TAG, load_weights_only
 from distill.train.checkpoint import latest_checkpoint
 
@@ -212,9 +213,7 @@ def write_model_dir(tensors, hf_src: Path, out_dir: Path, *, max_shard_size_mb: 
         file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
         for f in tmp.iterdir():
             f.chmod(file_mode)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

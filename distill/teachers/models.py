@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.fsio import replace_dir
 from distill.teachers.base import Message, Request, Result
 
 DEFAULT_CACHE_DIR = Path("~/.cache/distill/models")
@@ -80,7 +81,7 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> str:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name_or_path}.tmp-", dir=target.parent))
         try:
             convert_gguf(packaged_gguf_path(name_or_path), tmp)
-            tmp.rename(target)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

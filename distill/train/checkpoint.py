@@ -25,9 +25,7 @@ matches it, with a warning naming what was wrong.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from distill.store import atomic_write_text, fsync_dir
+from distill.fsio import atomic_write_json, atomic_write_text, replace_dir, sha256_file
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -46,11 +44,6 @@ _TMP_PREFIX = ".tmp-"
 
 def step_dirname(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file beside `path`, fsync, rename over `path`."""
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -90,13 +83,10 @@ def commit(root: Path, tmp: Path, step: int, state: dict, *, keep_last: int, che
     """Finish a checkpoint every rank has written into `tmp` (call on one rank): state file,
     manifest, rename, `latest`, then delete all but the newest `keep_last`."""
     root = Path(root)
-    write_json_atomic(Path(tmp) / STATE_FILE, {**state, "step": step})
-    write_json_atomic(Path(tmp) / MANIFEST, build_manifest(Path(tmp), checksums=checksums))
-    final = root / step_dirname(step)
-    if final.exists():  # the same step saved again (a resumed run that stopped at once)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    atomic_write_json(Path(tmp) / STATE_FILE, {**state, "step": step}, indent=1, sort_keys=True)
+    atomic_write_json(Path(tmp) / MANIFEST, build_manifest(Path(tmp), checksums=checksums), indent=1, sort_keys=True)
+    # Over an existing one when the same step is saved again (a resumed run that stopped at once).
+    final = replace_dir(tmp, root / step_dirname(step))
     write_json_pointer(root, final.name)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -105,7 +95,6 @@ def commit(root: Path, tmp: Path, step: int, state: dict, *, keep_last: int, che
 
 def write_json_pointer(root: Path, name: str) -> None:
     atomic_write_text(root / LATEST, name + "\n")
-    fsync_dir(root)
 
 
 def save_checkpoint(root: Path, step: int, state: dict, *, rank: int, keep_last: int,
@@ -118,7 +107,7 @@ def save_checkpoint(root: Path, step: int, state: dict, *, rank: int, keep_last:
         begin(root, step)
     barrier()
     write_parts(tmp)
-    write_json_atomic(rng_path(tmp, rank), rng_state())
+    atomic_write_json(rng_path(tmp, rank), rng_state(), indent=1, sort_keys=True)
     barrier()
     if rank == 0:
         commit(root, tmp, step, state, keep_last=keep_last, checksums=checksums)
@@ -129,11 +118,6 @@ def save_checkpoint(root: Path, step: int, state: dict, *, rank: int, keep_last:
 # --------------------------------------------------------------------------- integrity
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def build_manifest(ckpt: Path, *, checksums: bool) -> dict:
     """Size (and sha256) of every file under `ckpt` but the manifest itself."""
     files = {}
@@ -141,7 +125,7 @@ def build_manifest(ckpt: Path, *, checksums: bool) -> dict:
         if p.is_file() and p.name != MANIFEST:
             entry: dict = {"size": p.stat().st_size}
             if checksums:
-                entry["sha256"] = _sha256(p)
+                entry["sha256"] = sha256_file(p)
             files[p.relative_to(ckpt).as_posix()] = entry
     return {"files": files}
 
@@ -166,7 +150,7 @@ def verify_checkpoint(ckpt: Path, *, checksums: bool = True) -> list[str]:
         elif p.stat().st_size != entry["size"]:
             problems.append(f"{rel} has {p.stat().st_size} bytes, the manifest says {entry['size']} (truncated or "
                             "overwritten)")
-        elif checksums and "sha256" in entry and _sha256(p) != entry["sha256"]:
+        elif checksums and "sha256" in entry and sha256_file(p) != entry["sha256"]:
             problems.append(f"{rel} does not match its sha256 in the manifest (corrupted)")
     return problems
 

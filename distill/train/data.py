@@ -40,6 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distill.fsio import QUARANTINE_SCHEMA, Row, fingerprint, hash_files, iter_jsonl, quarantine_record, replace_dir
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 TOKENIZE_VERSION = 1
@@ -47,14 +49,12 @@ TOKENIZE_VERSION = 1
 
 _SHARD_SAMPLES = 4096
 _ENCODE_BATCH = 512  # conversations per tokenizer call: the Rust tokenizer batches in parallel
-_RAW_LIMIT = 2000  # quarantined raw text is cut here: enough to see the problem, bounded size
 _SENTINEL = "\x00distill-sentinel\x00"
 
 SAMPLE_SCHEMA = pa.schema(
     [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32()),
      ("n_targets", pa.int32()), ("location", pa.string())]
 )
-REJECTED_SCHEMA = pa.schema([("location", pa.string()), ("reason", pa.string()), ("raw", pa.string())])
 
 
 class MalformedConversation(ValueError):
@@ -397,8 +397,6 @@ def _parquet_rows(path: str, start: int, stop: int) -> Iterator[Any]:
     """Rows [start, stop) named `file:row N` (1-based), as `distill.sources` names them. Only the
     row groups that overlap are decoded; a group split over k chunks is decoded k times, which
     costs little next to tokenising it."""
-    from distill.sources import Row
-
     pf = pq.ParquetFile(path)
     groups, first, base = [], 0, 0
     for g in range(pf.metadata.num_row_groups):
@@ -413,11 +411,9 @@ def _parquet_rows(path: str, start: int, stop: int) -> Iterator[Any]:
 
 
 def _chunk_rows(chunk: Chunk) -> Iterator[Any]:
-    from distill.sources import _read_jsonl
-
     if chunk.path.endswith(".parquet"):
         return _parquet_rows(chunk.path, chunk.start, chunk.stop)
-    return _read_jsonl(Path(chunk.path), chunk.start, chunk.stop, chunk.line)
+    return iter_jsonl(Path(chunk.path), chunk.start, chunk.stop, chunk.line)
 
 
 _TOKENIZERS: dict[tuple[str, str], Any] = {}
@@ -452,7 +448,7 @@ def tokenize_chunk(chunk: Chunk, tokenizer_path: str, fingerprint: str, max_len:
 
     def reject(pos: int, location: str, reason: str, raw: Any) -> None:
         text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
-        rejected.append((pos, {"location": location, "reason": reason, "raw": text[:_RAW_LIMIT]}))
+        rejected.append((pos, quarantine_record(location, reason, text)))
 
     def encode() -> None:
         nonlocal n_dropped
@@ -566,7 +562,6 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
     from filelock import FileLock
     from transformers import AutoTokenizer
 
-    from distill.sources import _hash_files
     from distill.store import Manifest
     from distill.teachers.models import resolve_model
 
@@ -580,9 +575,9 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
     if not end_of_turn(tokenizer):
         raise ValueError(f"the chat template of {tokenizer_dir!r} writes nothing after an assistant message: "
                          "a model trained on it would never learn to stop; use a template with an end-of-turn token")
-    settings = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": _hash_files(files), "max_len": max_len,
+    settings = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": hash_files(files), "max_len": max_len,
                 "messages_column": messages_column, "version": TOKENIZE_VERSION}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    key = fingerprint(settings)
     out_dir = Path(out_dir)
     target = out_dir / key
     if (target / "_manifest.json").exists():
@@ -602,8 +597,7 @@ def build_token_cache(data_files: list[Path], tokenizer_dir: str, *, max_len: in
             counts = _write_cache(tmp, run(tokenize_chunk, calls))
             Manifest("tokenize", key, settings, inputs={str(f): settings["data"] for f in files},
                      status="complete", counts=counts).write(tmp)
-            shutil.rmtree(target, ignore_errors=True)  # a cache dir without manifest: a crashed rename
-            os.replace(tmp, target)
+            replace_dir(tmp, target)  # over a cache dir without manifest: a crashed rename
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -655,5 +649,5 @@ def _write_cache(out: Path, results: Iterable[ChunkResult]) -> dict:
             writes.popleft().result()
     if rejected:
         (out / "rejected").mkdir()
-        pq.write_table(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), out / "rejected" / "part-00000.parquet")
+        pq.write_table(pa.Table.from_pylist(rejected, schema=QUARANTINE_SCHEMA), out / "rejected" / "part-00000.parquet")
     return {**stats, "by_reason": dict(reasons)}

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from distill.fsio import atomic_write_json, read_jsonl
+
 if TYPE_CHECKING:
     from distill.train.config import FaultSection
 
@@ -54,18 +56,10 @@ def append_jsonl(path: Path, obj: dict) -> None:
         f.write(json.dumps(obj) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Lines of a JSONL file; a torn last line (a rank killed mid-write) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+def read_log(path: Path) -> list[dict]:
+    """Records of one of the JSONL logs above; none when it does not exist yet, and a torn last
+    line (a rank killed mid-write) is skipped."""
+    return read_jsonl(path, skip_invalid=True) if Path(path).is_file() else []
 
 
 # --------------------------------------------------------------------------- stragglers
@@ -281,14 +275,14 @@ GOODPUT_FILE = "goodput.json"
 
 def next_attempt(train_dir: Path, launch: float) -> int:
     """The attempt number the group starting now has within launch `launch` (0 for the first)."""
-    return sum(1 for r in read_jsonl(Path(train_dir) / ATTEMPTS_FILE)
+    return sum(1 for r in read_log(Path(train_dir) / ATTEMPTS_FILE)
                if r.get("event") == "start" and r.get("launch") == launch)
 
 
 def launch_records(train_dir: Path, launch: float) -> tuple[list[dict], dict[int, str], list[str]]:
     """(start records, first cause per attempt, nodes a straggler restart excluded) of a launch."""
     starts, causes, excluded = [], {}, []
-    for r in read_jsonl(Path(train_dir) / ATTEMPTS_FILE):
+    for r in read_log(Path(train_dir) / ATTEMPTS_FILE):
         if r.get("launch") != launch:
             continue
         if r["event"] == "start":
@@ -303,16 +297,14 @@ def launch_records(train_dir: Path, launch: float) -> tuple[list[dict], dict[int
 def launch_goodput(train_dir: Path, launch: float, *, now: float) -> dict:
     """`goodput` of launch `launch` from the records on disk (rank 0's step times)."""
     starts, causes, _ = launch_records(train_dir, launch)
-    steps = [r for r in read_jsonl(step_times_path(train_dir, 0)) if r["time"] >= launch]
+    steps = [r for r in read_log(step_times_path(train_dir, 0)) if r["time"] >= launch]
     return goodput(starts, causes, steps, wall_s=now - launch, now=now)
 
 
 def write_goodput(train_dir: Path, report: dict) -> Path:
     path = Path(train_dir) / GOODPUT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, report, indent=1)
     return path
 
 
