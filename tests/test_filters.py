@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 
 import pytest
 from pydantic import ValidationError
@@ -332,3 +333,36 @@ def test_all_disabled_keeps_everything_sorted():
     kept, rejected = apply_filters(recs, fc)
     assert rejected == [] and len(kept) == len(recs)
     assert [(r["id"], r["sample_idx"]) for r in kept] == sorted((r["id"], r["sample_idx"]) for r in recs)
+
+
+def _text_stats_per_char(text: str):
+    """The one-pass-per-character definition `text_stats` must agree with."""
+    from distill.curate.filters import _TEXT_CATEGORIES, _is_latin_letter
+
+    n_visible = n_text = n_letters = n_foreign = longest = run = 0
+    for ch in text:
+        run = run + 1 if ch.isalnum() else 0
+        longest = max(longest, run)
+        if ch.isspace():
+            continue
+        n_visible += 1
+        cat = unicodedata.category(ch)
+        n_text += cat in _TEXT_CATEGORIES
+        if cat[0] == "L":
+            n_letters += 1
+            n_foreign += not _is_latin_letter(ord(ch))
+    return (n_text / n_visible if n_visible else 1.0, n_foreign / n_letters if n_letters else 0.0, longest,
+            text.count("\ufffd"))
+
+
+def test_text_stats_equals_the_per_character_definition():
+    from distill.curate.filters import text_stats
+
+    rng = random.Random(3)
+    # Letters of several scripts, digits (ASCII, Arabic-Indic, superscript), underscores, marks,
+    # spaces of several kinds, symbols, U+FFFD, emoji, CJK.
+    alphabet = "abcXYZ019_ \t\n\u00a0\u2003é\u0301ß\u03c0\u0416\u05d0\u0661\u00b2\u2115\U0001d465\u4e2d\ufffd\U0001f600+=$\\{}().,"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
+        s = text_stats(text)
+        assert (s.text_ratio, s.non_latin, s.longest_word, s.replacement_chars) == _text_stats_per_char(text), text

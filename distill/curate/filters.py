@@ -14,7 +14,9 @@ the per-question filters on what survived. A reason is `"<filter name>: <detail>
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Callable, Literal
@@ -285,32 +287,31 @@ class TextStats:
     replacement_chars: int
 
 
+_ALNUM_RUN = re.compile(r"[^\W_]+")
+"""A run of characters for which `str.isalnum()` holds (`\w` is exactly those plus `_`)."""
+
+
 def text_stats(text: str) -> TextStats:
     """Share of non-space characters in text categories, share of letters outside the Latin /
-    Greek / math blocks, longest letter-or-digit run, count of U+FFFD. One pass over the text."""
+    Greek / math blocks, longest letter-or-digit run, count of U+FFFD. The categories are looked
+    up once per distinct character (`Counter` counts in C), not per character: ~20x faster on a
+    20k-character chain of thought, which made this filter the slowest curation step."""
     n_visible = n_text = n_letters = n_foreign = 0
-    longest = run = 0
-    for ch in text:
-        if ch.isalnum():
-            run += 1
-            if run > longest:
-                longest = run
-        else:
-            run = 0
+    for ch, n in Counter(text).items():
         if ch.isspace():
             continue
-        n_visible += 1
+        n_visible += n
         cat = unicodedata.category(ch)
         if cat in _TEXT_CATEGORIES:
-            n_text += 1
+            n_text += n
         if cat[0] == "L":
-            n_letters += 1
+            n_letters += n
             if not _is_latin_letter(ord(ch)):
-                n_foreign += 1
+                n_foreign += n
     return TextStats(
         text_ratio=n_text / n_visible if n_visible else 1.0,
         non_latin=n_foreign / n_letters if n_letters else 0.0,
-        longest_word=longest,
+        longest_word=max(map(len, _ALNUM_RUN.findall(text)), default=0),
         replacement_chars=text.count("\ufffd"),
     )
 
