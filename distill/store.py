@@ -36,6 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distill.fsio import atomic_write_text, fsync_file, rename_into_place
+
 MANIFEST = "_manifest.json"
 REJECTED = "rejected"
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -108,36 +110,6 @@ class MissingInputError(RuntimeError):
 
 class StaleOutputError(RuntimeError):
     """The directory holds output made with settings that would make it wrong for this config."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames inside `path` durable (without it a power loss can forget a committed file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_parquet_atomic(table: pa.Table, dest: Path, tmp_dir: Path) -> None:
-    """Write `table` to `dest` so that `dest` either does not exist or is complete."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{dest.name}.{os.getpid()}"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-    # Makes the rename itself durable: without it a power loss can forget a committed shard.
-    fsync_dir(dest.parent)
 
 
 def diff_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -264,10 +236,8 @@ class ShardStore:
         if dest.exists():
             raise FileExistsError(f"{dest} is already committed")
         if staged.rejected_path:
-            os.replace(staged.rejected_path, self.root / REJECTED / staged.name)
-            fsync_dir(self.root / REJECTED)
-        os.replace(staged.path, dest)
-        fsync_dir(self.root)
+            rename_into_place(staged.rejected_path, self.root / REJECTED / staged.name)
+        rename_into_place(staged.path, dest)
         return staged.name
 
     def finish(self, summary: dict | None = None, status: str = "complete") -> Manifest:
@@ -310,8 +280,7 @@ def stage_shard(root: str | os.PathLike, index: int, records: list[dict], reject
 
     def write(rows: list[dict], sch: pa.Schema, dest: Path) -> str:
         pq.write_table(pa.Table.from_pylist(list(rows), schema=sch), dest)
-        with open(dest, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(dest)
         return str(dest)
 
     rej = write(rejected, rejected_schema, tmp / f"rejected-{name}.{tag}") if rejected else None

@@ -11,22 +11,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DISTILL = REPO / "distill"
 
-# Files allowed to rename and fsync on their own:
-# - distill/fsio.py is the home of atomic writes.
-# - distill/store.py still defines its own copies while it is being rewritten; it is to import
-#   them from distill.fsio instead, and then leave this list.
-OWNERS = {"distill/fsio.py", "distill/store.py"}
+# The one file allowed to rename and fsync on its own: the home of atomic writes.
+OWNERS = {"distill/fsio.py"}
 
 # Calls allowed outside those files, each with why: (file, a piece of the call).
 EXCEPTIONS = {
     # Not a commit: shards are written as shard-<i>.tmp inside the private export directory and
     # named once their count is known; the directory itself is put in place by fsio.replace_dir.
     ("distill/export/hf.py", 'os.replace(tmp / f"shard-{i}.tmp", tmp / final)'),
-    # Copies in the streaming stages, written while fsio was made; to become fsio.fsync_file and
-    # fsio.rename_into_place / replace_dir (then leave this list).
-    ("distill/stages/dedup.py", 'os.replace(path, ex / f"lsh-p{p:05d}.parquet")'),
-    ("distill/stages/derived.py", "os.fsync(fh.fileno())"),
-    ("distill/stages/derived.py", 'os.replace(res["dir"], ex / f"m{j:05d}")'),
 }
 
 

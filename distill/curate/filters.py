@@ -288,7 +288,8 @@ class TextStats:
 
 
 _ALNUM_RUN = re.compile(r"[^\W_]+")
-"""A run of characters for which `str.isalnum()` holds (`\w` is exactly those plus `_`)."""
+"""A run of characters for which `str.isalnum()` holds (the regex word class is exactly those plus
+the underscore)."""
 
 
 def text_stats(text: str) -> TextStats:

@@ -17,7 +17,6 @@ Three steps, so that no process holds the texts of the whole set:
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +31,8 @@ from distill.stages import ActorAsk
 from distill.stages.derived import (
     EXCHANGE, Unit, finish_stage, input_schema, map_items, open_partitioned, rejected_schema_for, run_units,
 )
-from distill.store import fsync_dir, partition_of, read_shards
+from distill.fsio import rename_into_place
+from distill.store import partition_of, read_shards
 
 DUP_COLUMNS = [("dup_of", pa.string()), ("dup_method", pa.string()), ("dup_score", pa.float64())]
 
@@ -161,8 +161,7 @@ def run(cfg: RunConfig, run_dir: Path):
         print(f"dedup: sketching {len(todo)} of {n} partitions", flush=True)
         for p, path in map_items(_sketch_partition, (dc, source_ids, str(tmp)), todo, cfg,
                                  lambda u: f"dedup sketch of partition {u.index} ({u.inputs[0]})"):
-            os.replace(path, ex / f"lsh-p{p:05d}.parquet")
-        fsync_dir(ex)
+            rename_into_place(path, ex / f"lsh-p{p:05d}.parquet")
         del source_ids
         dropped = _decide([ex / f"lsh-p{p:05d}.parquet" for p in range(n)], dc)
         summary = {"questions": sum(pq.ParquetFile(ex / f"lsh-p{p:05d}.parquet").metadata.num_rows for p in range(n)),

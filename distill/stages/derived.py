@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import uuid
 from collections import Counter
@@ -30,10 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill.config import RunConfig, fingerprint
+from distill.fsio import fsync_file, rename_into_place
 from distill.progress import Progress, format_counter
 from distill.stages import ActorAsk
 from distill.store import (
-    Manifest, ShardStore, StagedShard, diff_settings, fsync_dir, partition_of, read_shards, require_complete,
+    Manifest, ShardStore, StagedShard, diff_settings, partition_of, read_shards, require_complete,
     shard_index, shard_name, stage_shard,
 )
 
@@ -182,8 +182,7 @@ def exchange_map(paths: list[str], n_partitions: int, out_dir: str) -> dict[str,
         for w in writers.values():
             w.close()
     for f in out.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(f)
     return {"dir": str(out), "parts": sorted(writers)}
 
 
@@ -239,8 +238,7 @@ def plan_units(store: ShardStore, up_root: Path, upstream: Manifest, n_partition
         print(f"{stage}: partitioning {len(batches)} batches of input shards into {n_partitions} partitions"
               f" ({len(maps)} to do)", flush=True)
         for j, res in map_items(_exchange_task, (), maps, cfg, lambda m: f"{stage} exchange map {m[0]} ({m[1][0]} ...)"):
-            os.replace(res["dir"], ex / f"m{j:05d}")  # the map's commit point
-        fsync_dir(ex)
+            rename_into_place(res["dir"], ex / f"m{j:05d}")  # the map's commit point
     pieces: dict[int, list[str]] = {p: [] for p in todo}
     for j in range(len(batches)):
         for f in sorted((ex / f"m{j:05d}").glob("p*.parquet")):
