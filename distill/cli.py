@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.config import ConfigError, explain, load_config
+from distill.config import ENGINE_CONFIGS, ConfigError, explain, load_config
 
 _OVERRIDES_HELP = "dotted overrides, e.g. generate.n_samples=8 run.dir=runs/big (values are YAML)"
 _EPILOG = "Every config key, with its type, default and meaning: `distill config explain [PREFIX]`."
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated: NAME (NAME.jsonl in --benchmark-dir, else gsm8k / math500 from the Hub), "
                          "a file or directory, NAME=PATH, or a Hub dataset id")
     ev.add_argument("--benchmark-dir", default=None, help="directory holding NAME.jsonl / NAME.parquet benchmark files")
-    ev.add_argument("--engine", choices=("hf", "vllm", "openai"), default="hf", help="generation engine (default hf)")
+    ev.add_argument("--engine", choices=tuple(ENGINE_CONFIGS), default="hf", help="generation engine (default hf)")
     ev.add_argument("--base-url", default="", help="--engine openai: the server root, e.g. http://127.0.0.1:8000/v1")
     ev.add_argument("--samples", type=int, default=0, help="sampled completions per question for pass@k / maj@k "
                                                            "(default 0: greedy only)")
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _stages(args, cfg) -> list[str]:
-    from distill.stages import CURATE_STAGES
+    from distill.config import CURATE_STAGES
 
     if args.command == "generate":
         return ["generate"]
@@ -174,7 +174,7 @@ def _dry_run(cfg, stages: list[str]) -> int:
 def _eval(args) -> int:
     from pydantic import ValidationError
 
-    from distill.config import EvalConfig, HFEngineConfig, OpenAIEngineConfig, VLLMEngineConfig
+    from distill.config import EvalConfig
     from distill.evaluate import EvalRun, ModelSpec, evaluate, load_eval_set, resolve_benchmark, write_json, write_records
 
     try:
@@ -184,9 +184,9 @@ def _eval(args) -> int:
                         sampling={"temperature": args.temperature, "top_p": args.top_p,
                                   "max_new_tokens": args.max_new_tokens, "seed": args.seed},
                         **({"prompt": {"template": args.template}} if args.template else {}))
-        engine_cfg = {"hf": lambda: HFEngineConfig(model=args.model, batch_size=args.batch_size),
-                      "vllm": lambda: VLLMEngineConfig(model=args.model),
-                      "openai": lambda: OpenAIEngineConfig(model=args.model, base_url=args.base_url)}[args.engine]()
+        # The flags that set engine-specific fields; every other field keeps its default.
+        extra = {"hf": {"batch_size": args.batch_size}, "openai": {"base_url": args.base_url}}.get(args.engine, {})
+        engine_cfg = ENGINE_CONFIGS[args.engine](model=args.model, **extra)
     except ValidationError as e:
         raise ConfigError([m for err in e.errors() for m in err["msg"].removeprefix("Value error, ").split("\n")]) from None
     except ValueError as e:  # a --k item that is not a number

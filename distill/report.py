@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from distill.config import CURATE_STAGES
 from distill.fsio import read_jsonl
 from distill.store import MANIFEST, REJECTED, Manifest, reason_code
 
-FUNNEL = ("source", "generate", "verify", "filter", "dedup", "decontam", "sft")
+FUNNEL = ("source", "generate", *CURATE_STAGES)
 """Stage directories in pipeline order; the report covers those present in the run."""
 
 

@@ -13,6 +13,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from distill.config import CURATE_STAGES, STAGES  # noqa: F401  (CURATE_STAGES: re-exported)
+
 
 @dataclass(frozen=True)
 class ActorAsk:
@@ -24,28 +26,12 @@ class ActorAsk:
     gpus: float = 0.0
     what: str = ""
 
-STAGE_RUNNERS: dict[str, str] = {
-    "generate": "distill.stages.generate:run",
-    "verify": "distill.stages.verify:run",
-    "filter": "distill.stages.filter:run",
-    "dedup": "distill.stages.dedup:run",
-    "decontam": "distill.stages.decontam:run",
-    "sft": "distill.stages.sft:run",
-    "train": "distill.stages.train:run",
-    "eval": "distill.stages.eval:run",
-}
 
-STAGE_PREFLIGHT: dict[str, str] = {
-    "decontam": "distill.stages.decontam:preflight",
-    "train": "distill.stages.train:preflight",
-    "eval": "distill.stages.eval:preflight",
-}
+STAGE_RUNNERS: dict[str, str] = {name: f"distill.stages.{name}:run" for name in STAGES}
+"""Stage NAME is the module `distill.stages.NAME`, with `run`, `resources` and, when it has
+inputs to check before any stage starts, `preflight`."""
 
-STAGE_RESOURCES: dict[str, str] = {name: ref.replace(":run", ":resources") for name, ref in STAGE_RUNNERS.items()}
-"""Every stage module defines `resources` beside `run`."""
-
-CURATE_STAGES = ("verify", "filter", "dedup", "decontam", "sft")
-"""What `distill curate` runs, in order."""
+STAGE_RESOURCES: dict[str, str] = {name: f"distill.stages.{name}:resources" for name in STAGES}
 
 
 def _load(ref: str) -> Callable:
@@ -58,8 +44,9 @@ def stage_runner(name: str) -> Callable:
 
 
 def stage_preflight(name: str, cfg) -> None:
-    if name in STAGE_PREFLIGHT:
-        _load(STAGE_PREFLIGHT[name])(cfg)
+    check = getattr(importlib.import_module(f"distill.stages.{name}"), "preflight", None)
+    if check is not None:
+        check(cfg)
 
 
 def stage_resources(name: str, cfg) -> ActorAsk:

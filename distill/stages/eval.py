@@ -51,7 +51,7 @@ def _student_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
 def plan_models(cfg: RunConfig, run_dir: Path) -> list[tuple[str, ModelSpec, dict]]:
     """(role, model, Ray resources) for every model in eval.models, in table order."""
     ev, gen = cfg.eval, cfg.generate
-    student_cfg = {"hf": gen.hf, "vllm": gen.vllm}[ev.student_engine]
+    student_cfg = getattr(gen, ev.student_engine)
     # Absolute: the models are loaded in Ray tasks, whose working directory is not the driver's.
     before = cfg.train.student.model
     before = str(Path(before).resolve()) if Path(before).exists() else before

@@ -1,9 +1,12 @@
-"""Teacher engines. `ENGINES` maps a config name to "module:Class"; importing is lazy so that
-choosing `openai` never imports torch and choosing `hf` never imports vllm."""
+"""Teacher engines. `ENGINES` maps a config name to "module:Class", read off the engine
+registry `distill.config.ENGINE_CONFIGS` (each settings class names its engine); importing is
+lazy so that choosing `openai` never imports torch and choosing `hf` never imports vllm."""
 
 from __future__ import annotations
 
 import importlib
+
+from distill.config import ENGINE_CONFIGS
 
 from distill.teachers.base import (  # noqa: F401  (the protocol is the package's public face)
     Completion,
@@ -15,11 +18,7 @@ from distill.teachers.base import (  # noqa: F401  (the protocol is the package'
     split_reasoning,
 )
 
-ENGINES: dict[str, str] = {
-    "hf": "distill.teachers.hf:HFEngine",
-    "openai": "distill.teachers.openai:OpenAIEngine",
-    "vllm": "distill.teachers.vllm:VLLMEngine",
-}
+ENGINES: dict[str, str] = {name: cls.engine_class for name, cls in ENGINE_CONFIGS.items()}
 
 
 def engine_class(name: str) -> type:
