@@ -201,3 +201,29 @@ def test_same_result_under_different_python_hash_seeds(gsm8k_train):
         outs.append(proc.stdout)
     assert outs[0] == outs[1]
     assert len(json.loads(outs[0].split(" ", 1)[1])) >= 45  # the 50 copies, minus short-question misses
+
+
+def test_stage_steps_decide_as_the_pure_function(injected, tmp_path):
+    """The dedup stage's partitioned steps (sketch each partition, decide from the sketch files)
+    drop exactly what `dedup_questions` drops, naming the same kept question and score."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill.stages.dedup import _decide, _sketch_partition
+    from distill.stages.derived import Unit
+    from distill.store import partition_of
+
+    ids, texts, truth, cfg, result = injected
+    parts = partition_of(ids, 5)
+    units = []
+    for p in range(5):
+        rows = [(q, t) for q, t, k in zip(ids, texts, parts) if k == p]
+        path = tmp_path / f"in-{p}.parquet"
+        # Two samples of each question, as the stage sees them.
+        pq.write_table(pa.table({"id": [q for q, _ in rows for _ in (0, 1)], "problem": [t for _, t in rows for _ in (0, 1)]}), path)
+        units.append(Unit(p, [str(path)]))
+    source_ids = pa.array(ids)
+    files = [_sketch_partition(cfg, source_ids, str(tmp_path), u)[1] for u in units]
+    decided = _decide([tmp_path / f for f in files], cfg)
+    assert decided == {q: (d.kept_id, d.method, d.score) for q, d in result.dropped.items()}
+    assert len(decided) >= 200

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -157,26 +157,32 @@ def band_hashes(signatures: np.ndarray, threshold: float) -> np.ndarray:
     return out
 
 
-def candidate_pairs(bands: np.ndarray) -> np.ndarray:
-    """`int64[k, 2]` row pairs (i < j) that share a value in at least one band column, each once.
-
-    One band at a time: sort its column and pair up the rows of each run of equal values (a
-    run of m rows gives m(m-1)/2 pairs: a template many questions share makes as many
-    comparisons as an LSH index would). Memory: one column and the pairs."""
+def pairs_sharing_value(col: np.ndarray) -> np.ndarray:
+    """`int64[k, 2]` row pairs (i < j) with equal values in one band column: sort it and pair up
+    the rows of each run of equal values (a run of m rows gives m(m-1)/2 pairs: a template many
+    questions share costs as many comparisons as an LSH index would)."""
+    order = np.argsort(col, kind="stable")
+    sorted_col = col[order]
+    starts = np.flatnonzero(np.r_[True, sorted_col[1:] != sorted_col[:-1]])
+    ends = np.r_[starts[1:], len(col)]
     found = []
-    for b in range(bands.shape[1]):
-        col = bands[:, b]
-        order = np.argsort(col, kind="stable")
-        sorted_col = col[order]
-        starts = np.flatnonzero(np.r_[True, sorted_col[1:] != sorted_col[:-1]])
-        ends = np.r_[starts[1:], len(col)]
-        for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-            rows = np.sort(order[lo:hi])
-            i, j = np.triu_indices(len(rows), k=1)
-            found.append(np.stack([rows[i], rows[j]], axis=1))
+    for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+        rows = np.sort(order[lo:hi])
+        i, j = np.triu_indices(len(rows), k=1)
+        found.append(np.stack([rows[i], rows[j]], axis=1))
+    return np.concatenate(found).astype(np.int64) if found else np.empty((0, 2), dtype=np.int64)
+
+
+def candidate_pairs(bands: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
+    """`int64[k, 2]` row pairs (i < j) that share a value in at least one band, each once.
+    `bands` is the `band_hashes` matrix or its columns one at a time (so a caller can read one
+    band column from disk at a time: memory is one column and the pairs)."""
+    columns = bands.T if isinstance(bands, np.ndarray) else bands
+    found = [pairs_sharing_value(np.asarray(col)) for col in columns]
+    found = [f for f in found if len(f)]
     if not found:
         return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found).astype(np.int64), axis=0)
+    return np.unique(np.concatenate(found), axis=0)
 
 
 def resolve_near(pairs: np.ndarray, scores: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:

@@ -7,10 +7,11 @@ source, so the choice does not depend on shard order or worker timing.
 Three steps, so that no process holds the texts of the whole set:
 1. per partition, on Ray: each question's source position, normal form, exact key, MinHash
    signature and LSH band hashes, written to `dedup/.exchange/lsh-pN.parquet`;
-2. in the driver: the exact keys and band hashes of all questions as numpy arrays
-   (8 x (bands + 2) bytes a question: ~200 MB per million questions at the default 0.8 / 128,
-   which gives 22 bands), candidate pairs by sorting each band, then the normal forms of the
-   candidates only, read back by filter, for the exact Jaccard that confirms a pair;
+2. in the driver: ordinals, exact keys and each band's hashes read one 8-byte column at a time,
+   candidate pairs by sorting each band, then the normal forms of the candidates only, read
+   back file by file, for the exact Jaccard that confirms a pair. Measured by
+   tools/bench_dedup_memory.py: ~230 MiB above the driver's start per million questions
+   (0.8 / 128 permutations: 21 bands), plus the candidates' normal forms;
 3. per partition, on Ray: the partition's samples, minus the dropped questions' (the dropped
    set, a few bytes a duplicate, is shared through the object store).
 """
@@ -39,7 +40,7 @@ DUP_COLUMNS = [("dup_of", pa.string()), ("dup_method", pa.string()), ("dup_score
 
 def resources(cfg: RunConfig) -> ActorAsk:
     return ActorAsk(cfg.curate.workers, 1, what="sketches and drops per partition on Ray; the decision in the driver "
-                                                "(exact keys and band hashes, ~200 MB per million questions)")
+                                                "(exact keys and band hashes, ~230 MiB per million questions)")
 
 
 def _sketch_partition(dc, source_ids: pa.Array, tmp_dir: str, unit: Unit) -> tuple[int, str]:
@@ -77,46 +78,60 @@ def _sketch_partition(dc, source_ids: pa.Array, tmp_dir: str, unit: Unit) -> tup
     return unit.index, path
 
 
+def _column(files: list[Path], name: str) -> np.ndarray:
+    table = read_shards(files, [name])
+    return np.empty(0) if table is None else table.column(name).to_numpy()
+
+
+def _lookup(files: list[Path], column: str, ordinals: np.ndarray) -> dict[int, str]:
+    """`column` of the rows with these ordinals, one file at a time (never the whole column)."""
+    out: dict[int, str] = {}
+    if not len(ordinals):
+        return out
+    wanted = pa.array(np.asarray(ordinals, dtype=np.int64))
+    for f in files:
+        t = read_shards([f], ["ordinal", column])
+        t = t.filter(pc.is_in(t.column("ordinal"), value_set=wanted))
+        out.update(zip(t.column("ordinal").to_pylist(), t.column(column).to_pylist()))
+    return out
+
+
 def _decide(files: list[Path], dc) -> dict[str, tuple[str, str, float]]:
-    """Step 2: dropped question id -> (kept id, method, Jaccard), from the sketch files."""
+    """Step 2: dropped question id -> (kept id, method, Jaccard), from the sketch files, one
+    column at a time (ordinals, exact keys, then each band): the peak is a few 8-byte columns
+    and the candidate pairs, whatever the number of bands."""
     from distill.curate.dedup import candidate_pairs, jaccard, resolve_near, shingle_set
 
-    head = pq.read_schema(files[0]).names if files else []
-    bcols = [c for c in head if c.startswith("b") and c[1:].isdigit()]
-    table = read_shards(files, ["ordinal", "exact", *bcols])
-    if table is None or table.num_rows == 0:
+    if not files:
         return {}
-    ordinal = table.column("ordinal").to_numpy()
+    ordinal = _column(files, "ordinal")
     order = np.argsort(ordinal, kind="stable")  # rows in source order from here on
     ordinal = ordinal[order]
-    exact = table.column("exact").to_numpy()[order]
-    bands = np.stack([table.column(c).to_numpy()[order] for c in bcols], axis=1) if bcols else None
-    del table
+    if not len(ordinal):
+        return {}
 
     dropped: dict[int, tuple[int, str, float]] = {}  # row -> (kept row, method, score)
     survivors = np.arange(len(ordinal))
     if dc.exact:
+        exact = _column(files, "exact")[order]
         _, first = np.unique(exact, return_index=True)  # first row of each key, in source order
         first_of = dict(zip(exact[first].tolist(), first.tolist()))
         survivors = np.sort(first)
         for row in np.setdiff1d(np.arange(len(ordinal)), first).tolist():
             dropped[row] = (first_of[int(exact[row])], "exact", 1.0)
-    if dc.near and bands is not None and len(survivors):
-        pairs = survivors[candidate_pairs(bands[survivors])]
+        del exact
+    bcols = [c for c in pq.read_schema(files[0]).names if c.startswith("b") and c[1:].isdigit()]
+    if dc.near and bcols and len(survivors):
+        pairs = survivors[candidate_pairs(_column(files, c)[order][survivors] for c in bcols)]
         need = np.unique(pairs)
-        texts = read_shards(files, ["ordinal", "norm"])
-        texts = texts.filter(pc.is_in(texts.column("ordinal"), value_set=pa.array(ordinal[need])))
-        by_ordinal = dict(zip(texts.column("ordinal").to_pylist(), texts.column("norm").to_pylist()))
-        del texts
+        by_ordinal = _lookup(files, "norm", ordinal[need])
         shingles = {int(r): shingle_set(by_ordinal[int(ordinal[r])], dc.shingle) for r in need}
         scores = np.array([jaccard(shingles[i], shingles[j]) for i, j in pairs.tolist()], dtype=np.float64)
         for row, (kept, score) in resolve_near(pairs, scores, dc.threshold).items():
             dropped[row] = (kept, "near", score)
 
     involved = sorted({int(ordinal[r]) for r in dropped} | {int(ordinal[k]) for k, _, _ in dropped.values()})
-    names = read_shards(files, ["ordinal", "id"])
-    names = names.filter(pc.is_in(names.column("ordinal"), value_set=pa.array(involved, pa.int64())))
-    id_of = dict(zip(names.column("ordinal").to_pylist(), names.column("id").to_pylist()))
+    id_of = _lookup(files, "id", np.array(involved, dtype=np.int64))
     return {id_of[int(ordinal[r])]: (id_of[int(ordinal[k])], method, score) for r, (k, method, score) in dropped.items()}
 
 
