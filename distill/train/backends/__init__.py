@@ -24,6 +24,30 @@ BACKENDS: dict[str, str] = {
     "deepspeed": "distill.train.backends.deepspeed:DeepSpeedBackend",
     "megatron": "distill.train.backends.megatron:MegatronBackend",
 }
+"""Each backend's module also defines `CHECKPOINT_TAG` (the folder its shards take inside a
+checkpoint) and `hf_tensors(ckpt)`: the checkpoint as (HF name, tensor) pairs, read without the
+framework. Export dispatches on the folder and writes what the backend yields."""
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported, phrased for the user."""
+
+
+def _backend_module(name: str):
+    return importlib.import_module(BACKENDS[name].partition(":")[0])
+
+
+def checkpoint_backend(ckpt: Path) -> str | None:
+    """The backend whose shards the checkpoint directory holds, or None."""
+    return next((n for n in BACKENDS if (Path(ckpt) / _backend_module(n).CHECKPOINT_TAG).is_dir()), None)
+
+
+def hf_tensors(ckpt: Path):
+    """(HF name, tensor) pairs of a checkpoint, from the backend that wrote it."""
+    name = checkpoint_backend(ckpt)
+    if name is None:
+        raise ExportError(f"{ckpt} holds no backend's shards ({', '.join(BACKENDS)})")
+    return _backend_module(name).hf_tensors(Path(ckpt))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distill.train.backends import StepStats, TorchCollectives, lr_factor
+from distill.train.backends import ExportError, StepStats, TorchCollectives, lr_factor
 
 if TYPE_CHECKING:
     import torch
@@ -392,3 +392,43 @@ def freeze_padding_row(gpt, pad_id: int) -> None:
 def spec_tied_copy(name: str, spec) -> bool:
     """The last stage's copy of a tied embedding (pp > 1), a duplicate of the first stage's."""
     return spec.tied and name == "output_layer.weight"
+
+
+# --------------------------------------------------------------------------- checkpoint -> HF tensors
+# One weights file per (tensor rank, pipeline stage), written by data rank 0, and meta.json with
+# the degrees and the model's shapes. Each file is memory-mapped and `convert.iter_to_hf` merges
+# one HF tensor at a time from the shards, so peak memory is about one merged tensor plus the
+# writer's shard, not the model. The weights are the model's own (bf16 for a bf16 run: the fp32
+# master copy lives in the optimizer shards, which export does not read).
+
+
+def iter_hf_tensors(megatron_dir: Path):
+    """(HF name, tensor) pairs of the checkpoint's model, merged from every shard."""
+    import torch
+
+    megatron_dir = Path(megatron_dir)
+    meta_path = megatron_dir / META_FILE
+    if not meta_path.is_file():
+        raise ExportError(f"{megatron_dir} has no {META_FILE}: not a complete Megatron checkpoint")
+    meta = json.loads(meta_path.read_text())
+    from distill.train.backends.megatron.convert import ModelSpec, iter_to_hf
+
+    spec, tp, pp = ModelSpec.from_dict(meta["spec"]), meta["tensor_parallel"], meta["pipeline_parallel"]
+    missing = [model_file(t, p) for p in range(pp) for t in range(tp) if not (megatron_dir / model_file(t, p)).is_file()]
+    if missing:
+        raise ExportError(f"{megatron_dir} lacks shard files {', '.join(missing)} (tensor_parallel={tp}, "
+                          f"pipeline_parallel={pp}); the checkpoint is incomplete")
+    cache: dict[tuple[int, int], dict] = {}
+
+    def shard(t: int, p: int) -> dict:
+        if (t, p) not in cache:
+            cache[(t, p)] = torch.load(megatron_dir / model_file(t, p), map_location="cpu", weights_only=True,
+                                       mmap=True)
+        return cache[(t, p)]
+
+    yield from iter_to_hf(shard, spec, tp=tp, pp=pp)
+
+
+def hf_tensors(ckpt: Path):
+    """(HF name, tensor) of a checkpoint's model, from `ckpt/megatron/`."""
+    return iter_hf_tensors(Path(ckpt) / CHECKPOINT_TAG)
