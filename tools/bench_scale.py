@@ -306,6 +306,8 @@ class MemoryPoller:
     """User + system CPU seconds per pid of the tree, as last polled (the last interval of each
     process is lost): load on the machine stretches wall time far more than CPU time."""
     polls: int = 0
+    driver_samples: list = field(default_factory=list)
+    """(monotonic seconds, VmRSS KiB, RssAnon KiB) of the driver at every poll: where it grows."""
 
     def __post_init__(self):
         self._stop = threading.Event()
@@ -350,6 +352,7 @@ class MemoryPoller:
                 pass
             if proc.pid == self.pid:
                 peak = self.driver
+                self.driver_samples.append((time.monotonic(), st.get("VmRSS", 0), st.get("RssAnon", 0)))
             else:
                 try:
                     title = " ".join(" ".join(proc.cmdline()).split())  # Ray pads titles with spaces
@@ -410,6 +413,22 @@ def stage_walls(lines: list[tuple[float, str]]) -> tuple[dict[str, float | None]
         walls[st] = round(end - prev, 2) if end is not None and prev is not None else None
         prev = end if end is not None else prev
     return walls, start
+
+
+def driver_peak_by_stage(samples: list, lines: list[tuple[float, str]], t0: float) -> dict[str, float | None]:
+    """The driver's largest RSS (MiB) while each stage ran (windows as in `stage_walls`; "startup"
+    is everything before the `ray:` line), to see which stage's memory grows with the data."""
+    walls, start = stage_walls(lines)
+    edges, at = [("startup", 0.0, start if start is not None else 0.0)], start or 0.0
+    for st in STAGES:
+        if walls[st] is not None:
+            edges.append((st, at, at + walls[st]))
+            at += walls[st]
+    out = {}
+    for name, lo, hi in edges:
+        inside = [rss for t, rss, _ in samples if lo <= t - t0 <= hi]
+        out[name] = _mib(max(inside)) if inside else None
+    return out
 
 
 def _manifest(run_dir: Path, stage: str) -> dict:
@@ -480,6 +499,7 @@ def run_size(size: int, args, base: list[dict], benchmarks: list[Path], work: Pa
         "kept": {st: m.get("counts", {}).get("records") for st, m in manifests.items()},
         "driver_peak_rss_mib": _mib(max(poller.driver.rss, poller.driver.hwm)),
         "driver_peak_anon_mib": _mib(poller.driver.anon),
+        "driver_peak_by_stage_mib": driver_peak_by_stage(poller.driver_samples, lines, t0),
         "ray_worker_peak_rss_mib": _mib(max(worker.rss, worker.hwm)) if worker else None,
         "ray_worker_peak_anon_mib": _mib(max(p.anon for p in poller.workers.values())) if worker else None,
         "ray_worker_peak_title": worker.title if worker else None,
