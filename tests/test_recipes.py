@@ -26,11 +26,16 @@ def test_recipe_validates(path: Path):
 
 
 def test_every_stage_is_registered_and_vice_versa():
-    from distill.config import STAGES
-    from distill.stages import CURATE_STAGES, STAGE_PREFLIGHT
+    import importlib
 
-    assert set(STAGES) == set(STAGE_RUNNERS)
-    assert set(CURATE_STAGES) <= set(STAGES) and set(STAGE_PREFLIGHT) <= set(STAGES)
+    from distill.config import CURATE_STAGES, STAGES
+
+    assert set(STAGES) == set(STAGE_RUNNERS) and set(CURATE_STAGES) <= set(STAGES)
+    for name in STAGES:  # each stage module defines what the registries expect of it
+        module = importlib.import_module(f"distill.stages.{name}")
+        assert callable(module.run) and callable(module.resources), name
+    modules = {p.stem for p in (REPO / "distill" / "stages").glob("*.py")} - {"__init__", "derived"}
+    assert modules == set(STAGES), "a stage module no config can name, or a name without a module"
 
 
 def test_every_filter_a_config_can_name_is_registered():
