@@ -103,6 +103,27 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b)
 
 
+def shingle_hashes(normalized: str, n: int) -> np.ndarray:
+    """`shingle_set` as a sorted array of distinct 64-bit hashes: ~8 bytes a shingle instead of
+    ~100 for a string in a set, so the dedup stage can hold the shingles of every candidate of a
+    template-heavy set. Jaccard over the hashes equals Jaccard over the strings unless two
+    shingles of a pair collide (~n^2 / 2^64)."""
+    return np.unique(np.fromiter((int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little")
+                                  for g in shingle_set(normalized, n)), dtype=np.uint64))
+
+
+def jaccard_hashes(a: np.ndarray, b: np.ndarray) -> float:
+    if not len(a) and not len(b):
+        return 1.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def pair_scores(pairs: np.ndarray, shingles: dict[int, np.ndarray]) -> np.ndarray:
+    """Exact Jaccard of each candidate pair (rows i, j), from `shingle_hashes` per row."""
+    return np.array([jaccard_hashes(shingles[i], shingles[j]) for i, j in pairs.tolist()], dtype=np.float64)
+
+
 LSH_RECALL = 0.99
 """Least probability that the LSH proposes a pair whose Jaccard is exactly at the threshold
 (higher above it). datasketch's default band layout balances false positives against false
@@ -248,8 +269,7 @@ def dedup_questions(
         )
     rows = np.asarray(candidates, dtype=np.int64)
     pairs = rows[candidate_pairs(band_hashes(signatures[rows], cfg.threshold))] if len(rows) else np.empty((0, 2), np.int64)
-    shingles = {i: shingle_set(normalized[i], cfg.shingle) for i in np.unique(pairs).tolist()}
-    scores = np.array([jaccard(shingles[i], shingles[j]) for i, j in pairs.tolist()], dtype=np.float64)
+    scores = pair_scores(pairs, {i: shingle_hashes(normalized[i], cfg.shingle) for i in np.unique(pairs).tolist()})
     near = resolve_near(pairs, scores, cfg.threshold)
     for i in candidates:
         if i in near:

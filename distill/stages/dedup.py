@@ -83,16 +83,17 @@ def _column(files: list[Path], name: str) -> np.ndarray:
     return np.empty(0) if table is None else table.column(name).to_numpy()
 
 
-def _lookup(files: list[Path], column: str, ordinals: np.ndarray) -> dict[int, str]:
-    """`column` of the rows with these ordinals, one file at a time (never the whole column)."""
-    out: dict[int, str] = {}
+def _lookup(files: list[Path], column: str, ordinals: np.ndarray, convert=lambda v: v) -> dict:
+    """`convert(column)` of the rows with these ordinals, one file at a time (never the whole
+    column, nor all the raw values at once)."""
+    out: dict = {}
     if not len(ordinals):
         return out
     wanted = pa.array(np.asarray(ordinals, dtype=np.int64))
     for f in files:
         t = read_shards([f], ["ordinal", column])
         t = t.filter(pc.is_in(t.column("ordinal"), value_set=wanted))
-        out.update(zip(t.column("ordinal").to_pylist(), t.column(column).to_pylist()))
+        out.update((o, convert(v)) for o, v in zip(t.column("ordinal").to_pylist(), t.column(column).to_pylist()))
     return out
 
 
@@ -100,7 +101,7 @@ def _decide(files: list[Path], dc) -> dict[str, tuple[str, str, float]]:
     """Step 2: dropped question id -> (kept id, method, Jaccard), from the sketch files, one
     column at a time (ordinals, exact keys, then each band): the peak is a few 8-byte columns
     and the candidate pairs, whatever the number of bands."""
-    from distill.curate.dedup import candidate_pairs, jaccard, resolve_near, shingle_set
+    from distill.curate.dedup import candidate_pairs, pair_scores, resolve_near, shingle_hashes
 
     if not files:
         return {}
@@ -124,9 +125,10 @@ def _decide(files: list[Path], dc) -> dict[str, tuple[str, str, float]]:
     if dc.near and bcols and len(survivors):
         pairs = survivors[candidate_pairs(_column(files, c)[order][survivors] for c in bcols)]
         need = np.unique(pairs)
-        by_ordinal = _lookup(files, "norm", ordinal[need])
-        shingles = {int(r): shingle_set(by_ordinal[int(ordinal[r])], dc.shingle) for r in need}
-        scores = np.array([jaccard(shingles[i], shingles[j]) for i, j in pairs.tolist()], dtype=np.float64)
+        # Shingles as hash arrays, made file by file: a template-heavy set has most questions
+        # among the candidates (every question of bench_scale's does).
+        by_ordinal = _lookup(files, "norm", ordinal[need], lambda t: shingle_hashes(t, dc.shingle))
+        scores = pair_scores(pairs, {int(r): by_ordinal[int(ordinal[r])] for r in need})
         for row, (kept, score) in resolve_near(pairs, scores, dc.threshold).items():
             dropped[row] = (kept, "near", score)
 
