@@ -6,11 +6,11 @@ bf16 through a whole model, loss and gradients, against the samples run one at a
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.testing.batches import packed_rows
 from distill.train import attention
 from distill.train.attention import (
     block_causal_mask,
@@ -91,26 +91,6 @@ def test_block_mask_skips_cross_sample_tiles_and_is_built_once_per_batch():
     assert attention._MASK_CACHE[0][3] is not first
 
 
-def random_packed_batch(vocab: int, rows: int, seq_len: int, seed: int):
-    """A PackedBatch of random samples (every token a target), as tools/bench_megatron.py makes."""
-    from distill.train.packing import PackedBatch
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(rows, seq_len))
-    pos, bounds = np.zeros((rows, seq_len), dtype=np.int64), [0]
-    for r in range(rows):
-        at = 0
-        while at < seq_len:
-            n = min(int(rng.integers(seq_len // 8, seq_len // 2)), seq_len - at)
-            pos[r, at:at + n] = np.arange(n)
-            at += n
-            bounds.append(r * seq_len + at)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    labels = torch.from_numpy(np.roll(ids, -1, axis=1))
-    return PackedBatch(torch.from_numpy(ids), labels, torch.from_numpy(pos), cu, int(torch.diff(cu).max()),
-                       int(labels.numel()))
-
-
 def loss_and_grads(model, batch):
     from distill.train.model import forward_loss
 
@@ -133,7 +113,7 @@ def test_whole_model_flex_equals_cpu_path(monkeypatch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation=attention.register_packed_attention())
-    batch = random_packed_batch(512, rows=2, seq_len=192, seed=1)
+    batch = packed_rows(2, 192, 512, seed=1, min_len=192 // 8, max_len=192 // 2 - 1)
     with torch.no_grad():
         ref, _ = forward_loss(model, batch)
         monkeypatch.setattr(attention, "_use_flex", lambda query: True)
@@ -168,7 +148,7 @@ def test_packed_equals_unpacked_bf16_on_gpu():
     config = AutoConfig.for_model("qwen2", vocab_size=4096, hidden_size=256, intermediate_size=512,
                                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                                   max_position_embeddings=4096, tie_word_embeddings=True)
-    batch = random_packed_batch(4096, rows=2, seq_len=1024, seed=2).to("cuda")
+    batch = packed_rows(2, 1024, 4096, seed=2, min_len=1024 // 8, max_len=1024 // 2 - 1).to("cuda")
     torch.manual_seed(0)
     packed = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                               attn_implementation=attention.register_packed_attention()).cuda()

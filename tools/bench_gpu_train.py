@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from distill.testing.batches import pad_collate  # noqa: E402
+
 SHAPES = {
     # Qwen2.5-1.5B-Instruct's config.json (1.54B parameters, tied embeddings).
     "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -172,16 +174,6 @@ def run_hf(args) -> list[dict]:
             rows.append({"input_ids": x.astype(np.int64), "labels": np.concatenate([[-100], y[:-1]]).astype(np.int64)})
         return rows
 
-    def collate(batch):
-        n = max(len(b["input_ids"]) for b in batch)
-        ids = torch.zeros(len(batch), n, dtype=torch.long)
-        labels = torch.full((len(batch), n), -100, dtype=torch.long)
-        mask = torch.zeros(len(batch), n, dtype=torch.long)
-        for r, b in enumerate(batch):
-            k = len(b["input_ids"])
-            ids[r, :k], labels[r, :k], mask[r, :k] = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["labels"]), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
     class Timer(TrainerCallback):
         seconds, losses = 0.0, []
 
@@ -207,7 +199,7 @@ def run_hf(args) -> list[dict]:
                                       num_train_epochs=1, learning_rate=1e-5, logging_steps=10**6, save_strategy="no",
                                       report_to=[], use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0,
                                       remove_unused_columns=False, seed=0)
-            trainer = Trainer(model=model, args=targs, train_dataset=as_hf(samples, idx), data_collator=collate,
+            trainer = Trainer(model=model, args=targs, train_dataset=as_hf(samples, idx), data_collator=pad_collate,
                               callbacks=[Timer()])
             res = trainer.train()
         lengths = [len(samples.sample(i)[0]) for i in timed]

@@ -22,29 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def packed_rows(rows: int, seq_len: int, vocab: int, *, seed: int, min_len: int, max_len: int):
-    """A PackedBatch of random samples (lengths uniform in [min_len, max_len]), every token a target."""
-    import numpy as np
-    import torch
-
-    from distill.train.packing import PackedBatch
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(rows, seq_len))
-    pos = np.zeros((rows, seq_len), dtype=np.int64)
-    bounds = [0]
-    for r in range(rows):
-        at = 0
-        while at < seq_len:
-            n = min(int(rng.integers(min_len, max_len + 1)), seq_len - at)
-            pos[r, at:at + n] = np.arange(n)
-            at += n
-            bounds.append(r * seq_len + at)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    labels = torch.from_numpy(np.roll(ids, -1, axis=1))
-    return PackedBatch(torch.from_numpy(ids), labels, torch.from_numpy(pos), cu, int(torch.diff(cu).max()),
-                       int(labels.numel()))
+from distill.testing.batches import packed_rows  # noqa: E402
 
 
 def main() -> None:

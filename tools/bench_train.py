@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.fsio import read_jsonl
+from distill.testing.batches import pad_collate
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO.parent / "shared" / "data" / "train" / "gsm8k_train.jsonl"
@@ -76,16 +77,6 @@ def bench_hf(model_path: str, cache_path: str, work: Path, batch_size: int, thre
         labels = np.concatenate([[-100], shifted[:-1]]).astype(np.int64)
         samples.append({"input_ids": ids.astype(np.int64), "labels": labels})
 
-    def collate(batch):
-        n = max(len(b["input_ids"]) for b in batch)
-        ids = torch.zeros(len(batch), n, dtype=torch.long)
-        labels = torch.full((len(batch), n), -100, dtype=torch.long)
-        mask = torch.zeros(len(batch), n, dtype=torch.long)
-        for r, b in enumerate(batch):
-            k = len(b["input_ids"])
-            ids[r, :k], labels[r, :k], mask[r, :k] = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["labels"]), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
     class Timer(TrainerCallback):
         seconds = 0.0
 
@@ -100,7 +91,7 @@ def bench_hf(model_path: str, cache_path: str, work: Path, batch_size: int, thre
                              learning_rate=2e-5, warmup_steps=1, logging_steps=10**6, save_strategy="no",
                              report_to=[], use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
                              seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collate, callbacks=[Timer()])
+    trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=pad_collate, callbacks=[Timer()])
     trainer.train()
     targets = int(sum((s["labels"] != -100).sum() for s in samples))
     steps = -(-len(samples) // batch_size)

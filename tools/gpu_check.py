@@ -219,8 +219,7 @@ def megatron_losses(tiny: bool, steps: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sys.path.insert(0, str(REPO / "tools"))
-    from bench_megatron import packed_rows
+    from distill.testing.batches import packed_rows
 
     from distill.train.backends.megatron import MegatronBackend
     from distill.train.config import TrainConfig
