@@ -6,12 +6,15 @@ Nothing here knows about Ray; `stages/generate.py` runs `run_unit` inside actors
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Container, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from distill.config import GenerateConfig, PromptConfig, fingerprint, output_fields
+from distill.store import key_hash
 from distill.teachers.base import Message, Request, SamplingParams, TeacherEngine, derive_seed, split_reasoning
 
 _QUESTION = [("id", pa.string()), ("problem", pa.string()), ("answer", pa.string()), ("source", pa.string())]
@@ -102,12 +105,23 @@ def count_missing(questions: Iterable[dict], n_samples: int, params_hash: str, d
     return sum(sample_key(q["id"], s, params_hash) not in done for q in questions for s in range(n_samples))
 
 
-def changed_questions(existing: Iterable[dict], questions: list[dict]) -> list[str]:
+def changed_questions(existing: Iterable[dict], questions: Iterable[dict]) -> list[str]:
     """Ids whose problem text differs between stored samples and the current source: samples
-    keyed by such an id answer a question that is no longer the one asked. `existing` may be a
-    stream (one shard's rows at a time)."""
-    current = {q["id"]: q["problem"] for q in questions}
-    return sorted({r["id"] for r in existing if r["id"] in current and current[r["id"]] != r["problem"]})
+    keyed by such an id answer a question that is no longer the one asked. Both may be streams
+    (one shard's rows at a time): the source is held as 16 bytes a question (64-bit hashes of id
+    and problem, sorted), not as its text. A change is missed only if two different problem texts
+    hash alike (2^-64 a question)."""
+    pairs = np.fromiter(itertools.chain.from_iterable((key_hash(q["id"]), key_hash(q["problem"])) for q in questions),
+                        dtype=np.uint64).reshape(-1, 2)
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    ids, problems = pairs[:, 0], pairs[:, 1]
+    changed = set()
+    for r in existing:
+        h = np.uint64(key_hash(r["id"]))
+        i = int(np.searchsorted(ids, h))
+        if i < len(ids) and ids[i] == h and problems[i] != np.uint64(key_hash(r["problem"])):
+            changed.add(r["id"])
+    return sorted(changed)
 
 
 def build_messages(problem: str, prompt: PromptConfig) -> list[Message]:

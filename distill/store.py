@@ -30,7 +30,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -287,15 +287,31 @@ def stage_shard(root: str | os.PathLike, index: int, records: list[dict], reject
     return StagedShard(name, write(records, schema, tmp / f"{name}.{tag}"), rej, len(records), len(rejected))
 
 
+class ShardRows:
+    """The rows of a stage directory (or its rejected/ part) as a stream that can be iterated
+    again: one shard's rows in memory at a time, in shard order. `len` reads only the Parquet
+    footers. A driver that needs a stage's rows more than once (generate reads the source three
+    times) holds a shard, never the stage."""
+
+    def __init__(self, root: str | os.PathLike, columns: Iterable[str] | None = None, *, rejected: bool = False):
+        self.root = Path(root) / (REJECTED if rejected else "")
+        self.columns = list(columns) if columns is not None else None
+
+    def paths(self) -> list[Path]:
+        return sorted(self.root.glob("part-*.parquet"))
+
+    def __iter__(self) -> Iterator[dict]:
+        for p in self.paths():
+            yield from pq.read_table(p, columns=self.columns).to_pylist()
+
+    def __len__(self) -> int:
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.paths())
+
+
 def read_records(root: str | os.PathLike, columns: Iterable[str] | None = None, *, rejected: bool = False) -> list[dict]:
-    """All records of a stage directory (or its rejected/ part), in shard order."""
-    root = Path(root) / (REJECTED if rejected else "")
-    paths = sorted(p for p in root.glob("part-*.parquet"))
-    cols = list(columns) if columns is not None else None
-    out: list[dict] = []
-    for p in paths:
-        out.extend(pq.read_table(p, columns=cols).to_pylist())
-    return out
+    """All records of a stage directory (or its rejected/ part), in shard order, as one list (tests
+    and small stages; a stage's driver streams with `ShardRows`)."""
+    return list(ShardRows(root, columns, rejected=rejected))
 
 
 def require_complete(root: str | os.PathLike, what_to_run: str) -> Manifest:

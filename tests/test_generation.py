@@ -34,6 +34,9 @@ def test_keys_and_seeds_are_stable_and_distinct():
 def test_changed_questions():
     stored = [{"id": "q1", "problem": "problem 1"}, {"id": "q2", "problem": "old text"}, {"id": "gone", "problem": "x"}]
     assert changed_questions(stored, QS) == ["q2"]
+    # Both sides may be one-pass streams (the stage reads them shard by shard).
+    assert changed_questions(iter(stored), iter(QS)) == ["q2"]
+    assert changed_questions(iter(stored), iter([])) == []
 
 
 def test_prompt_keeps_latex_braces_and_system():

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill.store import MANIFEST, ShardStore, StaleOutputError, read_records
+from distill.store import MANIFEST, ShardRows, ShardStore, StaleOutputError, read_records
 
 SCHEMA = pa.schema([("key", pa.string()), ("x", pa.int64())])
 REJ = pa.schema([("key", pa.string()), ("reason", pa.string())])
@@ -31,6 +31,17 @@ def test_commit_read_and_counts(tmp_path):
     assert [r["x"] for r in read_records(tmp_path / "out")] == [1, 2, 3]
     with pytest.raises(FileExistsError):
         s.commit(1, [{"key": "e", "x": 4}])
+
+
+def test_shard_rows_stream_again_and_count_from_footers(tmp_path):
+    s = make(tmp_path / "out")
+    s.commit(0, [{"key": "a", "x": 1}], [{"key": "r", "reason": "bad: why"}])
+    s.commit(1, [{"key": "b", "x": 2}, {"key": "c", "x": 3}])
+    rows = ShardRows(tmp_path / "out", ["x"])
+    assert len(rows) == 3
+    assert list(rows) == list(rows) == [{"x": 1}, {"x": 2}, {"x": 3}]  # a second pass reads the files again
+    assert [r["key"] for r in ShardRows(tmp_path / "out", rejected=True)] == ["r"]
+    assert list(ShardRows(tmp_path / "missing")) == [] and len(ShardRows(tmp_path / "missing")) == 0
 
 
 def test_changed_settings_are_refused_with_a_diff(tmp_path):

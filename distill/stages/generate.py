@@ -6,24 +6,22 @@ skipped, and raising `generate.n_samples` generates only the new samples.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import RunConfig
-from distill.stages import ActorAsk
-from dataclasses import dataclass, field
-
-import pyarrow.parquet as pq
-
 from distill.generation import (
     GEN_REJECTED_SCHEMA, GENERATED_SCHEMA, WorkUnit, changed_questions, count_missing, generation_settings, iter_units,
     run_unit, sampling_params, settings_hash, teacher_name,
 )
 from distill.progress import Progress, format_counter
 from distill.raypool import ReplicaPool
+from distill.stages import ActorAsk
 from distill.store import (
-    Manifest, ShardStore, StagedShard, StaleOutputError, read_records, reason_code, require_complete, stage_shard,
+    Manifest, ShardStore, ShardRows, StagedShard, StaleOutputError, reason_code, require_complete, stage_shard,
 )
 
 log = logging.getLogger("distill.generate")
@@ -84,15 +82,16 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
 
     gen = cfg.generate
     source = require_complete(run_dir / "source", "distill run CONFIG")
-    questions = read_records(run_dir / "source", ["id", "problem", "answer", "source"])
+    # The source is streamed a shard at a time (three passes: changed ids, count, units), never held.
+    questions = ShardRows(run_dir / "source", ["id", "problem", "answer", "source"])
     params_hash = settings_hash(gen)
     store = ShardStore(run_dir / "generate", stage="generate", fingerprint=params_hash,
                        settings=generation_settings(gen), schema=GENERATED_SCHEMA,
                        rejected_schema=GEN_REJECTED_SCHEMA, inputs={"source": source.fingerprint}).open()
     # One shard's (id, problem) at a time: the stored samples are never all in memory.
-    stored = (r for p in [store.root / n for n in store.shard_names()] + store.rejected_paths()
-              for r in pq.read_table(p, columns=["id", "problem"]).to_pylist())
-    changed = changed_questions(stored, questions)
+    stored = itertools.chain(ShardRows(store.root, ["id", "problem"]),
+                             ShardRows(store.root, ["id", "problem"], rejected=True))
+    changed = changed_questions(stored, ShardRows(run_dir / "source", ["id", "problem"]))
     if changed:
         raise StaleOutputError(
             f"{store.root} holds samples for {len(changed)} question ids whose problem text has changed in "
@@ -100,8 +99,9 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     done = store.done_key_hashes()
     planned = count_missing(questions, gen.n_samples, params_hash, done)
     n_units = -(-planned // gen.shard_size)
-    print(f"generate: {len(questions)} questions x {gen.n_samples} samples; {planned} to generate "
-          f"in {n_units} shards ({len(questions) * gen.n_samples - planned} already done)", flush=True)
+    n_questions = len(questions)
+    print(f"generate: {n_questions} questions x {gen.n_samples} samples; {planned} to generate "
+          f"in {n_units} shards ({n_questions * gen.n_samples - planned} already done)", flush=True)
     units = iter_units(questions, n_samples=gen.n_samples, params_hash=params_hash, done=done,
                        shard_size=gen.shard_size, first_index=store.next_index(), base_seed=gen.sampling.seed)
 
