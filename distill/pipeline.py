@@ -12,7 +12,7 @@ from distill.config import RunConfig
 from distill.progress import format_counter
 from distill.raypool import connect
 from distill.sources import ingest
-from distill.stages import stage_preflight, stage_runner
+from distill.stages import get_stage
 
 
 def save_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
@@ -29,7 +29,8 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> Path:
     # The preflights see run.stages as this invocation runs them (`distill train` runs only train).
     planned = cfg.model_copy(update={"run": cfg.run.model_copy(update={"stages": stages})})
     for stage in stages:
-        stage_preflight(stage, planned)
+        if (preflight := get_stage(stage).preflight) is not None:
+            preflight(planned)
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> Path:
 
     print(f"ray: {connect(cfg.ray)}", flush=True)
     for stage in stages:
-        stage_runner(stage)(cfg, run_dir)
+        get_stage(stage).run(cfg, run_dir)
 
     print(f"distill: finished in {time.monotonic() - start:.1f}s; outputs under {run_dir}", flush=True)
     return run_dir

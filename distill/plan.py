@@ -279,6 +279,8 @@ class StagePlan:
     cpus: float
     gpus: float = 0.0
     what: str = ""
+    section: str = ""
+    """The config section the stage owns (its settings)."""
 
 
 @dataclass
@@ -363,15 +365,13 @@ def check_inputs(cfg, stages: list[str]) -> tuple[list[str], list[str]]:
 def stage_resources(cfg, stages: list[str]) -> list[StagePlan]:
     """The Ray actors each stage asks for (what `ray status` will show it holding): each stage's
     own `resources`, the function its run sizes its pool with."""
-    from distill.stages import STAGE_RESOURCES, stage_resources as ask_of
+    from distill.stages import get_stage
 
     out = []
-    for stage in stages:
-        if stage not in STAGE_RESOURCES:
-            out.append(StagePlan(stage, 0, 0, what="resources not modelled by distill.plan"))
-            continue
-        ask = ask_of(stage, cfg)
-        out.append(StagePlan(stage, ask.replicas, ask.cpus, ask.gpus, ask.what))
+    for name in stages:
+        stage = get_stage(name)
+        ask = stage.resources(cfg)
+        out.append(StagePlan(name, ask.replicas, ask.cpus, ask.gpus, ask.what, section=stage.section))
     return out
 
 
@@ -458,7 +458,8 @@ def format_plan(plan: Plan) -> str:
     lines = ["stages (in order; actors x resources each):"]
     for s in plan.stages:
         res = f"{s.cpus:g} CPU" + (f" + {s.gpus:g} GPU" if s.gpus else "")
-        lines.append(f"  {s.name:<9} {s.actors} x ({res})" + (f"  {s.what}" if s.what else ""))
+        lines.append(f"  {s.name:<9} {s.actors} x ({res})" + (f"  {s.what}" if s.what else "")
+                     + (f"  [settings: {s.section}]" if s.section else ""))
     t = plan.train
     if t is not None:
         lines.append(f"train: backend {t.backend}, precision {t.precision}"

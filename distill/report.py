@@ -21,12 +21,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from distill.config import CURATE_STAGES
+from distill.config import STAGES
 from distill.fsio import read_jsonl
+from distill.stages import get_stage
 from distill.store import MANIFEST, REJECTED, Manifest, reason_code
 
-FUNNEL = ("source", "generate", *CURATE_STAGES)
-"""Stage directories in pipeline order; the report covers those present in the run."""
+
+def funnel_stages() -> tuple[str, ...]:
+    """Stage directories in pipeline order: the source, then every registered stage that writes
+    exactly-once shards (and so has a funnel row). The report covers those present in the run."""
+    return ("source", *(name for name in STAGES if get_stage(name).shards))
 
 
 def _columns(root: Path, want: list[str], rejected: bool = False) -> dict[str, list]:
@@ -62,7 +66,7 @@ def stage_stats(root: Path) -> dict:
 
 def build_report(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    stages = [s for s in FUNNEL if (run_dir / s / MANIFEST).exists()]
+    stages = [s for s in funnel_stages() if (run_dir / s / MANIFEST).exists()]
     report: dict = {"run_dir": str(run_dir.resolve()), "stages": {}, "funnel": [], "lengths": {"kept": [], "rejected": []}}
     report["config"] = read_config(run_dir)
     report["train"] = summarize_train(read_train(run_dir / "train"))

@@ -160,6 +160,15 @@ def test_curate_funnel_end_to_end(tmp_path):
     assert plots == ["plot-funnel", "plot-reasons", "plot-lengths", "plot-passrate", "plot-decontam"], plots
     assert page.count("<svg") == len(plots) and "Decontamination" in page
 
+    # Each stage object's declared schemas are the ones its shards carry on disk.
+    from distill.stages import get_stage
+
+    for name in ("generate", "verify", "filter", "dedup", "decontam", "sft"):
+        stage = get_stage(name)
+        for schema, part in ((stage.output_schema(run), run / name), (stage.rejected_schema(run), run / name / "rejected")):
+            for shard in sorted(part.glob("part-*.parquet")):
+                assert pq.read_schema(shard).remove_metadata() == schema, (name, shard.name)
+
     # Unchanged settings: a second run recomputes nothing. A changed filter recomputes filter and
     # everything after it, and says why.
     again = subprocess.run(distill_cmd("curate", str(cfg_path)), cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -10,7 +10,7 @@ from conftest import DATA
 from distill.config import ConfigError, EvalConfig, RunConfig, build_config
 from distill.curate.benchmarks import BenchmarkError
 from distill.evaluate import EvalRun
-from distill.stages import STAGE_RUNNERS, stage_runner
+from distill.stages import get_stage
 from distill.stages.eval import eval_sets, model_key, plan_models, preflight
 
 BENCH = [{"name": "gsm8k", "path": str(DATA / "benchmarks" / "gsm8k.jsonl")},
@@ -32,11 +32,9 @@ def test_eval_is_a_registered_stage_after_train():
     from distill.config import STAGES
 
     assert STAGES.index("eval") == STAGES.index("train") + 1
-    assert "eval" in STAGE_RUNNERS
-    assert callable(stage_runner("eval"))
-    import distill.stages.eval as module
-
-    assert callable(module.preflight) and callable(module.resources)  # found by stage_preflight / plan
+    stage = get_stage("eval")
+    assert callable(stage.run) and callable(stage.preflight) and callable(stage.resources)
+    assert stage.section == "eval" and not stage.shards
 
 
 def test_teacher_and_untrained_student_are_one_model_when_their_settings_match(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO
 from distill.config import load_config
-from distill.stages import STAGE_RUNNERS
+from distill.config import STAGES
 from distill.teachers import ENGINES
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -22,31 +22,21 @@ def test_recipe_validates(path: Path):
     assert text.startswith("#"), "a recipe opens with a comment: the hardware it is for and what it produces"
     cfg = load_config(path)
     assert cfg.generate.engine in ENGINES
-    assert all(s in STAGE_RUNNERS for s in cfg.run.stages)
+    assert all(s in STAGES for s in cfg.run.stages)
 
 
 def test_every_stage_is_registered_and_vice_versa():
-    import importlib
+    from distill.config import CURATE_STAGES, RunConfig
+    from distill.stages import Stage, get_stage
 
-    from distill.config import CURATE_STAGES, STAGES
-
-    assert set(STAGES) == set(STAGE_RUNNERS) and set(CURATE_STAGES) <= set(STAGES)
-    for name in STAGES:  # each stage module defines what the registries expect of it
-        module = importlib.import_module(f"distill.stages.{name}")
-        assert callable(module.run) and callable(module.resources), name
+    assert set(CURATE_STAGES) <= set(STAGES)
+    cfg = RunConfig()
+    for name in STAGES:  # each stage module defines one Stage, with everything the registry promises
+        stage = get_stage(name)
+        assert isinstance(stage, Stage) and callable(stage.run) and callable(stage.resources), name
+        stage.config(cfg)  # its section exists in the config
+        assert stage.shards == (stage.reads is not None), name  # a shard stage names what it reads
+        if stage.reads not in (None, "source"):
+            assert STAGES.index(stage.reads) < STAGES.index(name), f"{name} reads a later stage"
     modules = {p.stem for p in (REPO / "distill" / "stages").glob("*.py")} - {"__init__", "derived"}
     assert modules == set(STAGES), "a stage module no config can name, or a name without a module"
-
-
-def test_every_filter_a_config_can_name_is_registered():
-    from distill.curate.filters import FILTERS, FilterConfig
-
-    configurable = {name for name, f in FilterConfig.model_fields.items() if name != "order"}
-    assert configurable == set(FILTERS)
-
-
-def test_every_train_backend_a_config_can_name_is_registered():
-    from distill.train.backends import BACKENDS
-    from distill.train.config import BACKEND_NAMES
-
-    assert set(BACKEND_NAMES) == set(BACKENDS)

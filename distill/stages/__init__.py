@@ -1,19 +1,30 @@
-"""Stage registry: config name -> "module:function" taking (RunConfig, run_dir).
+"""Stage registry: each stage is one `Stage` object, `STAGE` in the module `distill.stages.NAME`.
 
-Each stage module is imported only when the stage runs, so `distill config ...` stays fast and a
-CPU-only install never imports a GPU-only stage's dependencies. A stage may also register a
-preflight `(RunConfig) -> None` that checks its inputs before any stage of the run starts, and
-declares what it asks Ray for (`resources(RunConfig) -> ActorAsk`): its run sizes its actor pool
-with that function and `--dry-run` prints it, so the two cannot drift.
+The object says everything the rest of distill needs to know about a stage: the config section
+it owns, the stage directory it reads, its output and rejected schemas, its preflight (checks
+that run before any stage of the run starts), the Ray actors it asks for (`resources`: its run
+sizes its pool with it and `--dry-run` prints it, so the two cannot drift) and its run. The
+pipeline, the dry run, the report's funnel and the tests read these objects; stage names are
+spelled once, in `config.STAGES`.
+
+Each module is imported only when its stage is asked for, so `distill config ...` stays fast and a
+CPU-only install never imports a GPU-only stage's dependencies.
 """
 
 from __future__ import annotations
 
 import importlib
+import operator
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from distill.config import CURATE_STAGES, STAGES  # noqa: F401  (CURATE_STAGES: re-exported)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from distill.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -27,27 +38,64 @@ class ActorAsk:
     what: str = ""
 
 
-STAGE_RUNNERS: dict[str, str] = {name: f"distill.stages.{name}:run" for name in STAGES}
-"""Stage NAME is the module `distill.stages.NAME`, with `run`, `resources` and, when it has
-inputs to check before any stage starts, `preflight`."""
+@dataclass(frozen=True)
+class Stage:
+    """One stage of `distill run`, described once."""
 
-STAGE_RESOURCES: dict[str, str] = {name: f"distill.stages.{name}:resources" for name in STAGES}
+    name: str
+    section: str
+    """The config section the stage owns, as a dotted key path (`curate.filters`): `config(cfg)`
+    returns it, and the stage's run reads its settings from there."""
+    run: Callable[["RunConfig", Path], Any]
+    """Runs the stage on `RUN/` (resumable: committed work is kept)."""
+    resources: Callable[["RunConfig"], ActorAsk]
+    """The actors the run asks Ray for; `--dry-run` prints the same call."""
+    reads: str | None = None
+    """The stage directory it reads (`source` for generate); None for stages that do not read one
+    (train reads its data paths or `RUN/sft/`, eval a model)."""
+    preflight: Callable[["RunConfig"], None] | None = None
+    """Raises ConfigError for inputs that can be checked before the run's first stage starts."""
+    schema: "pa.Schema | None" = None
+    """A fixed output schema (generate, sft); None: the input's schema plus `adds`."""
+    adds: tuple = ()
+    """(name, pyarrow type) columns the stage appends to its input's schema."""
+    rejected: "pa.Schema | None" = None
+    """A fixed schema of rejected rows; None: the output schema plus `reason` and `rejected_adds`."""
+    rejected_adds: tuple = ()
+    shards: bool = True
+    """Writes exactly-once shards under `RUN/NAME/` (a row of the report's funnel). False for
+    train and eval, which write checkpoints and result files."""
+
+    def config(self, cfg: "RunConfig") -> Any:
+        return operator.attrgetter(self.section)(cfg)
+
+    def output_schema(self, run_dir: Path) -> "pa.Schema | None":
+        """The schema of the stage's accepted shards, from its input's shards as they are on disk
+        (the run opens its store with this)."""
+        if not self.shards:
+            return None
+        if self.schema is not None:
+            return self.schema
+        from distill.stages.derived import extend_schema, input_schema
+
+        return extend_schema(input_schema(Path(run_dir) / self.reads), list(self.adds))
+
+    def rejected_schema(self, run_dir: Path) -> "pa.Schema | None":
+        if not self.shards:
+            return None
+        if self.rejected is not None:
+            return self.rejected
+        from distill.stages.derived import extend_schema, input_schema, rejected_schema_for
+
+        base = extend_schema(input_schema(Path(run_dir) / self.reads), list(self.adds))
+        return rejected_schema_for(base, list(self.rejected_adds))
 
 
-def _load(ref: str) -> Callable:
-    module, _, fn = ref.partition(":")
-    return getattr(importlib.import_module(module), fn)
-
-
-def stage_runner(name: str) -> Callable:
-    return _load(STAGE_RUNNERS[name])
-
-
-def stage_preflight(name: str, cfg) -> None:
-    check = getattr(importlib.import_module(f"distill.stages.{name}"), "preflight", None)
-    if check is not None:
-        check(cfg)
-
-
-def stage_resources(name: str, cfg) -> ActorAsk:
-    return _load(STAGE_RESOURCES[name])(cfg)
+def get_stage(name: str) -> Stage:
+    """The registered stage NAME (imports its module)."""
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    stage = importlib.import_module(f"distill.stages.{name}").STAGE
+    if stage.name != name:
+        raise RuntimeError(f"distill.stages.{name}.STAGE is named {stage.name!r}")
+    return stage

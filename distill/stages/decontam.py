@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from distill.config import RunConfig, fingerprint, output_fields
-from distill.stages import ActorAsk
-from distill.stages.derived import finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
+from distill.config import RunConfig, fingerprint
+from distill.stages import ActorAsk, Stage
+from distill.stages.derived import finish_stage, open_partitioned, run_units
 
 AUDIT_COLUMNS = [("bench", pa.string()), ("bench_id", pa.string()), ("match_method", pa.string()),
                  ("match_score", pa.float64()), ("match_field", pa.string()), ("matched_text", pa.string()),
@@ -142,15 +142,12 @@ def run(cfg: RunConfig, run_dir: Path):
     from distill.curate.benchmarks import load_benchmarks
     from distill.curate.decontam import BenchmarkIndex
 
-    dc = cfg.curate.decontam
+    dc = STAGE.config(cfg)
     benchmarks = load_benchmarks(dc.benchmarks)
     provenance = {b.name: b.provenance() for b in benchmarks}
-    schema = input_schema(run_dir / "dedup")
     # The benchmark hashes are inputs: a changed benchmark file recomputes the stage.
-    store, units = open_partitioned(run_dir, "decontam", "dedup", output_fields(dc), schema,
-                                    rejected_schema_for(schema, AUDIT_COLUMNS), cfg,
-                                    extra_inputs={f"benchmark:{n}": fingerprint(p["sha256"])
-                                                  for n, p in provenance.items()})
+    benchmark_hashes = {f"benchmark:{n}": fingerprint(p["sha256"]) for n, p in provenance.items()}
+    store, units = open_partitioned(run_dir, STAGE, cfg, extra_inputs=benchmark_hashes)
     print(f"decontam: {len(units)} of {store.manifest.partitions} partitions against {len(benchmarks)} benchmarks "
           f"({', '.join(f'{b.name}={len(b.items)}' for b in benchmarks) or 'none'})", flush=True)
     index_ref = embed_ref = None
@@ -164,3 +161,7 @@ def run(cfg: RunConfig, run_dir: Path):
                                setup_args=(dc, index_ref, embed_ref, cfg.generate), process=_process,
                                ask=resources(cfg))
     return finish_stage(store, "decontam", seconds, {"benchmarks": provenance, "this_run": dict(stats)})
+
+
+STAGE = Stage("decontam", "curate.decontam", run, resources, reads="dedup", preflight=preflight,
+              rejected_adds=tuple(AUDIT_COLUMNS))

@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill.config import RunConfig, output_fields
-from distill.stages import ActorAsk
+from distill.config import RunConfig
+from distill.stages import ActorAsk, Stage
 from distill.stages.derived import (
-    EXCHANGE, Unit, finish_stage, input_schema, map_items, open_partitioned, rejected_schema_for, run_units,
+    EXCHANGE, Unit, finish_stage, map_items, open_partitioned, run_units,
 )
 from distill.fsio import rename_into_place
 from distill.store import partition_of, read_shards
@@ -158,11 +158,9 @@ def _process(dropped: dict, records: list[dict]):
 def run(cfg: RunConfig, run_dir: Path):
     import ray
 
-    dc = cfg.curate.dedup
+    dc = STAGE.config(cfg)
     start = time.monotonic()
-    schema = input_schema(run_dir / "filter")
-    store, units = open_partitioned(run_dir, "dedup", "filter", output_fields(dc), schema,
-                                    rejected_schema_for(schema, DUP_COLUMNS), cfg)
+    store, units = open_partitioned(run_dir, STAGE, cfg)
     n = store.manifest.partitions
     summary = {}
     if units:
@@ -171,7 +169,7 @@ def run(cfg: RunConfig, run_dir: Path):
         tmp = store.root / ".tmp"
         tmp.mkdir(exist_ok=True)
         # Every partition's questions take part in the decision, committed ones included.
-        filter_root = run_dir / "filter"
+        filter_root = run_dir / STAGE.reads
         todo = [Unit(p, [str(filter_root / f"part-{p:05d}.parquet")]) for p in range(n)
                 if not (ex / f"lsh-p{p:05d}.parquet").exists()]
         source_ids = read_shards(sorted((run_dir / "source").glob("part-*.parquet")), ["id"]).column("id").combine_chunks()
@@ -187,3 +185,6 @@ def run(cfg: RunConfig, run_dir: Path):
         run_units(store, units, cfg, "dedup", setup=_setup, setup_args=(ray.put(dropped),), process=_process,
                   ask=resources(cfg))
     return finish_stage(store, "dedup", time.monotonic() - start, summary)
+
+
+STAGE = Stage("dedup", "curate.dedup", run, resources, reads="filter", rejected_adds=tuple(DUP_COLUMNS))

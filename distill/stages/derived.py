@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.config import RunConfig, fingerprint
+from distill.config import RunConfig, fingerprint, output_fields
 from distill.fsio import fsync_file, rename_into_place
 from distill.progress import Progress, format_counter
-from distill.stages import ActorAsk
+from distill.stages import ActorAsk, Stage
 from distill.store import (
     Manifest, ShardStore, StagedShard, diff_settings, partition_of, read_shards, require_complete,
     shard_index, shard_name, stage_shard,
@@ -67,22 +67,24 @@ def extend_schema(schema: pa.Schema, extra: list[tuple[str, pa.DataType]]) -> pa
     return schema
 
 
-def open_derived(run_dir: Path, stage: str, upstream: str, settings: dict, schema: pa.Schema,
-                 rejected_schema: pa.Schema, extra_inputs: dict[str, str] | None = None) -> ShardStore:
-    """The stage's store, recomputed from scratch when its settings or its input changed."""
-    up_root = run_dir / upstream
-    require_complete(up_root, f"distill run CONFIG (stage {upstream})")
-    inputs = {upstream: dataset_digest(up_root), **(extra_inputs or {})}
+def open_derived(run_dir: Path, stage: "Stage", cfg: RunConfig,
+                 extra_inputs: dict[str, str] | None = None) -> ShardStore:
+    """The stage's store, recomputed from scratch when its settings (its config section) or its
+    input changed. Its schemas are the stage object's."""
+    up_root = run_dir / stage.reads
+    require_complete(up_root, f"distill run CONFIG (stage {stage.reads})")
+    settings = output_fields(stage.config(cfg))
+    inputs = {stage.reads: dataset_digest(up_root), **(extra_inputs or {})}
     fp = fingerprint({"settings": settings, "inputs": inputs})
-    root = run_dir / stage
+    root = run_dir / stage.name
     old = Manifest.read(root)
     if old is not None and old.fingerprint != fp:
         why = diff_settings(old.settings, settings) + (
             [f"input {k} changed" for k in inputs if old.inputs.get(k) != inputs[k]])
-        print(f"{stage}: recomputing {root} ({'; '.join(why) or 'fingerprint changed'})", flush=True)
+        print(f"{stage.name}: recomputing {root} ({'; '.join(why) or 'fingerprint changed'})", flush=True)
         shutil.rmtree(root)
-    return ShardStore(root, stage=stage, fingerprint=fp, settings=settings, schema=schema,
-                      rejected_schema=rejected_schema, inputs=inputs).open()
+    return ShardStore(root, stage=stage.name, fingerprint=fp, settings=settings, schema=stage.output_schema(run_dir),
+                      rejected_schema=stage.rejected_schema(run_dir), inputs=inputs).open()
 
 
 def rejected_schema_for(schema: pa.Schema, extra: list[tuple[str, pa.DataType]] = ()) -> pa.Schema:
@@ -315,17 +317,16 @@ def run_units(store: ShardStore, units: list[Unit], cfg: RunConfig, stage: str, 
     return stats, bar.elapsed
 
 
-def open_partitioned(run_dir: Path, stage: str, upstream: str, settings: dict, schema: pa.Schema,
-                     rejected_schema: pa.Schema, cfg: RunConfig,
+def open_partitioned(run_dir: Path, stage: "Stage", cfg: RunConfig,
                      extra_inputs: dict[str, str] | None = None) -> tuple[ShardStore, list[Unit]]:
     """The stage's store (`open_derived`) and the partitions left to do, with their inputs."""
-    old = Manifest.read(run_dir / stage)  # before `open` rewrites it
-    store = open_derived(run_dir, stage, upstream, settings, schema, rejected_schema, extra_inputs)
-    up = Manifest.read(run_dir / upstream)
+    old = Manifest.read(run_dir / stage.name)  # before `open` rewrites it
+    store = open_derived(run_dir, stage, cfg, extra_inputs)
+    up = Manifest.read(run_dir / stage.reads)
     n = choose_partitions(old, store.manifest.fingerprint, up, cfg.curate.shard_size)
     store.manifest.partitions = n
     store.manifest.write(store.root)
-    units = plan_units(store, run_dir / upstream, up, n, cfg, stage)
+    units = plan_units(store, run_dir / stage.reads, up, n, cfg, stage.name)
     return store, units
 
 

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from distill.config import ConfigError, RunConfig, fingerprint
-from distill.stages import ActorAsk
+from distill.stages import ActorAsk, Stage
 from distill.evaluate import (
     EvalRun, EvalSet, ModelSpec, evaluate, format_scores, load_eval_set, model_fingerprint, write_json, write_records,
 )
@@ -127,3 +127,6 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             print(f"eval: {role:<14} {name:<12} {format_scores(scores)}", flush=True)
     print(f"eval: results in {path}", flush=True)
     return results
+
+
+STAGE = Stage("eval", "eval", run, resources, preflight=preflight, shards=False)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from distill.config import RunConfig, output_fields
-from distill.stages import ActorAsk
-from distill.stages.derived import finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
+from distill.config import RunConfig
+from distill.stages import ActorAsk, Stage
+from distill.stages.derived import finish_stage, open_partitioned, run_units
 from distill.store import reason_code
 
 
@@ -33,11 +33,12 @@ def _process(filter_cfg, records):
 
 
 def run(cfg: RunConfig, run_dir: Path):
-    fc = cfg.curate.filters
-    schema = input_schema(run_dir / "verify")
-    store, units = open_partitioned(run_dir, "filter", "verify", output_fields(fc), schema,
-                                    rejected_schema_for(schema), cfg)
+    fc = STAGE.config(cfg)
+    store, units = open_partitioned(run_dir, STAGE, cfg)
     print(f"filter: {len(units)} of {store.manifest.partitions} partitions to filter", flush=True)
     _, seconds = run_units(store, units, cfg, "filter", setup=_setup, setup_args=(fc,), process=_process,
                             ask=resources(cfg))
     return finish_stage(store, "filter", seconds)
+
+
+STAGE = Stage("filter", "curate.filters", run, resources, reads="verify")

@@ -19,7 +19,7 @@ from distill.generation import (
 )
 from distill.progress import Progress, format_counter
 from distill.raypool import ReplicaPool
-from distill.stages import ActorAsk
+from distill.stages import ActorAsk, Stage
 from distill.store import (
     Manifest, ShardStore, ShardRows, StagedShard, StaleOutputError, reason_code, require_complete, stage_shard,
 )
@@ -80,18 +80,18 @@ def resources(cfg: RunConfig) -> ActorAsk:
 def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     import ray
 
-    gen = cfg.generate
-    source = require_complete(run_dir / "source", "distill run CONFIG")
+    gen = STAGE.config(cfg)
+    source = require_complete(run_dir / STAGE.reads, "distill run CONFIG")
     # The source is streamed a shard at a time (three passes: changed ids, count, units), never held.
-    questions = ShardRows(run_dir / "source", ["id", "problem", "answer", "source"])
+    questions = ShardRows(run_dir / STAGE.reads, ["id", "problem", "answer", "source"])
     params_hash = settings_hash(gen)
-    store = ShardStore(run_dir / "generate", stage="generate", fingerprint=params_hash,
-                       settings=generation_settings(gen), schema=GENERATED_SCHEMA,
-                       rejected_schema=GEN_REJECTED_SCHEMA, inputs={"source": source.fingerprint}).open()
+    store = ShardStore(run_dir / STAGE.name, stage=STAGE.name, fingerprint=params_hash,
+                       settings=generation_settings(gen), schema=STAGE.output_schema(run_dir),
+                       rejected_schema=STAGE.rejected_schema(run_dir), inputs={"source": source.fingerprint}).open()
     # One shard's (id, problem) at a time: the stored samples are never all in memory.
     stored = itertools.chain(ShardRows(store.root, ["id", "problem"]),
                              ShardRows(store.root, ["id", "problem"], rejected=True))
-    changed = changed_questions(stored, ShardRows(run_dir / "source", ["id", "problem"]))
+    changed = changed_questions(stored, ShardRows(run_dir / STAGE.reads, ["id", "problem"]))
     if changed:
         raise StaleOutputError(
             f"{store.root} holds samples for {len(changed)} question ids whose problem text has changed in "
@@ -138,3 +138,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
           f"retries: shards {format_counter(summary['shard_retries'])}, requests "
           f"{format_counter(engine_retries)}", flush=True)
     return manifest
+
+
+STAGE = Stage("generate", "generate", run, resources, reads="source", schema=GENERATED_SCHEMA,
+              rejected=GEN_REJECTED_SCHEMA)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from distill.config import RunConfig, output_fields
-from distill.stages import ActorAsk
-from distill.stages.derived import finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
+from distill.config import RunConfig
+from distill.stages import ActorAsk, Stage
+from distill.stages.derived import finish_stage, open_partitioned, run_units
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SFT_SCHEMA = pa.schema([
@@ -46,11 +46,13 @@ def _process(sft_cfg, records):
 
 
 def run(cfg: RunConfig, run_dir: Path):
-    sc = cfg.curate.sft
-    store, units = open_partitioned(run_dir, "sft", "decontam", output_fields(sc), SFT_SCHEMA,
-                                    rejected_schema_for(input_schema(run_dir / "decontam")), cfg)
+    sc = STAGE.config(cfg)
+    store, units = open_partitioned(run_dir, STAGE, cfg)
     _, seconds = run_units(store, units, cfg, "sft", setup=_setup, setup_args=(sc,), process=_process,
                             ask=resources(cfg))
     manifest = finish_stage(store, "sft", seconds)
     print(f"sft: {manifest.counts['records']} training conversations in {store.root}", flush=True)
     return manifest
+
+
+STAGE = Stage("sft", "curate.sft", run, resources, reads="decontam", schema=SFT_SCHEMA)

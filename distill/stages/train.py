@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.config import RunConfig
-from distill.stages import ActorAsk
+from distill.stages import ActorAsk, Stage
 
 
 def resources(cfg: RunConfig) -> ActorAsk:
@@ -51,3 +51,6 @@ def run(cfg: RunConfig, run_dir: Path) -> Path:
     print(f"train: model written to {out} (from {final}); load it with "
           f'AutoModelForCausalLM.from_pretrained("{out}")', flush=True)
     return out
+
+
+STAGE = Stage("train", "train", run, resources, preflight=preflight, shards=False)

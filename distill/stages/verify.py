@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from distill.config import RunConfig, output_fields
-from distill.stages import ActorAsk
-from distill.stages.derived import extend_schema, finish_stage, input_schema, open_partitioned, rejected_schema_for, run_units
+from distill.config import RunConfig
+from distill.stages import ActorAsk, Stage
+from distill.stages.derived import finish_stage, open_partitioned, run_units
 
 VERIFY_COLUMNS = [("pred_answer", pa.string()), ("label", pa.string()), ("agreement", pa.float64()),
                   ("verdict", pa.string()), ("verdict_detail", pa.string()), ("correct", pa.bool_()),
@@ -54,10 +54,8 @@ def _process(state, records):
 
 
 def run(cfg: RunConfig, run_dir: Path):
-    vc = cfg.curate.verify
-    schema = extend_schema(input_schema(run_dir / "generate"), VERIFY_COLUMNS)
-    store, units = open_partitioned(run_dir, "verify", "generate", output_fields(vc), schema,
-                                    rejected_schema_for(schema), cfg)
+    vc = STAGE.config(cfg)
+    store, units = open_partitioned(run_dir, STAGE, cfg)
     print(f"verify: {len(units)} of {store.manifest.partitions} partitions to verify", flush=True)
     # Each actor runs `vc.workers` verifier processes: `resources` reserves that many CPUs for it.
     verdicts, seconds = run_units(store, units, cfg, "verify", setup=_setup, setup_args=(vc, cfg.generate),
@@ -68,3 +66,6 @@ def run(cfg: RunConfig, run_dir: Path):
     if vc.judge.enabled:
         summary["judge_this_run"] = judged
     return finish_stage(store, "verify", seconds, summary)
+
+
+STAGE = Stage("verify", "curate.verify", run, resources, reads="generate", adds=tuple(VERIFY_COLUMNS))
