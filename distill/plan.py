@@ -19,41 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+
+from distill.train.shape import ModelShape, shape_from_hf_config  # noqa: F401  (ModelShape: re-exported)
 
 GB = 1e9
 
 
 # --------------------------------------------------------------------------- model shapes
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimates need of a decoder-only transformer (Llama / Qwen2 family layout)."""
-
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    intermediate: int
-    vocab: int
-    max_positions: int
-    tied_embeddings: bool
-    qkv_bias: bool = False
-    n_params: int | None = None
-    """Exact count when known (counted from the HF config); else `params()` computes it."""
-
-    def params(self) -> int:
-        """Parameter count of a Llama/Qwen2-style decoder: embeddings, per layer attention (GQA,
-        optional q/k/v bias), a gated MLP (three matrices) and two RMSNorms, a final norm, and an
-        LM head unless tied to the embeddings."""
-        if self.n_params is not None:
-            return self.n_params
-        h, kv = self.hidden, self.hidden // self.n_heads * self.n_kv_heads
-        attn = h * h + 2 * h * kv + h * h + ((h + 2 * kv) if self.qkv_bias else 0)
-        layer = attn + 3 * h * self.intermediate + 2 * h
-        embed = self.vocab * h
-        return embed + self.n_layers * layer + h + (0 if self.tied_embeddings else embed)
 
 
 # Public facts from each model's config.json on the Hugging Face Hub, so that a dry run on a
@@ -81,27 +53,6 @@ KNOWN_MODELS: dict[str, ModelShape] = {
                                                       intermediate=1536, vocab=49152, max_positions=8192,
                                                       tied_embeddings=True),
 }
-
-
-def shape_from_hf_config(config, *, count: bool = True) -> ModelShape:
-    """A `transformers` config -> ModelShape; with `count`, the exact parameter count of the
-    model built on the meta device (no memory, ~0.1 s), whatever its architecture."""
-    n_params = None
-    if count:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        n_params = sum(p.numel() for p in model.parameters())
-    heads = config.num_attention_heads
-    return ModelShape(
-        n_layers=config.num_hidden_layers, hidden=config.hidden_size, n_heads=heads,
-        n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        intermediate=config.intermediate_size, vocab=config.vocab_size,
-        max_positions=config.max_position_embeddings,
-        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), n_params=n_params,
-    )
 
 
 def read_model_shape(name: str) -> tuple[ModelShape | None, str]:
@@ -139,7 +90,7 @@ def _read_student(name: str) -> tuple[ModelShape | None, str, object | None]:
         except (OSError, ValueError):
             pass
     if config is not None:
-        return shape_from_hf_config(config), source, config
+        return shape_from_hf_config(config, count=True), source, config
     if name in KNOWN_MODELS:
         return KNOWN_MODELS[name], "built-in table of public configs (distill.plan.KNOWN_MODELS)", None
     return None, (f"unknown model {name!r}: give train.student.model as a local directory (or one of "
@@ -388,22 +339,6 @@ def _train_parallel(train) -> tuple[Parallel | None, list[str]]:
         return None, [f"train.launch.num_workers={world}: {e}; set it to a multiple of {tp * pp * cp}"]
 
 
-def _table_problems(train, shape: ModelShape) -> list[str]:
-    """For a student known only from `KNOWN_MODELS` (no HF config offline): the checks of
-    `launch.student_problems` that its shape answers, with the same functions (the family checks
-    need the HF config; `distill run` makes them in its preflight)."""
-    from distill.train.config import check_against_model
-
-    problems = check_against_model(train, shape.max_positions, train.student.model)
-    if train.backend == "megatron":
-        from distill.train.backends.megatron.convert import parallel_problems
-
-        dims = SimpleNamespace(heads=shape.n_heads, kv_heads=shape.n_kv_heads, ffn=shape.intermediate,
-                               layers=shape.n_layers)
-        problems += parallel_problems(dims, tp=train.megatron.tensor_parallel, pp=train.megatron.pipeline_parallel)
-    return problems
-
-
 def train_plan(train) -> tuple[TrainPlan, list[str]]:
     from distill.train.config import resolve_precision
 
@@ -420,12 +355,14 @@ def train_plan(train) -> tuple[TrainPlan, list[str]]:
                      shape, on_gpu=train.launch.gpus_per_worker > 0)
     if shape is None:
         problems.append(source)
-    elif hf_config is not None:
+    elif hf_config is not None:  # the launcher's own checks, family included
         from distill.train.launch import student_problems
 
         problems += student_problems(train, hf_config)
-    else:
-        problems += _table_problems(train, shape)
+    else:  # known only from KNOWN_MODELS: the checks its shape answers (`distill run` adds the family's)
+        from distill.train.shape import shape_problems
+
+        problems += shape_problems(train, shape)
     if shape is not None and par is not None:
         checkpointing = train.megatron.activation_checkpointing if megatron else ds.activation_checkpointing
         plan.memory = memory_per_gpu(

@@ -49,14 +49,14 @@ def test_global_batch_that_matches_is_accepted():
 
 def test_preflight_checks_heads_and_layers_against_the_model():
     from distill.teachers.models import resolve_model
-    from distill.train.backends.megatron import model_problems
+    from distill.train.launch import student_problems
     from distill.train.model import tiny_student
 
     model = tiny_student(resolve_model("smollm2-135m-instruct"), num_hidden_layers=3)  # 4 heads, 2 kv heads
     ok = _cfg(megatron={"tensor_parallel": 2, "pipeline_parallel": 3}, launch={"launcher": "torchrun", "num_workers": 6})
-    assert model_problems(ok, model.config) == []
+    assert student_problems(ok, model.config) == []
     bad = _cfg(megatron={"tensor_parallel": 4, "pipeline_parallel": 2}, launch={"launcher": "torchrun", "num_workers": 8})
-    problems = model_problems(bad, model.config)
+    problems = student_problems(bad, model.config)
     assert any("train.megatron.tensor_parallel=4" in p and "key/value heads" in p for p in problems)
     assert any("train.megatron.pipeline_parallel=2" in p and "3 layers" in p for p in problems)
 

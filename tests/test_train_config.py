@@ -8,7 +8,8 @@ from pydantic import ValidationError
 
 from distill.train.backends import BACKENDS, backend_class, lr_factor
 from distill.train.backends.deepspeed import deepspeed_config
-from distill.train.config import BACKEND_NAMES, TrainConfig, check_against_model, resolve_precision
+from distill.train.config import BACKEND_NAMES, TrainConfig, resolve_precision
+from distill.train.shape import ModelShape, shape_problems
 
 
 def _errors(tree: dict) -> str:
@@ -54,11 +55,31 @@ def test_all_problems_reported_at_once():
     assert "offload_optimizer=nvme needs train.deepspeed.nvme_path" in msg
 
 
+def _shape(**kw) -> ModelShape:
+    return ModelShape(**{**dict(n_layers=6, hidden=64, n_heads=6, n_kv_heads=2, intermediate=128, vocab=100,
+                                max_positions=2048, tied_embeddings=True), **kw})
+
+
 def test_seq_len_beyond_model_context_names_both():
-    cfg = TrainConfig(seq_len=8192)
-    (problem,) = check_against_model(cfg, 2048, "smollm2-135m-instruct")
+    cfg = TrainConfig(seq_len=8192, student={"model": "smollm2-135m-instruct"})
+    (problem,) = shape_problems(cfg, _shape())
     assert "train.seq_len=8192" in problem and "max_position_embeddings=2048" in problem
-    assert check_against_model(TrainConfig(seq_len=2048), 2048, "m") == []
+    assert "smollm2-135m-instruct" in problem
+    assert shape_problems(TrainConfig(seq_len=2048), _shape()) == []
+
+
+def test_shape_problems_cover_the_window_and_the_megatron_split():
+    (window,) = shape_problems(TrainConfig(seq_len=2048), _shape(sliding_window=1024))
+    assert "sliding window" in window and "1024" in window
+    assert shape_problems(TrainConfig(seq_len=1024), _shape(sliding_window=1024)) == []
+    megatron = TrainConfig(seq_len=512, backend="megatron",
+                           megatron={"tensor_parallel": 4, "pipeline_parallel": 4},
+                           launch={"num_workers": 16, "launcher": "torchrun"})
+    problems = shape_problems(megatron, _shape())
+    assert any("tensor_parallel=4" in p and "6 attention heads" in p for p in problems)
+    assert any("pipeline_parallel=4" in p and "6 layers" in p for p in problems)
+    # The deepspeed backend does not split the model: the same shape has no problem there.
+    assert shape_problems(TrainConfig(seq_len=512), _shape()) == []
 
 
 def test_precision_auto_is_bf16_on_gpu_fp32_on_cpu():

@@ -1,9 +1,9 @@
 """Config of the SFT trainer (`train:` section of the run config).
 
 Cross-field checks that need only the config run in `TrainConfig`'s validator, so `distill run`
-refuses a bad combination before any stage starts. The one check that needs the model (sequence
-length vs the model's context) is `check_against_model`, called by the launcher before workers
-start.
+refuses a bad combination before any stage starts. The checks that need the student's shape
+(context, sliding window, heads vs degrees) are `distill.train.shape.shape_problems`, run in the
+train stage's preflight and by `--dry-run`.
 """
 
 from __future__ import annotations
@@ -464,12 +464,3 @@ def resolve_precision(cfg: TrainConfig, has_gpu: bool) -> Literal["bf16", "fp32"
     if cfg.student.dtype != "auto":
         return "bf16" if cfg.student.dtype == "bfloat16" else "fp32"
     return "bf16" if has_gpu else "fp32"
-
-
-def check_against_model(cfg: TrainConfig, max_positions: int | None, model_name: str) -> list[str]:
-    """Problems only visible once the model's config is known (its context length)."""
-    problems = []
-    if max_positions is not None and cfg.seq_len > max_positions:
-        problems.append(f"train.seq_len={cfg.seq_len} exceeds the context of train.student.model={model_name!r} "
-                        f"(max_position_embeddings={max_positions}): lower train.seq_len")
-    return problems

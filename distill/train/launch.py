@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from distill.config import ConfigError
-from distill.train.config import TrainConfig, check_against_model
+from distill.train.config import TrainConfig
 from distill.train.loop import TrainJob
 
 
@@ -50,18 +50,13 @@ def sft_input_problem(cfg: TrainConfig, run_dir: Path, stages: list[str]) -> str
 
 def student_problems(cfg: TrainConfig, model_config) -> list[str]:
     """Every check of the train config against the student's HF config (no weights, no GPU):
-    its context and sliding window vs train.seq_len and, for Megatron, its family and heads /
-    key-value heads / MLP width / layers vs the tensor and pipeline degrees. The one home of
-    these checks: the train stage's preflight (before the run's first stage), `prepare` and the
-    dry run all call it."""
-    problems = check_against_model(cfg, getattr(model_config, "max_position_embeddings", None), cfg.student.model)
-    # Both backends train with the packed attention, which has no sliding window: a row longer
-    # than the window would let a sample see further back than the model was trained to.
-    window = getattr(model_config, "sliding_window", None)
-    if window is not None and getattr(model_config, "use_sliding_window", True) and window < cfg.seq_len:
-        problems.append(f"train.seq_len={cfg.seq_len} exceeds the sliding window of train.student.model="
-                        f"{cfg.student.model!r} ({window} tokens), which the packed attention does not implement: "
-                        f"lower train.seq_len to {window} or less")
+    `shape.shape_problems` on its shape (context and sliding window vs train.seq_len; for Megatron
+    heads / key-value heads / MLP width / layers vs the degrees) and, for Megatron, whether it
+    builds the family. The train stage's preflight (before the run's first stage), `prepare` and
+    the dry run all call it."""
+    from distill.train.shape import shape_from_hf_config, shape_problems
+
+    problems = shape_problems(cfg, shape_from_hf_config(model_config))
     if cfg.backend == "megatron":
         from distill.train.backends.megatron import model_problems
 

@@ -39,9 +39,10 @@ def attention_flops(sample_lengths, n_layers: int, attn_dim: int) -> float:
 
 def attention_shape(config) -> tuple[int, int]:
     """(layers, attention heads x head dim) of a transformers decoder config."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, heads * head_dim
+    from distill.train.shape import shape_from_hf_config
+
+    shape = shape_from_hf_config(config)
+    return shape.n_layers, shape.attn_dim
 
 
 def flop_params(model) -> int:

@@ -57,17 +57,15 @@ def optim_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
 
 
 def model_problems(cfg: "TrainConfig", model_config) -> list[str]:
-    """Preflight against the student's HF config (heads, kv heads, layers vs the degrees; the
-    family); part of launch.student_problems."""
-    from distill.train.backends.megatron.convert import UnsupportedModel, parallel_problems, spec_from_hf_config
+    """Whether this backend builds the student's family (part of launch.student_problems; the
+    shape checks against the degrees are `shape.shape_problems`)."""
+    from distill.train.backends.megatron.convert import UnsupportedModel, spec_from_hf_config
 
     try:
-        spec = spec_from_hf_config(model_config)
+        spec_from_hf_config(model_config)
     except UnsupportedModel as e:
         return [f"train.student.model={cfg.student.model!r}: {e}"]
-    m = cfg.megatron
-    # (The sliding-window check, which concerns both backends, is in launch.student_problems.)
-    return parallel_problems(spec, tp=m.tensor_parallel, pp=m.pipeline_parallel)
+    return []
 
 
 class MegatronBackend(TorchCollectives):

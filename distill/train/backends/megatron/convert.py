@@ -29,6 +29,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
+from distill.train.shape import shape_from_hf_config, split_problems
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,7 +70,8 @@ class UnsupportedModel(ValueError):
 
 
 def spec_from_hf_config(config) -> ModelSpec:
-    """A ModelSpec from a transformers config (or any object with its attributes)."""
+    """A ModelSpec from a transformers config (or any object with its attributes): the shape as
+    `shape.shape_from_hf_config` reads it, plus what building the family needs."""
     arch = config.model_type
     if arch not in ARCHITECTURES:
         raise UnsupportedModel(f"model_type={arch!r}: the megatron backend builds {', '.join(ARCHITECTURES)}; "
@@ -80,14 +83,13 @@ def spec_from_hf_config(config) -> ModelSpec:
     if rope_type != "default":  # transformers 5 keeps rope scaling in rope_parameters
         raise UnsupportedModel(f"rope_type={rope_type!r}: only plain RoPE is implemented (no scaling)")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = shape_from_hf_config(config)
     return ModelSpec(
-        arch=arch, vocab_size=config.vocab_size, hidden=config.hidden_size, ffn=config.intermediate_size,
-        layers=config.num_hidden_layers, heads=heads, kv_heads=config.num_key_value_heads or heads,
-        head_dim=head_dim, qkv_bias=ARCHITECTURES[arch]["qkv_bias"], tied=bool(config.tie_word_embeddings),
-        rope_theta=float(theta), norm_eps=float(config.rms_norm_eps),
-        max_positions=int(config.max_position_embeddings), init_std=float(config.initializer_range))
+        arch=arch, vocab_size=shape.vocab, hidden=shape.hidden, ffn=shape.intermediate, layers=shape.n_layers,
+        heads=shape.n_heads, kv_heads=shape.n_kv_heads, head_dim=shape.attn_dim // shape.n_heads,
+        qkv_bias=ARCHITECTURES[arch]["qkv_bias"], tied=shape.tied_embeddings, rope_theta=float(theta),
+        norm_eps=float(config.rms_norm_eps), max_positions=int(shape.max_positions),
+        init_std=float(config.initializer_range))
 
 
 def padded_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -105,21 +107,9 @@ def layer_range(layers: int, pp: int, pp_rank: int) -> range:
     return range(pp_rank * n, (pp_rank + 1) * n)
 
 
-def parallel_problems(spec: ModelSpec, *, tp: int, pp: int, key: str = "train.megatron") -> list[str]:
-    """What stops this model from splitting tp x pp ways, each naming the setting to change."""
-    out = []
-    if spec.heads % tp:
-        out.append(f"{key}.tensor_parallel={tp}: the model's {spec.heads} attention heads do not divide by it; "
-                   "use a divisor of the head count")
-    if spec.kv_heads % tp:
-        out.append(f"{key}.tensor_parallel={tp}: the model's {spec.kv_heads} key/value heads do not divide by it; "
-                   "use a divisor of the key/value head count")
-    if spec.ffn % tp:
-        out.append(f"{key}.tensor_parallel={tp}: the MLP width {spec.ffn} does not divide by it")
-    if spec.layers % pp:
-        out.append(f"{key}.pipeline_parallel={pp}: the model's {spec.layers} layers do not split evenly; "
-                   "use a divisor of the layer count")
-    return out
+def parallel_problems(spec: ModelSpec, *, tp: int, pp: int) -> list[str]:
+    """`shape.split_problems` for this spec: what stops it from splitting tp x pp ways."""
+    return split_problems(heads=spec.heads, kv_heads=spec.kv_heads, ffn=spec.ffn, layers=spec.layers, tp=tp, pp=pp)
 
 
 _COLUMN = ("embedding.word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
