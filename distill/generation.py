@@ -96,11 +96,6 @@ def iter_units(
         yield WorkUnit(index, tasks)
 
 
-def plan_units(questions: list[dict], **kw) -> list[WorkUnit]:
-    """`iter_units` as a list."""
-    return list(iter_units(questions, **kw))
-
-
 def count_missing(questions: Iterable[dict], n_samples: int, params_hash: str, done: Container[str]) -> int:
     return sum(sample_key(q["id"], s, params_hash) not in done for q in questions for s in range(n_samples))
 

@@ -1,12 +1,16 @@
 """Pure parts of generation: planning, keys, seeds, prompts, reasoning split, unit -> records."""
 
 from distill.config import OpenAIEngineConfig, PromptConfig
-from distill.generation import build_messages, changed_questions, plan_units, run_unit, sample_key
+from distill.generation import build_messages, changed_questions, iter_units, run_unit, sample_key
 from distill.teachers.base import SamplingParams, derive_seed, split_reasoning
 from distill.teachers.openai import OpenAIEngine
 from distill.testing.fault_server import FaultServer, respond
 
 QS = [{"id": f"q{i}", "problem": f"problem {i}", "answer": str(i), "source": "t"} for i in range(5)]
+
+
+def plan_units(questions, **kw):
+    return list(iter_units(questions, **kw))
 
 
 def test_plan_covers_exactly_the_missing_keys_in_fixed_shards():
