@@ -59,6 +59,27 @@ def test_malformed_lines_are_quarantined_with_file_line_and_reason(tmp_path, gsm
     assert Manifest.read(out).counts["rejected_by_reason"]["bad_type"] == 2
 
 
+def test_ingest_commits_as_it_reads_and_finds_duplicates_across_shards(tmp_path, monkeypatch):
+    """Shards of _SHARD_ROWS valid questions are committed while reading (the driver never holds
+    the source); a duplicate id two shards after its first row is still caught, with the first
+    row's location, and every row lands exactly once."""
+    import distill.sources as sources
+
+    monkeypatch.setattr(sources, "_SHARD_ROWS", 3)
+    path = tmp_path / "seeds.jsonl"
+    rows = [{"id": f"q{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(8)]
+    lines = [json.dumps(r) for r in rows[:4]] + ["{bad"] + [json.dumps(r) for r in rows[4:]] + [json.dumps(rows[0])]
+    path.write_text("\n".join(lines) + "\n")
+    s = ingest(SourceConfig(path=str(path), max_bad_fraction=0.5), tmp_path / "source")
+    assert (s.rows, s.valid, s.bad) == (10, 8, 2)
+    assert sorted(p.name for p in (tmp_path / "source").glob("part-*.parquet")) == \
+        ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [r["id"] for r in read_records(tmp_path / "source")] == [r["id"] for r in rows]
+    rejected = {r["location"]: r["reason"] for r in read_records(tmp_path / "source", rejected=True)}
+    assert set(rejected) == {f"{path}:5", f"{path}:10"}
+    assert rejected[f"{path}:10"] == f"duplicate_id: 'q0' first seen at {path}:1"
+
+
 def test_error_budget_fails_the_run_after_writing_the_quarantine(tmp_path):
     path = tmp_path / "seeds.jsonl"
     path.write_text('{"problem": "What is 1+1?", "answer": "2"}\n{bad\n{"problem": "", "answer": "1"}\n')
