@@ -361,8 +361,78 @@ def test_text_stats_equals_the_per_character_definition():
     rng = random.Random(3)
     # Letters of several scripts, digits (ASCII, Arabic-Indic, superscript), underscores, marks,
     # spaces of several kinds, symbols, U+FFFD, emoji, CJK.
-    alphabet = "abcXYZ019_ \t\n\u00a0\u2003é\u0301ß\u03c0\u0416\u05d0\u0661\u00b2\u2115\U0001d465\u4e2d\ufffd\U0001f600+=$\\{}().,"
+    # ASCII controls (\x1c-\x1f are spaces to `isspace`) and a lone surrogate too.
+    alphabet = ("abcXYZ019_ \t\n\u00a0\u2003é\u0301ß\u03c0\u0416\u05d0\u0661\u00b2\u2115\U0001d465\u4e2d\ufffd\U0001f600+=$\\{}().,"
+                "\x00\x07\x0b\x1c\x1f\x7f`~\ud800")
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
         s = text_stats(text)
         assert (s.text_ratio, s.non_latin, s.longest_word, s.replacement_chars) == _text_stats_per_char(text), text
+
+
+def _plain_repeated_ngram_ratio(words: list[str], n: int) -> float:
+    total = len(words) - n + 1
+    if total <= 0:
+        return 0.0
+    return 1.0 - len({tuple(words[i : i + n]) for i in range(total)}) / total
+
+
+def _varied_samples() -> list[dict]:
+    """Healthy, looping, garbage, truncated, wrong and edge-case samples over several questions."""
+    rng = random.Random(7)
+    latex = (r"By Cauchy--Schwarz, $\left(\sum_{i=1}^{n} a_i b_i\right)^2 \le \left(\sum_{i=1}^n a_i^2\right)"
+             r"\left(\sum_{i=1}^n b_i^2\right)$, so $\frac{\sqrt{3}}{2}\cdot\int_0^{\pi}\sin^2\theta\,d\theta$"
+             r" and ∑ₖ 𝑥ₖ² ≤ ∞ with $\binom{10}{3}=120$, 1{,}000 and 2.50. ")
+    prose = LONG_COT.split("</think>")[0].replace("<think>", "")  # no tags: reaches the later filters
+    texts = [
+        LONG_COT, LOOP, "", " ", "a", "\ufffd", "the " * 300, "x y " * 30, latex * 12, latex * 60,
+        prose + "\n" + "\n".join(reference_solutions()[:8]) + "\n" + LOOP[: len(LOOP) // 2],  # loop in the tail
+        prose[:300] + "所以答案是十八。我们再检查一遍：十六减三减四等于九。" * 8,
+        prose[:400] + " ".join("🙂🎉🔥✨💯" for _ in range(60)),
+        prose[:400] + " data:" + "".join(rng.choice("ABCDEFabcdef0123456789") for _ in range(80)),
+        bytes(rng.randrange(256) for _ in range(600)).decode("utf-8", errors="replace"),
+        "Ｆｕｌｌ ｗｉｄｔｈ ａｎｓｗｅｒ " * 40, "Thе раrаbоlа y = x² hаs ½ of 30° " * 30,
+        "ρgh, αx, ωt, sinαcosβ " * 40,
+        "twenty five plus thirty - one is fifty six, " * 30, "<think>a</think><think>b</think>c", "a</think>b",
+        "<think>" + LONG_COT, "word\x00word\x07 " * 100, "١٢٣ ٤٥٦ " * 100,
+    ] + rng.sample(reference_solutions(), 30)
+    recs = []
+    for i, text in enumerate(texts):
+        q, rate = f"q{i % 7}", [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.5][i % 7]
+        recs.append(sample(id=q, sample_idx=i, completion=text, n_tokens=len(text.split()), pass_rate=rate))
+    for r in recs[::9]:
+        r.update(verdict="not_equal", pred_answer="17", correct=False)
+    for r in recs[5::11]:
+        r.update(finish_reason="length")
+    return recs
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"wrong_answer": {"enabled": False}, "repetition": {"n": 3, "max_ratio": 0.3, "tail_words": 100},
+     "garbage": {"max_word_chars": 12, "min_text_ratio": 0.99}, "difficulty": {"drop_all_correct": True}},
+])
+def test_apply_filters_equals_the_plain_definitions(monkeypatch, overrides):
+    """The fast paths of the per-sample filters (text statistics, word tokens, n-gram counting)
+    change no decision: same kept samples, same reason strings, as with their plain definitions."""
+    from distill.curate import filters
+    from distill.curate.normalize import normalize_text, words_of_normalized
+
+    recs, fc = _varied_samples(), FilterConfig.model_validate(overrides)
+
+    def decisions():
+        kept, rejected = apply_filters(recs, fc)
+        return [r["key"] for r in kept], [(r["key"], r["reason"]) for r in rejected]
+
+    for rec in recs:
+        words = word_tokens(rec["completion"])
+        for n in (1, 2, 8, 50):
+            assert filters.repeated_ngram_ratio(words, n) == _plain_repeated_ngram_ratio(words, n)
+    fast = decisions()
+    monkeypatch.setattr(filters, "text_stats", lambda t: filters.TextStats(*_text_stats_per_char(t)))
+    monkeypatch.setattr(filters, "word_tokens", lambda t: words_of_normalized(normalize_text(t)))
+    monkeypatch.setattr(filters, "repeated_ngram_ratio", _plain_repeated_ngram_ratio)
+    assert fast == decisions()
+    reasons = {reason.split(":")[0] for _, reason in fast[1]}
+    assert {"truncated", "length", "think_tags", "garbage", "repetition", "difficulty"} <= reasons, reasons
+    assert fast[0], "some samples must be kept"

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import time
+import unicodedata
 
 import pytest
 from conftest import DATA, REPO
@@ -108,6 +110,86 @@ def test_idempotent_on_real_benchmarks():
         assert normalize_text(n) == n, t
         assert n == n.lower() and "  " not in n and "\\" not in n and "$" not in n
 
+
+
+# ----------------------------------------------------------------------------- fast paths
+# normalize_text is the unit of dedup, decontamination and the repetition filter, so its speed-ups
+# must not move a single byte: each is checked against the plain spelling it replaced.
+
+
+def _plain_unify_unicode(text: str) -> str:
+    """`unify_unicode` applying every step to the whole text."""
+    from distill.curate.normalize import (
+        _FOLD, _GREEK_RUN_RE, _LATIN, _SCRIPT_RE, _greek, _greek_obfuscated, _obfuscated, _script,
+    )
+    if text.isascii():
+        return text.replace("`", "'")
+    text = _SCRIPT_RE.sub(_script, text)
+    text = unicodedata.normalize("NFKC", text).translate(_FOLD)
+    obfuscated = _obfuscated(text)
+    return _GREEK_RUN_RE.sub(_greek_obfuscated if obfuscated else _greek, text.translate(_LATIN))
+
+
+def _plain_number_words(tokens: list[str]) -> list[str]:
+    from distill.curate.normalize import _WORD_VALUE
+
+    out, i = [], 0
+    while i < len(tokens):
+        value = _WORD_VALUE.get(tokens[i])
+        if value is None:
+            out.append(tokens[i])
+            i += 1
+            continue
+        if value >= 20 and value % 10 == 0:
+            j = i + 2 if i + 2 < len(tokens) and tokens[i + 1] == "-" else i + 1
+            unit = _WORD_VALUE.get(tokens[j]) if j < len(tokens) else None
+            if unit is not None and 1 <= unit <= 9:
+                out.append(str(value + unit))
+                i = j + 1
+                continue
+        out.append(str(value))
+        i += 1
+    return out
+
+
+def _fuzz_texts() -> list[str]:
+    """Real problems and solutions, and random strings built from every piece the folds and
+    regexes look at: super/subscripts, fractions, Greek and Cyrillic look-alikes, invisibles,
+    combining marks, thousands separators in text and LaTeX, decimals, number words, primes."""
+    texts = []
+    with open(DATA / "benchmarks" / "math500.jsonl") as f:
+        for line in list(f)[:200]:
+            row = json.loads(line)
+            texts += [row["problem"], row["solution"]]
+    pieces = (list("abxyzXY0123456789 ,.`'\"$\\{}()^_-+=<>!%\n")
+              + list("²³⁰⁻⁺ⁿᵃ₁₂₊½¾º˚°√∛θαβγπρχκνυιοΑΕаеосхуТЕЖ\u200b\u00ad\ufeff\u0301é٣·×÷≤≥≠∞…′″“’—−ﬁＡ１𝑥ℝ")
+              + ["1,000", "2.50", "5.0", "10.", ".50", "0.000", "12,345,678", "\\,", "{,}", "\\!", "000",
+                 "\\prime", "^{\\prime}", "\\frac{1}{2}", "\\cdot", "\\text{ cm}", "\\left(", "sin", "twenty",
+                 "five", "ninety", "nine", " - ", "one", "Problem:", "<think>", "\\boxed{18}"])
+    rng = random.Random(0)
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    texts += ["".join(rng.choice(pieces) for _ in range(2000)) for _ in range(10)]
+    return texts
+
+
+def test_fast_paths_equal_their_plain_spellings():
+    from distill.curate.normalize import (
+        _DECIMAL_ZEROS, _KEEP_SYMBOLS, _LATEX_THOUSANDS, _THOUSANDS_COMMA, _TOKEN_RE, words_of_normalized,
+    )
+    plain_tokens = re.compile(r"\d+(?:\.\d+)?|[^\W\d_]+|[^\w\s]")
+    for t in _fuzz_texts():
+        assert unify_unicode(t) == _plain_unify_unicode(t), t
+        assert _LATEX_THOUSANDS.sub(r"\1", t) == re.sub(r"(?<=\d)(?:\{,\}|\\,|\\!)(?=\d{3}(?!\d))", "", t), t
+        assert _THOUSANDS_COMMA.sub("", t) == re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", t), t
+        assert [(m.span(), m.groups()) for m in _DECIMAL_ZEROS.finditer(t)] == [
+            (m.span(), m.groups()) for m in re.finditer(r"(?<![\d.])(\d+)\.(\d*?)0+(?!\d)", t)], t
+        assert _TOKEN_RE.findall(t) == [x for x in plain_tokens.findall(t) if x[0].isalnum() or x in _KEEP_SYMBOLS], t
+        assert word_tokens(t) == words_of_normalized(normalize_text(t)), t
+    rng = random.Random(1)
+    vocab = ["twenty", "five", "-", "nine", "ninety", "zero", "one", "x", "ten", "forty", "eleven"]
+    for _ in range(5000):
+        tokens = [rng.choice(vocab) for _ in range(rng.randint(0, 8))]
+        assert number_words_to_digits(tokens) == _plain_number_words(tokens), tokens
 
 # ----------------------------------------------------------------------------- scraped-text folds
 # Invisible characters, look-alike letters and unicode-rendered math (issue 12, item 6). Each

@@ -48,8 +48,8 @@ class WrongAnswerFilter(Section):
 
 class RepetitionFilter(Section):
     enabled: bool = True
-    """Reject degenerate loops: too many repeated word n-grams. Costs one pass over the
-    completion's words (~10 ms for a 20k-word chain of thought)."""
+    """Reject degenerate loops: too many repeated word n-grams. Costs normalising the completion
+    and one pass over its words (~1-2 ms per 1,000 words, most of it normalising)."""
 
     n: int = Field(default=8, ge=1)
     """Word n-gram size. Small n also counts the ordinary reuse of phrases and numbers in long
@@ -194,7 +194,9 @@ def repeated_ngram_ratio(words: list[str], n: int) -> float:
     total = len(words) - n + 1
     if total <= 0:
         return 0.0
-    distinct = len({tuple(words[i : i + n]) for i in range(total)})
+    # zip of n shifted views builds the n-gram tuples in C: ~20% faster than slicing per position.
+    # Exact tuples, not hashes of them: a hash collision would change a ratio.
+    distinct = len(set(zip(*(words[i:] for i in range(n)))))
     return 1.0 - distinct / total
 
 
@@ -287,18 +289,43 @@ class TextStats:
     replacement_chars: int
 
 
-_ALNUM_RUN = re.compile(r"[^\W_]+")
-"""A run of characters for which `str.isalnum()` holds (the regex word class is exactly those plus
-the underscore)."""
+# The classes of the ASCII characters, which are nearly all of a chain of thought, for counting
+# them with `bytes.translate` (C, ~1 ns a character) in `text_stats`.
+_ASCII = [chr(c) for c in range(128)]
+_ASCII_SPACE = "".join(c for c in _ASCII if c.isspace()).encode()
+_ASCII_NON_TEXT = "".join(  # the control characters
+    c for c in _ASCII if not c.isspace() and unicodedata.category(c) not in _TEXT_CATEGORIES).encode()
+_ASCII_LETTERS = "".join(c for c in _ASCII if c.isalpha()).encode()  # all Latin
+_ASCII_NON_ALNUM_TO_SPACE = bytes(c if c < 128 and chr(c).isalnum() else 32 for c in range(256))
+_NON_ASCII_RUN = re.compile("[^\x00-\x7f][^\x00-\x7f]*")  # `[..][..]*`: see normalize._GREEK_RUN_RE
+
+
+def _count_of(data: bytes, chars: bytes) -> int:
+    return len(data) - len(data.translate(None, chars))
+
+
+def _longest_alnum_run(text: str) -> int:
+    """Longest run of characters for which `str.isalnum()` holds. Found on an ASCII stand-in of
+    the text (each non-ASCII character -> `a` if alphanumeric, else a space) with
+    `bytes.translate` and `split`: ~2x faster than a regex `findall` of the runs."""
+    stand_in = _NON_ASCII_RUN.sub(lambda m: "".join("a" if c.isalnum() else " " for c in m[0]), text)
+    return max(map(len, stand_in.encode("ascii").translate(_ASCII_NON_ALNUM_TO_SPACE).split()), default=0)
 
 
 def text_stats(text: str) -> TextStats:
     """Share of non-space characters in text categories, share of letters outside the Latin /
-    Greek / math blocks, longest letter-or-digit run, count of U+FFFD. The categories are looked
-    up once per distinct character (`Counter` counts in C), not per character: ~20x faster on a
-    20k-character chain of thought, which made this filter the slowest curation step."""
-    n_visible = n_text = n_letters = n_foreign = 0
-    for ch, n in Counter(text).items():
+    Greek / math blocks, longest letter-or-digit run, count of U+FFFD.
+
+    ASCII characters are counted by class in C (`bytes.translate`), the others with `Counter` and
+    one category lookup per distinct character. A lookup per character made this filter the
+    slowest curation step; this costs ~1/3 of `Counter` over the whole text plus a regex for the
+    runs (~0.5 ms on a 3,000-word chain of thought)."""
+    ascii_bytes = text.encode("ascii", "ignore")
+    n_visible = len(ascii_bytes) - _count_of(ascii_bytes, _ASCII_SPACE)
+    n_text = n_visible - _count_of(ascii_bytes, _ASCII_NON_TEXT)
+    n_letters = _count_of(ascii_bytes, _ASCII_LETTERS)
+    n_foreign = 0
+    for ch, n in Counter("".join(_NON_ASCII_RUN.findall(text))).items():
         if ch.isspace():
             continue
         n_visible += n
@@ -312,7 +339,7 @@ def text_stats(text: str) -> TextStats:
     return TextStats(
         text_ratio=n_text / n_visible if n_visible else 1.0,
         non_latin=n_foreign / n_letters if n_letters else 0.0,
-        longest_word=max(map(len, _ALNUM_RUN.findall(text)), default=0),
+        longest_word=_longest_alnum_run(text),
         replacement_chars=text.count("\ufffd"),
     )
 
