@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from distill import fsio
@@ -159,6 +161,60 @@ def normalise_row(row: dict, cfg: SourceConfig, default_source: str) -> tuple[di
 # --------------------------------------------------------------------------- the ingest step
 
 
+_LOCATION = re.compile(r"(.*):(row )?(\d{1,12})")
+
+
+class SeenIds:
+    """The question ids ingested so far and where each was first seen, at 16 bytes an id: a
+    64-bit hash and the location packed in a 64-bit int (index of its file part, "row " or not,
+    the number), in sorted numpy arrays. Ids of the shard being filled sit in a dict until `seal`
+    merges them (one sort per 10,000 questions). A location that does not have the `prefix:N` /
+    `prefix:row N` form of the readers is kept as text. Two different ids that hash alike would
+    be reported as a duplicate (about n^2 / 2^65: 3e-8 for a million ids), never silently merged."""
+
+    def __init__(self):
+        self._hashes = np.empty(0, dtype=np.uint64)
+        self._where = np.empty(0, dtype=np.int64)
+        self._new: dict[int, int] = {}
+        self._prefixes: dict[str, int] = {}
+        self._texts: list[str] = []  # locations of other forms, by -1 - code
+
+    def _pack(self, location: str) -> int:
+        m = _LOCATION.fullmatch(location)
+        if m is None or (m.group(1) not in self._prefixes and len(self._prefixes) >= 1 << 22):
+            self._texts.append(location)
+            return -len(self._texts)
+        prefix = self._prefixes.setdefault(m.group(1), len(self._prefixes))
+        return (prefix << 41) | (bool(m.group(2)) << 40) | int(m.group(3))
+
+    def _unpack(self, code: int) -> str:
+        if code < 0:
+            return self._texts[-1 - code]
+        prefix = next(p for p, i in self._prefixes.items() if i == code >> 41)  # few files: a short scan
+        return f"{prefix}:{'row ' if code >> 40 & 1 else ''}{code & ((1 << 40) - 1)}"
+
+    def first(self, qid: str) -> str | None:
+        """Where `qid` was first seen, or None."""
+        h = key_hash(qid)
+        if h in self._new:
+            return self._unpack(self._new[h])
+        i = int(np.searchsorted(self._hashes, np.uint64(h)))
+        if i < len(self._hashes) and self._hashes[i] == h:
+            return self._unpack(int(self._where[i]))
+        return None
+
+    def add(self, qid: str, location: str) -> None:
+        self._new[key_hash(qid)] = self._pack(location)
+
+    def seal(self) -> None:
+        if not self._new:
+            return
+        hashes = np.concatenate([self._hashes, np.fromiter(self._new, dtype=np.uint64, count=len(self._new))])
+        where = np.concatenate([self._where, np.fromiter(self._new.values(), dtype=np.int64, count=len(self._new))])
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._where, self._new = hashes[order], where[order], {}
+
+
 def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
     """Read, validate and write the questions to `out` (skipped when already done for this input).
 
@@ -180,17 +236,15 @@ def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
 
     # Streamed: every _SHARD_ROWS valid questions are committed with the rows quarantined since the
     # last commit, so the driver holds one shard of questions, never the source. Duplicate ids are
-    # found with a dict from a 64-bit hash of each id to where it was first seen (the quarantine
-    # names it): measured ~0.3 KB a question (GSM8K-sized), against ~0.95 KB when the questions
-    # themselves were held (from 50k to 200k questions the peak grew 46 MiB, not 143).
-    summary, good, bad, first_seen, first_bad, index = IngestSummary(), [], [], {}, None, 0
+    # found in `SeenIds`, 16 bytes a question.
+    summary, good, bad, seen, first_bad, index = IngestSummary(), [], [], SeenIds(), None, 0
     for row in rows:
         if cfg.limit is not None and summary.valid >= cfg.limit:
             break
         summary.rows += 1
         rec, reason = (None, row.value) if isinstance(row.value, str) else normalise_row(row.value, cfg, default_source)
-        if rec is not None and (seen := first_seen.get(key_hash(rec["id"]))) is not None:
-            rec, reason = None, f"duplicate_id: {rec['id']!r} first seen at {seen}"
+        if rec is not None and (first := seen.first(rec["id"])) is not None:
+            rec, reason = None, f"duplicate_id: {rec['id']!r} first seen at {first}"
         if rec is None:
             summary.bad += 1
             summary.reasons[reason_code(reason)] += 1
@@ -198,15 +252,16 @@ def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
             bad.append({"key": row.location, **quarantine_record(row.location, reason, raw)})
             first_bad = first_bad or bad[-1]
             continue
-        first_seen[key_hash(rec["id"])] = row.location
+        seen.add(rec["id"], row.location)
         good.append(rec)
         summary.valid += 1
         if len(good) == _SHARD_ROWS:
             store.commit(index, good, bad)
+            seen.seal()
             good, bad, index = [], [], index + 1
     if good or bad or index == 0:  # at least one shard, so an empty source still has a schema
         store.commit(index, good, bad)
-    del first_seen, good, bad
+    del seen, good, bad
     if summary.rows and summary.bad / summary.rows > cfg.max_bad_fraction:
         store.finish({"rows": summary.rows}, status="failed")
         raise SourceError(

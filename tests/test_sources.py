@@ -80,6 +80,23 @@ def test_ingest_commits_as_it_reads_and_finds_duplicates_across_shards(tmp_path,
     assert rejected[f"{path}:10"] == f"duplicate_id: 'q0' first seen at {path}:1"
 
 
+def test_seen_ids_give_back_the_exact_first_location_before_and_after_sealing():
+    from distill.sources import SeenIds
+
+    locations = {"a": "/data/seeds.jsonl:12", "b": "part-0.parquet:row 7", "c": "hub:user/ds:train:row 3",
+                 "d": "no number here", "e": "x:row 1099511627775", "f": "C:\\seeds.jsonl:1"}
+    seen = SeenIds()
+    for qid, loc in list(locations.items())[:3]:
+        seen.add(qid, loc)
+    assert seen.first("a") == locations["a"] and seen.first("d") is None
+    seen.seal()
+    for qid, loc in list(locations.items())[3:]:
+        seen.add(qid, loc)
+    assert {q: seen.first(q) for q in locations} == locations  # sealed and unsealed alike
+    seen.seal()
+    assert {q: seen.first(q) for q in locations} == locations and seen.first("zz") is None
+
+
 def test_error_budget_fails_the_run_after_writing_the_quarantine(tmp_path):
     path = tmp_path / "seeds.jsonl"
     path.write_text('{"problem": "What is 1+1?", "answer": "2"}\n{bad\n{"problem": "", "answer": "1"}\n')
