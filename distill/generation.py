@@ -6,15 +6,13 @@ Nothing here knows about Ray; `stages/generate.py` runs `run_unit` inside actors
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Container, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from distill.config import GenerateConfig, PromptConfig, fingerprint, output_fields
-from distill.store import key_hash
+from distill.store import KeyHashes, key_hash
 from distill.teachers.base import Message, Request, SamplingParams, TeacherEngine, derive_seed, split_reasoning
 
 _QUESTION = [("id", pa.string()), ("problem", pa.string()), ("answer", pa.string()), ("source", pa.string())]
@@ -106,16 +104,9 @@ def changed_questions(existing: Iterable[dict], questions: Iterable[dict]) -> li
     (one shard's rows at a time): the source is held as 16 bytes a question (64-bit hashes of id
     and problem, sorted), not as its text. A change is missed only if two different problem texts
     hash alike (2^-64 a question)."""
-    pairs = np.fromiter(itertools.chain.from_iterable((key_hash(q["id"]), key_hash(q["problem"])) for q in questions),
-                        dtype=np.uint64).reshape(-1, 2)
-    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
-    ids, problems = pairs[:, 0], pairs[:, 1]
-    changed = set()
-    for r in existing:
-        h = np.uint64(key_hash(r["id"]))
-        i = int(np.searchsorted(ids, h))
-        if i < len(ids) and ids[i] == h and problems[i] != np.uint64(key_hash(r["problem"])):
-            changed.add(r["id"])
+    current = KeyHashes.from_pairs((q["id"], key_hash(q["problem"])) for q in questions)
+    changed = {r["id"] for r in existing
+               if (problem := current.get(r["id"])) is not None and problem != key_hash(r["problem"])}
     return sorted(changed)
 
 

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from distill import fsio
 from distill.config import SourceConfig, output_fields
 from distill.fsio import Row, fingerprint, hash_files, iter_jsonl, quarantine_record
 from distill.curate.answers import ANSWER_EXTRACTORS
-from distill.store import Manifest, ShardStore, key_hash, reason_code
+from distill.store import KeyHashes, Manifest, ShardStore, key_hash, reason_code
 
 SOURCE_SCHEMA = pa.schema(
     [("key", pa.string()), ("id", pa.string()), ("problem", pa.string()),
@@ -166,53 +165,50 @@ _LOCATION = re.compile(r"(.*):(row )?(\d{1,12})")
 
 class SeenIds:
     """The question ids ingested so far and where each was first seen, at 16 bytes an id: a
-    64-bit hash and the location packed in a 64-bit int (index of its file part, "row " or not,
-    the number), in sorted numpy arrays. Ids of the shard being filled sit in a dict until `seal`
-    merges them (one sort per 10,000 questions). A location that does not have the `prefix:N` /
+    `store.KeyHashes` whose value is the location packed in 64 bits (index of its file part,
+    "row " or not, the number). Ids of the shard being filled sit in a dict until `seal` merges
+    them (one sort per 10,000 questions). A location that does not have the `prefix:N` /
     `prefix:row N` form of the readers is kept as text. Two different ids that hash alike would
     be reported as a duplicate (about n^2 / 2^65: 3e-8 for a million ids), never silently merged."""
 
+    _TEXT = 1 << 63  # the value's top bit: the rest indexes `_texts`
+
     def __init__(self):
-        self._hashes = np.empty(0, dtype=np.uint64)
-        self._where = np.empty(0, dtype=np.int64)
+        self._sealed = KeyHashes.from_pairs(())
         self._new: dict[int, int] = {}
         self._prefixes: dict[str, int] = {}
-        self._texts: list[str] = []  # locations of other forms, by -1 - code
+        self._prefix_list: list[str] = []
+        self._texts: list[str] = []
 
     def _pack(self, location: str) -> int:
         m = _LOCATION.fullmatch(location)
-        if m is None or (m.group(1) not in self._prefixes and len(self._prefixes) >= 1 << 22):
+        if m is None or (m.group(1) not in self._prefixes and len(self._prefix_list) >= 1 << 22):
             self._texts.append(location)
-            return -len(self._texts)
-        prefix = self._prefixes.setdefault(m.group(1), len(self._prefixes))
-        return (prefix << 41) | (bool(m.group(2)) << 40) | int(m.group(3))
+            return self._TEXT | (len(self._texts) - 1)
+        if m.group(1) not in self._prefixes:
+            self._prefixes[m.group(1)] = len(self._prefix_list)
+            self._prefix_list.append(m.group(1))
+        return (self._prefixes[m.group(1)] << 41) | (bool(m.group(2)) << 40) | int(m.group(3))
 
     def _unpack(self, code: int) -> str:
-        if code < 0:
-            return self._texts[-1 - code]
-        prefix = next(p for p, i in self._prefixes.items() if i == code >> 41)  # few files: a short scan
-        return f"{prefix}:{'row ' if code >> 40 & 1 else ''}{code & ((1 << 40) - 1)}"
+        if code & self._TEXT:
+            return self._texts[code & ~self._TEXT]
+        return f"{self._prefix_list[code >> 41]}:{'row ' if code >> 40 & 1 else ''}{code & ((1 << 40) - 1)}"
 
     def first(self, qid: str) -> str | None:
         """Where `qid` was first seen, or None."""
-        h = key_hash(qid)
-        if h in self._new:
-            return self._unpack(self._new[h])
-        i = int(np.searchsorted(self._hashes, np.uint64(h)))
-        if i < len(self._hashes) and self._hashes[i] == h:
-            return self._unpack(int(self._where[i]))
-        return None
+        code = self._new.get(key_hash(qid))
+        if code is None:
+            code = self._sealed.get(qid)
+        return None if code is None else self._unpack(code)
 
     def add(self, qid: str, location: str) -> None:
         self._new[key_hash(qid)] = self._pack(location)
 
     def seal(self) -> None:
-        if not self._new:
-            return
-        hashes = np.concatenate([self._hashes, np.fromiter(self._new, dtype=np.uint64, count=len(self._new))])
-        where = np.concatenate([self._where, np.fromiter(self._new.values(), dtype=np.int64, count=len(self._new))])
-        order = np.argsort(hashes, kind="stable")
-        self._hashes, self._where, self._new = hashes[order], where[order], {}
+        if self._new:
+            self._sealed.add_many(self._new.keys(), self._new.values())
+            self._new = {}
 
 
 def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:

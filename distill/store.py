@@ -21,6 +21,7 @@ nothing. Everything loads with `datasets.load_dataset("parquet", data_dir=...)`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -69,20 +70,52 @@ def key_hash(key: str) -> int:
 
 
 class KeyHashes:
-    """A set of record keys held as sorted 64-bit hashes: 8 bytes a key instead of ~100 for a
-    `str` in a `set`, so a million done samples cost 8 MB in the driver. A key wrongly reported
-    present needs a hash collision: about n^2 / 2^65, 3e-8 for a million keys."""
+    """A set of keys held as sorted 64-bit hashes, each with an optional 64-bit value: 8 bytes a
+    key (16 with values) instead of ~100 for a `str` in a `set`, so a million done samples cost
+    8 MB in the driver. A key wrongly reported present needs a hash collision: about n^2 / 2^65,
+    3e-8 for a million keys. One home for this trick: done keys (generate), the source's problems
+    by id (generate's changed-question check), ids seen so far (ingest)."""
 
     def __init__(self, keys: Iterable[str] = ()):
-        self._h = np.sort(np.fromiter((key_hash(k) for k in keys), dtype=np.uint64))
+        self._set(np.fromiter((key_hash(k) for k in keys), dtype=np.uint64), None)
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, int]]) -> "KeyHashes":
+        """Keys with a 64-bit unsigned value each, from one pass over (key, value) pairs."""
+        flat = np.fromiter(itertools.chain.from_iterable((key_hash(k), v) for k, v in pairs),
+                           dtype=np.uint64).reshape(-1, 2)
+        index = cls()
+        index._set(flat[:, 0].copy(), flat[:, 1].copy())
+        return index
+
+    def _set(self, hashes: np.ndarray, values: np.ndarray | None) -> None:
+        order = np.argsort(hashes, kind="stable")
+        self._h, self._v = hashes[order], (None if values is None else values[order])
 
     def __len__(self) -> int:
         return len(self._h)
 
-    def __contains__(self, key: str) -> bool:
+    def _find(self, key: str) -> int | None:
         h = np.uint64(key_hash(key))
         i = int(np.searchsorted(self._h, h))
-        return i < len(self._h) and self._h[i] == h
+        return i if i < len(self._h) and self._h[i] == h else None
+
+    def __contains__(self, key: str) -> bool:
+        return self._find(key) is not None
+
+    def get(self, key: str) -> int | None:
+        """The value stored with `key`, or None when it is absent."""
+        if self._v is None:
+            raise TypeError("this KeyHashes holds keys only (build it with from_pairs or add_many)")
+        i = self._find(key)
+        return None if i is None else int(self._v[i])
+
+    def add_many(self, hashes: Iterable[int], values: Iterable[int]) -> None:
+        """Merge already-hashed keys with their values in (one sort: call it per batch, not per key)."""
+        new_h = np.fromiter(hashes, dtype=np.uint64)
+        new_v = np.fromiter(values, dtype=np.uint64, count=len(new_h))
+        old_v = self._v if self._v is not None else np.empty(0, dtype=np.uint64)
+        self._set(np.concatenate([self._h, new_h]), np.concatenate([old_v, new_v]))
 
 
 class InputShardError(RuntimeError):

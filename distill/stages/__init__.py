@@ -69,26 +69,27 @@ class Stage:
     def config(self, cfg: "RunConfig") -> Any:
         return operator.attrgetter(self.section)(cfg)
 
+    def _extended_input(self, run_dir: Path) -> "pa.Schema":
+        from distill.stages.derived import extend_schema, input_schema
+
+        return extend_schema(input_schema(Path(run_dir) / self.reads), list(self.adds))
+
     def output_schema(self, run_dir: Path) -> "pa.Schema | None":
         """The schema of the stage's accepted shards, from its input's shards as they are on disk
         (the run opens its store with this)."""
         if not self.shards:
             return None
-        if self.schema is not None:
-            return self.schema
-        from distill.stages.derived import extend_schema, input_schema
-
-        return extend_schema(input_schema(Path(run_dir) / self.reads), list(self.adds))
+        return self.schema if self.schema is not None else self._extended_input(run_dir)
 
     def rejected_schema(self, run_dir: Path) -> "pa.Schema | None":
+        """The schema of its rejected rows: the input's (plus `adds`), `reason` and `rejected_adds`."""
         if not self.shards:
             return None
         if self.rejected is not None:
             return self.rejected
-        from distill.stages.derived import extend_schema, input_schema, rejected_schema_for
+        from distill.stages.derived import rejected_schema_for
 
-        base = extend_schema(input_schema(Path(run_dir) / self.reads), list(self.adds))
-        return rejected_schema_for(base, list(self.rejected_adds))
+        return rejected_schema_for(self._extended_input(run_dir), list(self.rejected_adds))
 
 
 def get_stage(name: str) -> Stage:
