@@ -109,6 +109,13 @@ class DeepSpeedSection(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute precision: `auto` is bf16 on GPU, fp32 on CPU."""
 
+    sequence_parallel: int = Field(default=1, ge=1)
+    """Ranks each packed row is split over along the sequence (Ulysses: an all-to-all before and
+    after attention trades the sequence split for a head split). Activation and logits memory per
+    rank / degree, for 4 all-to-alls per layer. Must divide train.launch.num_workers, the row length
+    train.seq_len, and the student's attention and key/value heads. The ranks of one group train
+    on the same rows, so the data-parallel degree is num_workers / sequence_parallel."""
+
     _volatile = frozenset({"offload_optimizer", "offload_param", "nvme_path", "activation_checkpointing"})
 
 
@@ -353,6 +360,13 @@ class TrainConfig(Section):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     """Learning-rate schedule: linear warmup, then cosine decay to min_lr_ratio * lr."""
 
+    loss_chunk: int = Field(default=0, ge=0)
+    """Target tokens per chunk of the chunked cross-entropy: each chunk's logits are computed,
+    reduced to its loss and dropped, and recomputed in backward, so the [targets x vocab] fp32
+    tensor never exists (memory: loss_chunk x vocab x 4 bytes instead of targets x vocab x 4).
+    Costs one more output-projection matmul per chunk in backward. 0: the dense loss (all
+    logits at once; fastest for short rows and small vocabularies)."""
+
     grad_clip: float | None = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this (unset: no clipping)."""
 
@@ -387,7 +401,7 @@ class TrainConfig(Section):
     fault: FaultSection = Field(default_factory=FaultSection)
     """Fault tolerance: restarts, checkpoint integrity, straggler monitor, hang watchdog."""
 
-    _volatile = frozenset({"micro_batch", "log_every", "fault"})
+    _volatile = frozenset({"micro_batch", "log_every", "fault", "loss_chunk"})
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -420,6 +434,18 @@ class TrainConfig(Section):
         if self.schedule.warmup_steps and self.max_steps and self.schedule.warmup_steps > self.max_steps:
             problems.append(f"train.schedule.warmup_steps={self.schedule.warmup_steps} exceeds train.max_steps="
                             f"{self.max_steps}: the LR never reaches its peak")
+        sp = ds.sequence_parallel
+        if sp > 1:
+            if self.backend != "deepspeed":
+                problems.append(f"train.deepspeed.sequence_parallel={sp} applies to train.backend=deepspeed (got "
+                                f"{self.backend}); the megatron backend splits sequences with "
+                                "train.megatron.context_parallel")
+            if self.launch.num_workers % sp:
+                problems.append(f"train.deepspeed.sequence_parallel={sp} must divide train.launch.num_workers="
+                                f"{self.launch.num_workers}: change num_workers or the degree")
+            if self.seq_len % sp:
+                problems.append(f"train.deepspeed.sequence_parallel={sp} must divide train.seq_len={self.seq_len} "
+                                "(each rank holds seq_len / degree tokens of a row): change seq_len or the degree")
         if self.backend == "megatron":
             problems += megatron_problems(self)
         if problems:
