@@ -56,13 +56,15 @@ def load_student(name_or_path: str, *, dtype: str = "float32", packed: bool = Tr
     return model
 
 
-def forward_loss(model, batch: "PackedBatch") -> tuple["torch.Tensor", int]:  # noqa: F821
+def forward_loss(model, batch: "PackedBatch", *, loss_chunk: int = 0) -> tuple["torch.Tensor", int]:  # noqa: F821
     """(loss_sum, n_target_tokens) of a packed batch: summed fp32 cross-entropy over targets.
 
     The output projection runs on target positions only: prompts and padding never reach the
     [tokens, vocab] logits, which are the largest activation of a small model with a large
-    vocabulary (8192 x 49152 fp32 = 1.6 GB per row)."""
-    from distill.train.loss import IGNORE_INDEX, token_loss_sum
+    vocabulary (8192 x 49152 fp32 = 1.6 GB per row). loss_chunk > 0 (train.loss_chunk) goes
+    further: `loss.chunked_token_loss_sum` projects that many targets at a time, so the logits
+    of all targets never exist; 0 projects them all at once."""
+    from distill.train.loss import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 
     out = model.base_model(
         input_ids=batch.input_ids, position_ids=batch.position_ids,
@@ -70,16 +72,39 @@ def forward_loss(model, batch: "PackedBatch") -> tuple["torch.Tensor", int]:  # 
         max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen, use_cache=False,
     )
     keep = batch.labels != IGNORE_INDEX
-    logits = model.get_output_embeddings()(out.last_hidden_state[keep])
+    hidden, labels = out.last_hidden_state[keep], batch.labels[keep]
+    head = model.get_output_embeddings()
     # Gemma-2-style models squash logits; transformers applies this in the head's caller,
     # which this function replaces.
     cap = getattr(model.config, "final_logit_softcapping", None)
+    if loss_chunk > 0:
+        if head.bias is not None:
+            raise ValueError("train.loss_chunk > 0: the student's output projection has a bias, which the chunked "
+                             "loss does not add; set train.loss_chunk=0")
+        return _as_forward_of(head, chunked_token_loss_sum, hidden, head.weight, labels, loss_chunk, cap), \
+            batch.n_target_tokens
+    logits = head(hidden)
     if cap:
         import torch
 
         logits = torch.tanh(logits / cap) * cap
-    loss, _ = token_loss_sum(logits, batch.labels[keep])
+    loss, _ = token_loss_sum(logits, labels)
     return loss, batch.n_target_tokens
+
+
+def _as_forward_of(module, fn, *args):
+    """fn(*args) run as `module`'s forward, inside the hooks wrapping the module's call.
+
+    The chunked loss reads the output projection's weight directly instead of calling the
+    module; ZeRO-3 gathers a module's partitioned weight only in its forward hooks (and again
+    in the backward hook it attaches to the module's outputs), so the loss must run inside
+    them. An instance attribute shadows the class's forward for this one call; without hooks
+    this is a plain call."""
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
 def tiny_student(tokenizer_dir: str, *, arch: str = "llama", seed: int = 0, **overrides):
