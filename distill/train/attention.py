@@ -152,7 +152,26 @@ def flex_packed_attention(query, key, value, *, cu_seqlens=None, position_ids=No
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
     """transformers attention signature: query [B, H, T, D], key/value [B, Hkv, T, D];
-    returns ([B, T, H, D], None)."""
+    returns ([B, T, H, D], None).
+
+    Under sequence parallelism (`seqpar.sharded`, turned on by the backend) T is this rank's
+    shard of the rows: q/k/v are exchanged for whole rows of H / degree heads, attended with
+    the rows' global cu_seqlens, and the output exchanged back to this rank's tokens."""
+    from distill.train import seqpar
+
+    seq = seqpar.active()
+    if seq is None:
+        return _packed_attention(query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("cu_seq_lens_q") is None:
+        # Position ids of a shard cannot tell where a sample that began on another rank starts.
+        raise ValueError(f"{NAME} attention under sequence parallelism needs the rows' cu_seqlens "
+                         "(cu_seq_lens_q), not only position ids")
+    q, k, v = seqpar.gather_sequence(query, key, value, seq)
+    out, _ = _packed_attention(q, k, v, attention_mask, dropout, scaling, **kwargs)
+    return seqpar.scatter_sequence(out, seq), None
+
+
+def _packed_attention(query, key, value, attention_mask, dropout: float, scaling: float | None, **kwargs):
     import torch
     import torch.nn.functional as F
 

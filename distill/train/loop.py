@@ -203,8 +203,8 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
     total = planned_steps(cfg, in_plan)
     if total < 1:
         raise ValueError(f"{cache.n_samples} samples pack into {len(plan.bins)} rows, fewer than one global batch "
-                         f"of {world * cfg.micro_batch * cfg.grad_accum} rows (num_workers * micro_batch * "
-                         "grad_accum): add data or lower them")
+                         f"of {world * cfg.micro_batch * cfg.grad_accum} rows (data-parallel ranks {world} * "
+                         "micro_batch * grad_accum): add data or lower them")
 
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -317,7 +317,9 @@ def _parallel_layout(cfg: TrainConfig, backend) -> str:
         m = cfg.megatron
         return (f"world {backend.world_size} = dp {backend.dp_size} x tp {m.tensor_parallel} x pp "
                 f"{m.pipeline_parallel} x cp {m.context_parallel} (megatron)")
-    return f"world {backend.world_size}, ZeRO-{cfg.deepspeed.zero_stage}"
+    sp = cfg.deepspeed.sequence_parallel
+    return (f"world {backend.world_size} = dp {backend.dp_size} x sp {sp}, ZeRO-{cfg.deepspeed.zero_stage} over all "
+            "ranks" if sp > 1 else f"world {backend.world_size}, ZeRO-{cfg.deepspeed.zero_stage}")
 
 
 def local_env(port: int) -> dict:

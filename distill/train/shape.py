@@ -3,8 +3,8 @@
 One reader (`shape_from_hf_config`) turns a `transformers` config into a `ModelShape`; the dry
 run's memory estimate, the MFU's attention FLOPs and the Megatron model spec all start from it.
 One checker (`shape_problems`) holds every check that needs only the shape: train.seq_len vs the
-context and the sliding window, and the Megatron degrees vs heads, key/value heads, MLP width and
-layers. The launcher's preflight and `--dry-run` both call it, for a student read from its config
+context and the sliding window, the Megatron degrees vs heads, key/value heads, MLP width and
+layers, and the DeepSpeed sequence-parallel degree vs heads and key/value heads. The launcher's preflight and `--dry-run` both call it, for a student read from its config
 or one known only from the dry run's table of public shapes. (Whether Megatron can build the
 family at all needs the config itself: `megatron.model_problems`.)
 
@@ -111,6 +111,14 @@ def shape_problems(cfg, shape: ModelShape) -> list[str]:
         problems.append(f"train.seq_len={cfg.seq_len} exceeds the sliding window of train.student.model="
                         f"{model!r} ({shape.sliding_window} tokens), which the packed attention does not "
                         f"implement: lower train.seq_len to {shape.sliding_window} or less")
+    sp = cfg.deepspeed.sequence_parallel
+    if cfg.backend == "deepspeed" and sp > 1:
+        # Ulysses hands each rank of the group heads / degree query heads and the kv heads they
+        # read (distill.train.seqpar): both counts must split evenly.
+        for what, n in (("attention heads", shape.n_heads), ("key/value heads", shape.n_kv_heads)):
+            if n % sp:
+                problems.append(f"train.deepspeed.sequence_parallel={sp}: the model's {n} {what} do not divide by "
+                                "it; use a divisor of the head count and the key/value head count")
     if cfg.backend == "megatron":
         m = cfg.megatron
         problems += split_problems(heads=shape.n_heads, kv_heads=shape.n_kv_heads, ffn=shape.intermediate,

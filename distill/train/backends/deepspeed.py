@@ -10,6 +10,13 @@ gradient by the accumulation steps and averages gradients over ranks; multiplyin
 world * grad_accum before `backward` undoes both, so the step's gradient is exactly that of
 sum-loss / global target tokens (checked against a plain-PyTorch reference in the tests).
 
+Sequence parallelism (`train.deepspeed.sequence_parallel`, Ulysses, `distill.train.seqpar`):
+groups of `degree` consecutive ranks read the same rows (the loop shards data over dp_rank =
+rank // degree) and each trains on its 1/degree of every row. DeepSpeed is not told: it still
+treats all world ranks as data parallel, so ZeRO partitions over all of them (more memory saved
+than partitioning over data ranks only) and averages gradients over all of them. A group's rank
+gradients SUM to its rows' gradient, so the same world * grad_accum factor makes the step exact.
+
 Checkpoints are DeepSpeed's own per-rank files (what its ZeRO loaders expect), written with
 `torch.save`. They are read back only through `torch.load(weights_only=True)` with an explicit
 allowlist of the three DeepSpeed classes its optimizer state holds (`_DS_SAFE_GLOBALS`); the
@@ -63,6 +70,8 @@ def deepspeed_config(cfg: "TrainConfig", *, world_size: int, precision: str) -> 
     out = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
+        # DeepSpeed counts every rank as data parallel, sequence-parallel ones too (its batch is
+        # then degree x ours; only this consistency check reads it).
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": params},
@@ -184,14 +193,26 @@ class DeepSpeedBackend(TorchCollectives):
                                    timeout=timedelta(seconds=cfg.fault.collective_timeout_s))
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
-        self.dp_rank, self.dp_size = self.rank, self.world_size  # ZeRO is pure data parallelism
+        from distill.train import seqpar
+
+        sp = cfg.deepspeed.sequence_parallel
+        self.seq = seqpar.new_groups(sp)  # collective: every rank builds every group
+        # ZeRO is pure data parallelism; with sequence parallelism a group's ranks share rows.
+        self.dp_rank, self.dp_size = self.rank // sp, self.world_size // sp
         self.engine = None
 
     def setup(self, model, *, total_steps: int) -> None:
         import deepspeed
         import torch
 
+        from distill.train.attention import NAME as PACKED
+
         cfg = self.cfg
+        if self.seq is not None and model.config._attn_implementation != PACKED:
+            # Only the packed attention exchanges heads for sequence: any other would attend
+            # within this rank's shard and silently train on a different model.
+            raise ValueError(f"train.deepspeed.sequence_parallel={cfg.deepspeed.sequence_parallel} needs "
+                             f"train.student.attention=packed (got {model.config._attn_implementation})")
         sched = partial(lr_factor, warmup=cfg.schedule.warmup_steps, total=total_steps,
                         min_ratio=cfg.schedule.min_lr_ratio)
         wrapped = _loss_module(model)
@@ -205,11 +226,15 @@ class DeepSpeedBackend(TorchCollectives):
         self.engine.checkpoint_engine = _weights_only_engine()
 
     def _forward(self, batch: "PackedBatch"):
-        b = batch.to(self.device)
+        from distill.train.seqpar import shard_batch
+
+        b = shard_batch(batch, self.seq).to(self.device)
         return self.engine(b.input_ids, b.labels, b.position_ids, b.cu_seqlens, b.max_seqlen, b.n_target_tokens)
 
     def train_step(self, micro_batches: list["PackedBatch"], global_target_tokens: int) -> StepStats:
         import torch
+
+        from distill.train.seqpar import sharded
 
         if len(micro_batches) != self.cfg.grad_accum:
             raise ValueError(f"{len(micro_batches)} micro-batches for grad_accum={self.cfg.grad_accum}")
@@ -222,11 +247,15 @@ class DeepSpeedBackend(TorchCollectives):
         compute_s = comm_s = 0.0
         for batch in micro_batches:
             t0 = time.perf_counter()
-            loss = self._forward(batch) / global_target_tokens
-            # .cpu() waits for the device, so the clock reads finished work (a sync per
-            # micro-batch; the loss is needed on the host anyway).
-            local += loss.detach().double().cpu()
-            self.engine.backward(loss * undo)
+            # Backward inside too: activation checkpointing recomputes attention there.
+            with sharded(self.seq):
+                # Under sequence parallelism: this rank's shard's loss sum, so the world-wide
+                # sum below still counts each target once.
+                loss = self._forward(batch) / global_target_tokens
+                # .cpu() waits for the device, so the clock reads finished work (a sync per
+                # micro-batch; the loss is needed on the host anyway).
+                local += loss.detach().double().cpu()
+                self.engine.backward(loss * undo)
             t1 = time.perf_counter()
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             compute_s, comm_s = compute_s + (t1 - t0), comm_s + (time.perf_counter() - t1)
