@@ -28,7 +28,7 @@ from distill.train.config import TrainConfig
 CURATE_STAGES = ("verify", "filter", "dedup", "decontam", "sft")
 """What `distill curate` runs, in order."""
 
-STAGES = ("generate", *CURATE_STAGES, "train", "eval")
+STAGES = ("generate", "import", *CURATE_STAGES, "train", "eval")
 """Stages `distill run` knows, in pipeline order: the one list of stage names. Stage `NAME` is
 the module `distill.stages.NAME` (see distill/stages/__init__.py)."""
 
@@ -142,6 +142,118 @@ class SourceConfig(Section):
                 "set the answer column or answer_extract: none"
             )
         return self
+
+
+# --------------------------------------------------------------------------- imported traces
+
+
+class TraceColumns(ColumnMap):
+    """Which columns of an existing generations file hold what. Exactly one of `completion` and
+    `messages` names the teacher's output."""
+
+    completion: str | None = None
+    """Column holding the teacher's output: a string (one sample per row), or a list of strings
+    (several generations per problem, as OpenR1-Math stores them: one sample per item)."""
+
+    messages: str | None = None
+    """Column holding a chat (a list of `{role, content}`): the last assistant turn is the
+    completion, and the first user turn the problem when `problem` is not a column of the file."""
+
+    correct: str | None = None
+    """Column holding the set's own correctness flag(s) (a bool, or a list aligned with a list
+    `completion`). Kept as `origin_correct` and compared with distill's verdict in the report;
+    never used as the verdict."""
+
+    finish_reason: str | None = None
+    """Column holding the finish reason(s) (a string or a list aligned with the completions).
+    Unset or null: `unknown` (never assumed to be `stop`)."""
+
+
+class TraceSource(SourceConfig):
+    """One set of existing teacher outputs. The reading keys (`path`, `format`, `hub_config`,
+    `split`, `answer_extract`, `limit`, `max_bad_fraction`) mean what they mean under `source`."""
+
+    path: str = ""
+    """A local JSONL / Parquet file, a directory of Parquet files, a `save_to_disk` dataset, a Hub
+    dataset id, or a distill stage directory (`RUN/generate` of another run: format `distill`)."""
+
+    format: Literal["auto", "jsonl", "parquet", "hf_disk", "hub", "distill"] = "auto"
+    """How to read `path`; `distill` reads the accepted shards of a distill stage directory as they
+    are (their columns are the generate schema; `columns` is not used)."""
+
+    revision: str | None = None
+    """Hub dataset revision (a commit or tag) to pin; recorded in each sample's provenance."""
+
+    stage: Literal["generate"] | None = None
+    """Instead of `path`: this run's own `generate` output (to mix generated and imported sets)."""
+
+    name: str | None = None
+    """The set's name in sample keys, provenance and the report (default: the file or dataset name).
+    Names must differ between sources."""
+
+    teacher: str = "unknown"
+    """Who wrote the traces (e.g. `deepseek-r1`), stored in the `teacher` column."""
+
+    weight: float | None = Field(default=None, gt=0)
+    """This source's share of the imported samples (weights are normalised). Unset on every source:
+    everything is imported. See `traces.total`."""
+
+    columns: TraceColumns = Field(default_factory=TraceColumns)
+    """Which columns hold the problem, reference answer, id, completion(s), flags and finish reasons."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TraceSource":
+        if (self.stage is None) == (not self.path):
+            raise ValueError("give exactly one of path (a file, directory or Hub id) and stage: generate")
+        if self.stage is None and self.format != "distill" and \
+                (self.columns.completion is None) == (self.columns.messages is None):
+            raise ValueError("columns: name exactly one of completion (a string or a list of strings) and "
+                             "messages (a chat whose last assistant turn is the completion)")
+        if self.answer_extract != "none" and self.columns.answer is None:
+            raise ValueError(f"answer_extract={self.answer_extract!r} needs columns.answer")
+        return self
+
+
+class TracesConfig(Section):
+    """Existing teacher outputs to curate and train on (the `import` stage), instead of or besides
+    generating them."""
+
+    sources: list[TraceSource] = Field(default_factory=list)
+    """The sets to import, each with its column mapping and optional weight."""
+
+    total: int | None = Field(default=None, ge=1)
+    """With weights: the number of samples to keep. Unset: the largest mix the sources hold
+    without repeating a sample (the source that runs out first sets it)."""
+
+    seed: int = 0
+    """Which samples a weighted mix keeps: the same seed keeps the same samples."""
+
+    chunk_mb: float = Field(default=4.0, gt=0)
+    """Input text per work unit (a byte range of a JSONL file, a row range of a Parquet file)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TracesConfig":
+        problems = []
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            problems.append("traces.sources: set weight on every source or on none (unset: import everything)")
+        if self.total is not None and not any(weighted):
+            problems.append("traces.total needs a weight on each of traces.sources")
+        names = [source_name(s) for s in self.sources]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"traces.sources: two sources are named {dup!r}; give them different `name`s")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def source_name(src: TraceSource) -> str:
+    """The name a trace source goes by in keys, provenance and the report."""
+    if src.name:
+        return src.name
+    if src.stage:
+        return src.stage
+    return Path(src.path.rstrip("/")).name.removesuffix(".jsonl").removesuffix(".parquet") or src.path
 
 
 # --------------------------------------------------------------------------- generation
@@ -462,6 +574,9 @@ class RunConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     """Teacher generation."""
 
+    traces: TracesConfig = Field(default_factory=TracesConfig)
+    """Existing teacher outputs for the `import` stage (curated like generated ones)."""
+
     curate: CurateConfig = Field(default_factory=CurateConfig)
     """Verification, filters, dedup, decontamination and the SFT format."""
 
@@ -529,7 +644,7 @@ def _field_owner(loc: tuple) -> type[BaseModel] | None:
 
 def _describe(err: dict) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    path = ".".join(str(p) for p in loc)
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).removeprefix(".")
     kind = err["type"]
     if kind == "extra_forbidden":
         owner = _field_owner(loc[:-1])
@@ -543,6 +658,8 @@ def _describe(err: dict) -> str:
     if kind == "value_error":
         text = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
         # Section-level validators already name full key paths; field validators do not.
+        if any(isinstance(p, int) for p in loc):  # a section in a list cannot name its own index
+            return "\n".join(f"{path}.{line}" for line in text.split("\n"))
         return text if not path or _field_owner(loc) is not None else f"{path}: {text}"
     got = err.get("input")
     shown = repr(got) if not isinstance(got, dict) else "a mapping"

@@ -204,3 +204,82 @@ def read_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False) -> list[d
             raise ValueError(f"{row.location}: {row.value}")
         out.append(row.value)
     return out
+
+
+# --------------------------------------------------------------------------- reading in parallel
+#
+# A large input is cut into chunks (a byte range of a JSONL file, a row range of a Parquet file)
+# that workers read on their own: the driver never parses a row, and each row is still named
+# `file:line` / `file:row N` exactly as one serial read names it.
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """JSONL bytes [start, stop), the first of which begins line `line`; or Parquet rows
+    [start, stop), 0-based (`line` unused)."""
+
+    path: str
+    start: int
+    stop: int
+    line: int = 1
+
+
+def plan_chunks(files: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
+    """The input cut into chunks of about `chunk_bytes` of text, in input order. Pure but for
+    reading the files (JSONL: one pass at ~GB/s to cut at line ends and count lines)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes}: must be positive")
+    return [c for f in files for c in (_parquet_chunks(Path(f), chunk_bytes) if str(f).endswith(".parquet")
+                                       else _jsonl_chunks(Path(f), chunk_bytes))]
+
+
+def _jsonl_chunks(path: Path, chunk_bytes: int) -> list[Chunk]:
+    chunks, start, line = [], 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            block += f.readline()  # finish the line the block cut into (b"" at the end of the file)
+            chunks.append(Chunk(str(path), start, start + len(block), line))
+            start += len(block)
+            line += block.count(b"\n")
+    return chunks
+
+
+def _parquet_chunks(path: Path, chunk_bytes: int) -> list[Chunk]:
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    if meta.num_rows == 0:
+        return []
+    text = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))  # uncompressed
+    rows = max(1, int(meta.num_rows * chunk_bytes / max(text, 1)))
+    return [Chunk(str(path), a, min(a + rows, meta.num_rows)) for a in range(0, meta.num_rows, rows)]
+
+
+def parquet_rows(path: str, start: int = 0, stop: int | None = None) -> Iterator[Row]:
+    """Rows [start, stop) named `file:row N` (1-based). Only the row groups that overlap are
+    decoded; a group split over k chunks is decoded k times, which costs little next to what is
+    done with its rows."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    stop = pf.metadata.num_rows if stop is None else stop
+    groups, first, base = [], 0, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if first < stop and first + n > start:
+            base = base if groups else first
+            groups.append(g)
+        first += n
+    if not groups:
+        return
+    table = pf.read_row_groups(groups).slice(start - base, stop - start)
+    for batch in table.to_batches(max_chunksize=1024):
+        for i, row in enumerate(batch.to_pylist(), start=start + 1):
+            yield Row(f"{path}:row {i}", row, "")
+        start += batch.num_rows
+
+
+def chunk_rows(chunk: Chunk) -> Iterator[Row]:
+    if chunk.path.endswith(".parquet"):
+        return parquet_rows(chunk.path, chunk.start, chunk.stop)
+    return iter_jsonl(Path(chunk.path), chunk.start, chunk.stop, chunk.line)

@@ -93,10 +93,12 @@ def build_report(run_dir: Path) -> dict:
         report["generation"] = generation_summary(report["stages"]["generate"]["summary"])
 
     if "verify" in stages:
-        v = _columns(run_dir / "verify", ["id", "pass_rate", "verdict"])
+        v = _columns(run_dir / "verify", ["id", "pass_rate", "verdict", "origin", "origin_correct", "correct"])
         per_q = dict(zip(v["id"], v["pass_rate"]))
         report["pass_rate_per_question"] = [p for p in per_q.values() if p is not None]
         report["verdicts"] = dict(Counter(v["verdict"]).most_common())
+        if "import" in stages:
+            report["imported_flags"] = flag_agreement(v["origin"], v["origin_correct"], v["correct"])
     last = stages[-1] if stages[-1] != "sft" else (stages[-2] if len(stages) > 1 else "sft")
     kept_lengths = [t for t in _columns(run_dir / last, ["n_tokens"])["n_tokens"] if t is not None]
     rejected_lengths = [t for s in stages if s not in ("source", "sft")
@@ -278,6 +280,31 @@ def eval_rows(results: dict) -> list[dict]:
     return rows
 
 
+def flag_agreement(origins: list, flags: list, verdicts: list) -> dict[str, dict]:
+    """Per imported set: how its own correctness flags compare with distill's verifier. Samples
+    without a flag (or without a verdict) are counted apart, never as agreement. Pure."""
+    out: dict[str, Counter] = {}
+    for origin, flag, ok in zip(origins, flags, verdicts):
+        if origin is None:
+            continue
+        c = out.setdefault(origin, Counter())
+        c["samples"] += 1
+        if flag is None or ok is None:
+            c["unflagged"] += 1
+        elif flag == ok:
+            c["agree"] += 1
+        else:
+            c["set_says_right_verifier_wrong" if flag else "set_says_wrong_verifier_right"] += 1
+    result = {}
+    for origin, c in sorted(out.items()):
+        flagged = c["samples"] - c["unflagged"]
+        result[origin] = {"samples": c["samples"], "flagged": flagged, "agree": c["agree"],
+                          "agreement": round(c["agree"] / flagged, 4) if flagged else None,
+                          "set_says_right_verifier_wrong": c["set_says_right_verifier_wrong"],
+                          "set_says_wrong_verifier_right": c["set_says_wrong_verifier_right"]}
+    return result
+
+
 def format_table(report: dict) -> str:
     """The funnel as a text table, or, for a run without curation output (a `distill train` or
     `distill eval` run dir), one line saying so followed by what the run does have."""
@@ -292,6 +319,11 @@ def _summary_lines(report: dict) -> list[str]:
     if g and (g["request_retries"] or g["shard_retries"]):
         out.append("generation retries: requests " + (", ".join(f"{k}={v}" for k, v in g["request_retries"].items()) or "-")
                    + "; shards " + (", ".join(f"{k}={v}" for k, v in g["shard_retries"].items()) or "-"))
+    for origin, f in (report.get("imported_flags") or {}).items():
+        agreement = f"{f['agreement']:.1%}" if f["agreement"] is not None else "-"
+        out.append(f"import {origin}: its flags agree with the verifier on {agreement} of {f['flagged']} flagged "
+                   f"samples (set right / verifier wrong: {f['set_says_right_verifier_wrong']}, set wrong / "
+                   f"verifier right: {f['set_says_wrong_verifier_right']}; {f['samples'] - f['flagged']} unflagged)")
     train = report.get("train") or {}
     loss = (train.get("curves") or {}).get("loss")
     if loss:
@@ -566,6 +598,15 @@ def _generation_section(g: dict | None) -> str:
     return _section("sec-generation", "Generation", body)
 
 
+def _imported_section(flags: dict | None) -> str:
+    if not flags:
+        return _section("sec-imported", "Imported sets: their flags vs the verifier", _missing("RUN/import"))
+    head = ["set", "samples", "flagged", "agreement", "set right, verifier wrong", "set wrong, verifier right"]
+    rows = [[_esc(o), f["samples"], f["flagged"], _pct(f["agreement"]), f["set_says_right_verifier_wrong"],
+             f["set_says_wrong_verifier_right"]] for o, f in flags.items()]
+    return _section("sec-imported", "Imported sets: their flags vs the verifier", _table(head, rows, "imported-table"))
+
+
 def _train_sections(train: dict) -> list[str]:
     out = []
     curves = train.get("curves")
@@ -680,6 +721,8 @@ max-height:40em}.missing{color:#888;font-style:italic}.note{color:#666;font-size
 def render_html(report: dict) -> str:
     sections = _funnel_sections(report)
     sections.insert(1, _generation_section(report.get("generation")))
+    if report.get("imported_flags") is not None:
+        sections.insert(2, _imported_section(report["imported_flags"]))
     sections += _train_sections(report.get("train") or {})
     sections.append(_eval_section(report.get("eval")))
     sections.append(_provenance_section(report))

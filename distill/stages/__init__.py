@@ -65,23 +65,30 @@ class Stage:
     shards: bool = True
     """Writes exactly-once shards under `RUN/NAME/` (a row of the report's funnel). False for
     train and eval, which write checkpoints and result files."""
+    reads_from: Callable[["RunConfig"], str] | None = None
+    """When the stage it reads depends on the config (verify reads `import` when the run imports
+    traces): that choice; `reads` is then the default, for ordering checks."""
 
     def config(self, cfg: "RunConfig") -> Any:
         return operator.attrgetter(self.section)(cfg)
 
-    def _extended_input(self, run_dir: Path) -> "pa.Schema":
+    def input_name(self, cfg: "RunConfig | None" = None) -> str | None:
+        """The stage directory this stage reads under this config."""
+        return self.reads_from(cfg) if self.reads_from is not None and cfg is not None else self.reads
+
+    def _extended_input(self, run_dir: Path, cfg: "RunConfig | None") -> "pa.Schema":
         from distill.stages.derived import extend_schema, input_schema
 
-        return extend_schema(input_schema(Path(run_dir) / self.reads), list(self.adds))
+        return extend_schema(input_schema(Path(run_dir) / self.input_name(cfg)), list(self.adds))
 
-    def output_schema(self, run_dir: Path) -> "pa.Schema | None":
+    def output_schema(self, run_dir: Path, cfg: "RunConfig | None" = None) -> "pa.Schema | None":
         """The schema of the stage's accepted shards, from its input's shards as they are on disk
         (the run opens its store with this)."""
         if not self.shards:
             return None
-        return self.schema if self.schema is not None else self._extended_input(run_dir)
+        return self.schema if self.schema is not None else self._extended_input(run_dir, cfg)
 
-    def rejected_schema(self, run_dir: Path) -> "pa.Schema | None":
+    def rejected_schema(self, run_dir: Path, cfg: "RunConfig | None" = None) -> "pa.Schema | None":
         """The schema of its rejected rows: the input's (plus `adds`), `reason` and `rejected_adds`."""
         if not self.shards:
             return None
@@ -89,7 +96,13 @@ class Stage:
             return self.rejected
         from distill.stages.derived import rejected_schema_for
 
-        return rejected_schema_for(self._extended_input(run_dir), list(self.rejected_adds))
+        return rejected_schema_for(self._extended_input(run_dir, cfg), list(self.rejected_adds))
+
+
+def samples_stage(cfg: "RunConfig") -> str:
+    """The stage whose samples curation reads: `import` when the config imports traces (the import
+    mixes generated sets in itself, with `stage: generate`), else `generate`."""
+    return "import" if cfg.traces.sources else "generate"
 
 
 def get_stage(name: str) -> Stage:

@@ -172,7 +172,10 @@ def run(cfg: RunConfig, run_dir: Path):
         filter_root = run_dir / STAGE.reads
         todo = [Unit(p, [str(filter_root / f"part-{p:05d}.parquet")]) for p in range(n)
                 if not (ex / f"lsh-p{p:05d}.parquet").exists()]
-        source_ids = read_shards(sorted((run_dir / "source").glob("part-*.parquet")), ["id"]).column("id").combine_chunks()
+        # A run that imports its samples has no source/: every id is then ordered by its hash.
+        source = read_shards(sorted((run_dir / "source").glob("part-*.parquet")), ["id"])
+        source_ids = source.column("id").combine_chunks() if source is not None else pa.array([], pa.string())
+        del source
         print(f"dedup: sketching {len(todo)} of {n} partitions", flush=True)
         for p, path in map_items(_sketch_partition, (dc, source_ids, str(tmp)), todo, cfg,
                                  lambda u: f"dedup sketch of partition {u.index} ({u.inputs[0]})"):

@@ -71,10 +71,11 @@ def open_derived(run_dir: Path, stage: "Stage", cfg: RunConfig,
                  extra_inputs: dict[str, str] | None = None) -> ShardStore:
     """The stage's store, recomputed from scratch when its settings (its config section) or its
     input changed. Its schemas are the stage object's."""
-    up_root = run_dir / stage.reads
-    require_complete(up_root, f"distill run CONFIG (stage {stage.reads})")
+    reads = stage.input_name(cfg)
+    up_root = run_dir / reads
+    require_complete(up_root, f"distill run CONFIG (stage {reads})")
     settings = output_fields(stage.config(cfg))
-    inputs = {stage.reads: dataset_digest(up_root), **(extra_inputs or {})}
+    inputs = {reads: dataset_digest(up_root), **(extra_inputs or {})}
     fp = fingerprint({"settings": settings, "inputs": inputs})
     root = run_dir / stage.name
     old = Manifest.read(root)
@@ -83,8 +84,8 @@ def open_derived(run_dir: Path, stage: "Stage", cfg: RunConfig,
             [f"input {k} changed" for k in inputs if old.inputs.get(k) != inputs[k]])
         print(f"{stage.name}: recomputing {root} ({'; '.join(why) or 'fingerprint changed'})", flush=True)
         shutil.rmtree(root)
-    return ShardStore(root, stage=stage.name, fingerprint=fp, settings=settings, schema=stage.output_schema(run_dir),
-                      rejected_schema=stage.rejected_schema(run_dir), inputs=inputs).open()
+    return ShardStore(root, stage=stage.name, fingerprint=fp, settings=settings, schema=stage.output_schema(run_dir, cfg),
+                      rejected_schema=stage.rejected_schema(run_dir, cfg), inputs=inputs).open()
 
 
 def rejected_schema_for(schema: pa.Schema, extra: list[tuple[str, pa.DataType]] = ()) -> pa.Schema:
@@ -322,11 +323,11 @@ def open_partitioned(run_dir: Path, stage: "Stage", cfg: RunConfig,
     """The stage's store (`open_derived`) and the partitions left to do, with their inputs."""
     old = Manifest.read(run_dir / stage.name)  # before `open` rewrites it
     store = open_derived(run_dir, stage, cfg, extra_inputs)
-    up = Manifest.read(run_dir / stage.reads)
+    up = Manifest.read(run_dir / stage.input_name(cfg))
     n = choose_partitions(old, store.manifest.fingerprint, up, cfg.curate.shard_size)
     store.manifest.partitions = n
     store.manifest.write(store.root)
-    units = plan_units(store, run_dir / stage.reads, up, n, cfg, stage.name)
+    units = plan_units(store, run_dir / stage.input_name(cfg), up, n, cfg, stage.name)
     return store, units
 
 

@@ -1,6 +1,7 @@
 """Stage `verify`: teacher samples -> the same samples with their final answer and a verdict.
 
-Reads `RUN/generate/`, writes `RUN/verify/`. Rejects nothing (the `wrong_answer` and
+Reads `RUN/generate/` (`RUN/import/` when the run imports traces), writes `RUN/verify/`.
+Rejects nothing (the `wrong_answer` and
 `truncated` filters do, in the next stage); adds `pred_answer`, `verdict`, `verdict_detail`,
 `correct`, `pass_rate`, `n_samples`, `label` (the reference, or the majority pseudo-label) and
 `agreement` (the share of the question's extracted answers that agree with the label; see
@@ -18,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from distill.config import RunConfig
-from distill.stages import ActorAsk, Stage
+from distill.stages import ActorAsk, Stage, samples_stage
 from distill.stages.derived import finish_stage, open_partitioned, run_units
 
 VERIFY_COLUMNS = [("pred_answer", pa.string()), ("label", pa.string()), ("agreement", pa.float64()),
@@ -68,4 +69,5 @@ def run(cfg: RunConfig, run_dir: Path):
     return finish_stage(store, "verify", seconds, summary)
 
 
-STAGE = Stage("verify", "curate.verify", run, resources, reads="generate", adds=tuple(VERIFY_COLUMNS))
+STAGE = Stage("verify", "curate.verify", run, resources, reads="generate", adds=tuple(VERIFY_COLUMNS),
+              reads_from=samples_stage)
