@@ -1,7 +1,7 @@
 """The Megatron backend computes what the HF model computes: logits of a packed batch of real
 chats (SmolLM2 tokenizer) at TP=2 and at PP=2, and the gradients of one accumulated step (two
 micro-batches, loss = summed token losses / target tokens) at TP=2 and PP=2, for a Llama-style
-(tied) and a Qwen2-style (untied, QKV bias) student. Two gloo processes per case, on CPU."""
+(tied) and a Qwen2-style (untied, QKV bias) student, with the dense and the chunked loss. Two gloo processes per case, on CPU."""
 
 from __future__ import annotations
 
@@ -17,11 +17,33 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def _probe(tmp_path, mode: str, arch: str, tp: int, pp: int):
+# megatron_probe.py with train.loss_chunk set on the backend's config (the probe's own config has none).
+CHUNKED_PROBE = """
+import megatron_probe as probe
+
+make = probe.backend
+
+
+def backend(tp, pp, grad_accum):
+    be = make(tp, pp, grad_accum)
+    be.cfg = be.cfg.model_copy(update={{"loss_chunk": {chunk}}})
+    return be
+
+
+probe.backend = backend
+probe.main()
+"""
+
+
+def _probe(tmp_path, mode: str, arch: str, tp: int, pp: int, loss_chunk: int = 0):
     out = tmp_path / f"{mode}-{arch}-{tp}-{pp}.npz"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    script = REPO / "tests" / "megatron_probe.py"
+    if loss_chunk:
+        script = tmp_path / "chunked_probe.py"
+        script.write_text(CHUNKED_PROBE.format(chunk=loss_chunk))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(REPO / "tests" / "megatron_probe.py"), mode, arch, str(tp), str(pp), str(out)]
+           str(script), mode, arch, str(tp), str(pp), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return np.load(out)
@@ -36,10 +58,13 @@ def test_logits_equal_hf(tmp_path, arch, tp, pp):
     np.testing.assert_allclose(d["megatron"], d["hf"], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch,tp,pp", [("llama", 2, 1), ("qwen2", 1, 2), ("llama", 1, 2)],
-                         ids=["llama-tp2", "qwen2-pp2", "llama-tied-pp2"])
-def test_gradients_equal_hf(tmp_path, arch, tp, pp):
-    d = _probe(tmp_path, "grads", arch, tp, pp)
+@pytest.mark.parametrize("arch,tp,pp,loss_chunk", [("llama", 2, 1, 0), ("qwen2", 1, 2, 0), ("llama", 1, 2, 0),
+                                                    ("llama", 2, 1, 37)],
+                         ids=["llama-tp2", "qwen2-pp2", "llama-tied-pp2", "llama-tp2-chunked"])
+def test_gradients_equal_hf(tmp_path, arch, tp, pp, loss_chunk):
+    """The loss is vocabulary-parallel (each tensor rank's slice of the vocabulary, never
+    gathered), all targets at once or train.loss_chunk (37: not a divisor of the targets) at a time."""
+    d = _probe(tmp_path, "grads", arch, tp, pp, loss_chunk)
     names = [k[3:] for k in d.files if k.startswith("hf/")]
     assert "model.embed_tokens.weight" in names and any("q_proj.bias" in n for n in names) == (arch == "qwen2")
     for name in names:

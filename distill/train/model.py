@@ -95,11 +95,12 @@ def forward_loss(model, batch: "PackedBatch", *, loss_chunk: int = 0) -> tuple["
 def _as_forward_of(module, fn, *args):
     """fn(*args) run as `module`'s forward, inside the hooks wrapping the module's call.
 
-    The chunked loss reads the output projection's weight directly instead of calling the
-    module; ZeRO-3 gathers a module's partitioned weight only in its forward hooks (and again
-    in the backward hook it attaches to the module's outputs), so the loss must run inside
-    them. An instance attribute shadows the class's forward for this one call; without hooks
-    this is a plain call."""
+    The chunked loss reads the output projection's weight instead of calling the module, and
+    sharding wrappers gather a module's weight in its forward hooks (and again in the backward
+    hook they attach to its outputs). DeepSpeed ZeRO-3 would also gather a weight read anywhere
+    inside the engine's forward (it registers it as an "external parameter" of the running
+    module, checked: same losses at 2 ranks), FSDP-style wrappers would not. An instance
+    attribute shadows the class's forward for this one call; without hooks it is a plain call."""
     module.forward = fn
     try:
         return module(*args)

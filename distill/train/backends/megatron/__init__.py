@@ -7,8 +7,9 @@ CPU; Ray Train or torchrun create it, or the backend does), and megatron-core's
 gives every rank of one tensor/pipeline group the same rows (`dp_rank` / `dp_size`).
 
 The student is the HF model the loop loaded, converted into this rank's `GPTModel` shard
-(`convert.from_hf_shard`); the data path (PackedBatch) and the loss (`loss.token_loss_sum` on
-target positions only, divided by the global batch's target count) are the trainer's own.
+(`convert.from_hf_shard`); the data path (PackedBatch) and the loss (`loss.chunked_token_loss_sum`
+on target positions only, vocabulary-parallel, divided by the global batch's target count) are
+the trainer's own.
 Micro-batches run through megatron-core's schedule (`get_forward_backward_func`: plain
 accumulation at pp=1, 1F1B at pp>1); gradients are reduced by megatron's DDP wrapper (summed
 over data-parallel ranks) and scaled by 1 / global target tokens, then megatron's optimizer
@@ -182,25 +183,33 @@ class MegatronBackend(TorchCollectives):
         return hidden, partial(self._loss, batch)
 
     def _full_hidden(self, hidden):
-        """[tokens, hidden] of the whole flattened micro-batch (undoing the sequence-parallel split)."""
+        """[tokens, hidden] of the whole flattened micro-batch (undoing the sequence-parallel split),
+        entering the tensor-parallel region: the loss's vocabulary slices each give a share of
+        the hidden gradient, summed over the tensor group in backward (by the gather's
+        reduce-scatter under sequence parallelism, else by an all-reduce). Exactly one of the
+        two: both would count the gradient tp times."""
         from megatron.core import tensor_parallel
 
         if self.config.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        else:
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
         return hidden[:, 0]
 
     def _loss(self, batch: "PackedBatch", hidden, non_loss_data: bool = False):
         import torch
 
-        from distill.train.backends.megatron.model import vocab_logits
-        from distill.train.loss import IGNORE_INDEX, token_loss_sum
+        from distill.train.backends.megatron.model import vocab_logits, vocab_parallel_loss_sum
+        from distill.train.loss import IGNORE_INDEX
 
         h = self._full_hidden(hidden)
         if non_loss_data:  # logits(): every position
             return vocab_logits(self._gpt(), h, self.spec.vocab_size)
         labels = batch.labels.reshape(-1)
         keep = labels != IGNORE_INDEX
-        loss_sum, _ = token_loss_sum(vocab_logits(self._gpt(), h[keep], self.spec.vocab_size), labels[keep])
+        # Vocabulary-parallel: train.loss_chunk targets at a time, or all at once (0).
+        loss_sum = vocab_parallel_loss_sum(self._gpt(), h[keep], labels[keep], self.spec.vocab_size,
+                                           self.cfg.loss_chunk)
         # 3 outputs + calculate_per_token_loss: the schedule neither averages over micro-batches
         # nor divides by this count; train_step divides by the global target count.
         return loss_sum, torch.tensor(batch.n_target_tokens, dtype=torch.int), {"loss_sum": loss_sum.detach()}

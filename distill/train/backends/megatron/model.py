@@ -142,12 +142,33 @@ def output_weight(model) -> "torch.Tensor":
 def vocab_logits(model, hidden: "torch.Tensor", vocab_size: int) -> "torch.Tensor":
     """Full-vocabulary logits [n, vocab] of hidden states [n, hidden] (a full sequence, not a
     sequence-parallel slice): each tensor rank projects onto its vocabulary slice, then the
-    slices are all-gathered (differentiable) and the padding columns dropped. Costs n x vocab
-    per rank, the same as the HF path; Megatron's vocab-parallel cross-entropy would need only
-    n x vocab/tp but is another loss implementation."""
+    slices are all-gathered and the padding columns dropped. For `logits()` only (n x vocab per
+    rank); the loss uses `vocab_parallel_loss_sum`, which never gathers the vocabulary."""
     import torch.nn.functional as F
     from megatron.core import tensor_parallel
 
-    h = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)  # backward: all-reduce over TP
-    local = F.linear(h, output_weight(model))
+    local = F.linear(hidden, output_weight(model))
     return tensor_parallel.gather_from_tensor_model_parallel_region(local)[:, :vocab_size]
+
+
+def vocab_parallel_loss_sum(model, hidden: "torch.Tensor", labels: "torch.Tensor", vocab_size: int,
+                            chunk: int) -> "torch.Tensor":
+    """Summed cross-entropy of the targets' hidden states [n, hidden] (full sequence) against
+    labels [n], over the tensor ranks' vocabulary slices: per chunk of `chunk` targets, the row
+    max and sum of exponentials are all-reduced over the tensor group and the target logit comes
+    from the rank that owns it (`loss.chunked_token_loss_sum`), so no rank holds more than
+    chunk x vocab / tp logits (n x vocab / tp when chunk = 0: the dense loss, kept for backward).
+
+    `hidden` must already be in the tensor-parallel region (its backward sums the ranks'
+    gradient shares: the all-reduce of copy_to_tensor_model_parallel_region, or the
+    reduce-scatter of the sequence-parallel gather)."""
+    from megatron.core import parallel_state
+
+    from distill.train.loss import chunked_token_loss_sum
+
+    weight = output_weight(model)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+    return chunked_token_loss_sum(hidden, weight, labels, chunk, vocab_start=start, vocab_size=vocab_size,
+                                  group=group)
