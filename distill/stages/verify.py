@@ -30,7 +30,7 @@ VERIFY_COLUMNS = [("pred_answer", pa.string()), ("label", pa.string()), ("agreem
 def resources(cfg: RunConfig) -> ActorAsk:
     cur = cfg.curate
     return ActorAsk(cur.workers, cur.verify.workers,
-                    what=f"{cur.verify.workers} verifier processes per actor; first, the exchange of generate's "
+                    what=f"{cur.verify.workers} verifier processes per actor; first, the exchange of {samples_stage(cfg)}'s "
                          f"shards into partitions on {cur.workers} 1-CPU actors")
 
 
