@@ -99,6 +99,13 @@ def build_report(run_dir: Path) -> dict:
         report["verdicts"] = dict(Counter(v["verdict"]).most_common())
         if "import" in stages:
             report["imported_flags"] = flag_agreement(v["origin"], v["origin_correct"], v["correct"])
+    if "import" in stages:
+        # Each set's samples kept at each stage: where a set's yield goes (one column per shard).
+        report["imported_yield"] = {}
+        for s in stages[stages.index("import"):]:
+            for origin, n in Counter(_columns(run_dir / s, ["origin"])["origin"]).items():
+                if origin is not None:
+                    report["imported_yield"].setdefault(origin, {})[s] = n
     last = stages[-1] if stages[-1] != "sft" else (stages[-2] if len(stages) > 1 else "sft")
     kept_lengths = [t for t in _columns(run_dir / last, ["n_tokens"])["n_tokens"] if t is not None]
     rejected_lengths = [t for s in stages if s not in ("source", "sft")
@@ -319,7 +326,12 @@ def _summary_lines(report: dict) -> list[str]:
     if g and (g["request_retries"] or g["shard_retries"]):
         out.append("generation retries: requests " + (", ".join(f"{k}={v}" for k, v in g["request_retries"].items()) or "-")
                    + "; shards " + (", ".join(f"{k}={v}" for k, v in g["shard_retries"].items()) or "-"))
+    for origin, kept in (report.get("imported_yield") or {}).items():
+        out.append(f"import {origin}: " + " -> ".join(f"{s} {n}" for s, n in kept.items()))
     for origin, f in (report.get("imported_flags") or {}).items():
+        if not f["flagged"]:
+            out.append(f"import {origin}: the set carries no correctness flags to compare with the verifier")
+            continue
         agreement = f"{f['agreement']:.1%}" if f["agreement"] is not None else "-"
         out.append(f"import {origin}: its flags agree with the verifier on {agreement} of {f['flagged']} flagged "
                    f"samples (set right / verifier wrong: {f['set_says_right_verifier_wrong']}, set wrong / "

@@ -269,5 +269,44 @@ def test_gsm8k_solutions_curated_as_traces_with_flags_in_the_report(tmp_path, gs
     assert flags["flagged"] == 120 and flags["agree"] == 120 - wrong_flag
     assert flags["set_says_right_verifier_wrong"] == sum(1 for i in range(120) if i % 7 == 0 and i % 5 == 0)
     assert report["funnel"][0]["stage"] == "import" and report["funnel"][0]["kept"] == 120
+    assert report["imported_yield"]["gsm8k_solutions"]["filter"] == 96  # wrong answers dropped there
     sft = _rows(run / "sft")
     assert len(sft) == 96 and report["funnel"][-1]["kept"] == 96
+
+
+@pytest.mark.slow
+def test_generated_and_imported_sets_mix_at_their_weights(tmp_path):
+    """A run's own generate/ output (written here by hand) mixed 1:3 with an imported JSONL set:
+    generated samples keep their keys, teacher and settings; the mix is on target."""
+    from distill.generation import GEN_REJECTED_SCHEMA, GENERATED_SCHEMA
+    from distill.pipeline import run_pipeline
+    from distill.store import ShardStore
+
+    run = tmp_path / "run"
+    store = ShardStore(run / "generate", stage="generate", fingerprint="hand", settings={},
+                       schema=GENERATED_SCHEMA, rejected_schema=GEN_REJECTED_SCHEMA).open()
+    generated = [{"key": f"g{i}#0#h", "id": f"g{i}", "problem": f"What is {i}?", "answer": str(i), "source": "seed",
+                  "sample_idx": 0, "seed": i, "teacher": "hf:teacher", "params_hash": "h",
+                  "completion": f"It is {i}.", "reasoning": None, "response": f"It is {i}.",
+                  "finish_reason": "stop", "prompt_tokens": 5, "n_tokens": 4} for i in range(200)]
+    store.commit(0, generated[:120])
+    store.commit(1, generated[120:])
+    store.finish({})
+    data = tmp_path / "bought.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"Add {i} and 1.", "answer": str(i + 1),
+                                        "text": f"{i} + 1 = {i + 1}"}) + "\n" for i in range(900)))
+    cfg = build_config({
+        "run": {"dir": str(run), "stages": ["import"], "progress": False}, "ray": {"num_cpus": 2},
+        "curate": {"workers": 1},
+        "traces": {"seed": 11, "sources": [{"stage": "generate", "weight": 1},
+                                           {"path": str(data), "name": "bought", "weight": 3,
+                                            "columns": {"completion": "text", "id": None}}]}})
+    run_pipeline(cfg)
+    rows = _rows(run / "import")
+    by = Counter(r["origin"] for r in rows)
+    assert by == {"generate": 200, "bought": 600}  # all 200 generated set the size: 200 / (1/4) = 800
+    gen = [r for r in rows if r["origin"] == "generate"]
+    assert {r["key"] for r in gen} == {g["key"] for g in generated}
+    assert all(r["teacher"] == "hf:teacher" and r["n_tokens"] == 4 and r["finish_reason"] == "stop" for r in gen)
+    bought = [r for r in rows if r["origin"] == "bought"]
+    assert all(r["finish_reason"] == UNKNOWN_FINISH and r["id"].startswith("q-") for r in bought)
