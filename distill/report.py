@@ -16,7 +16,7 @@ import html
 import json
 import math
 import statistics
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq

@@ -40,7 +40,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.fsio import QUARANTINE_SCHEMA, Row, fingerprint, hash_files, iter_jsonl, quarantine_record, replace_dir
+from distill.fsio import (
+    QUARANTINE_SCHEMA, Chunk, chunk_rows, fingerprint, hash_files, quarantine_record, replace_dir,
+)
+from distill.fsio import plan_chunks as fsio_plan_chunks
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -305,17 +308,6 @@ transformers, torch and a tokenizer (~0.5 GB), and the one writer has to keep up
 _WRITER_THREADS = 4
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One unit of tokenisation work: JSONL bytes [start, stop), the first of which begins line
-    `line`; or Parquet rows [start, stop), 0-based (`line` unused)."""
-
-    path: str
-    start: int
-    stop: int
-    line: int = 1
-
-
 @dataclass
 class Samples:
     """Kept samples in input order: token arrays concatenated (int32), one length per sample."""
@@ -363,57 +355,9 @@ class ChunkResult:
 
 
 def plan_chunks(files: list[Path], chunk_bytes: int = _CHUNK_BYTES) -> list[Chunk]:
-    """The input cut into chunks of about `chunk_bytes` of text, in input order. Pure but for
-    reading the files."""
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes={chunk_bytes}: must be positive")
-    return [c for f in files for c in (_parquet_chunks(f, chunk_bytes) if f.suffix == ".parquet"
-                                       else _jsonl_chunks(f, chunk_bytes))]
-
-
-def _jsonl_chunks(path: Path, chunk_bytes: int) -> list[Chunk]:
-    # Cut at line ends, and count lines on the way (one read of the file at ~GB/s), so that each
-    # chunk names its rows `file:line` exactly as one serial read would.
-    chunks, start, line = [], 0, 1
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            block += f.readline()  # finish the line the block cut into (b"" at the end of the file)
-            chunks.append(Chunk(str(path), start, start + len(block), line))
-            start += len(block)
-            line += block.count(b"\n")
-    return chunks
-
-
-def _parquet_chunks(path: Path, chunk_bytes: int) -> list[Chunk]:
-    meta = pq.ParquetFile(path).metadata
-    if meta.num_rows == 0:
-        return []
-    text = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))  # uncompressed
-    rows = max(1, int(meta.num_rows * chunk_bytes / max(text, 1)))
-    return [Chunk(str(path), a, min(a + rows, meta.num_rows)) for a in range(0, meta.num_rows, rows)]
-
-
-def _parquet_rows(path: str, start: int, stop: int) -> Iterator[Any]:
-    """Rows [start, stop) named `file:row N` (1-based), as `distill.sources` names them. Only the
-    row groups that overlap are decoded; a group split over k chunks is decoded k times, which
-    costs little next to tokenising it."""
-    pf = pq.ParquetFile(path)
-    groups, first, base = [], 0, 0
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if first < stop and first + n > start:
-            base = base if groups else first
-            groups.append(g)
-        first += n
-    table = pf.read_row_groups(groups).slice(start - base, stop - start)
-    for i, row in enumerate(table.to_pylist(), start=start + 1):
-        yield Row(f"{path}:row {i}", row, "")
-
-
-def _chunk_rows(chunk: Chunk) -> Iterator[Any]:
-    if chunk.path.endswith(".parquet"):
-        return _parquet_rows(chunk.path, chunk.start, chunk.stop)
-    return iter_jsonl(Path(chunk.path), chunk.start, chunk.stop, chunk.line)
+    """The input cut into chunks of about `chunk_bytes` of text, in input order (`fsio.plan_chunks`:
+    each chunk names its rows `file:line` / `file:row N` exactly as one serial read would)."""
+    return fsio_plan_chunks(files, chunk_bytes)
 
 
 _TOKENIZERS: dict[tuple[str, str], Any] = {}
@@ -461,7 +405,7 @@ def tokenize_chunk(chunk: Chunk, tokenizer_path: str, fingerprint: str, max_len:
                 kept.append((location, ids, labels))
         pending.clear()
 
-    for pos, row in enumerate(_chunk_rows(chunk)):
+    for pos, row in enumerate(chunk_rows(chunk)):
         if isinstance(row.value, str):  # the reader could not decode the line
             reject(pos, row.location, row.value, row.raw)
             continue
