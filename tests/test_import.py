@@ -295,16 +295,28 @@ def test_generated_and_imported_sets_mix_at_their_weights(tmp_path):
     data = tmp_path / "bought.jsonl"
     data.write_text("".join(json.dumps({"problem": f"Add {i} and 1.", "answer": str(i + 1),
                                         "text": f"{i} + 1 = {i + 1}"}) + "\n" for i in range(900)))
+    import datasets
+
+    chats = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": f"Double {i}?"},
+                                                      {"role": "assistant", "content": f"<think>2*{i}</think>{2 * i}"}]}
+                                        for i in range(100)])
+    chats.save_to_disk(str(tmp_path / "chats"))
     cfg = build_config({
         "run": {"dir": str(run), "stages": ["import"], "progress": False}, "ray": {"num_cpus": 2},
         "curate": {"workers": 1},
         "traces": {"seed": 11, "sources": [{"stage": "generate", "weight": 1},
                                            {"path": str(data), "name": "bought", "weight": 3,
-                                            "columns": {"completion": "text", "id": None}}]}})
+                                            "columns": {"completion": "text", "id": None}},
+                                           {"path": str(tmp_path / "chats"), "weight": 0.5,
+                                            "columns": {"messages": "messages", "answer": None, "id": None}}]}})
     run_pipeline(cfg)
     rows = _rows(run / "import")
     by = Counter(r["origin"] for r in rows)
-    assert by == {"generate": 200, "bought": 600}  # all 200 generated set the size: 200 / (1/4) = 800
+    # Shares 1 : 3 : 0.5 of 4.5; generate (200 = 2/9 of 900) and chats (100 = 1/9) set the size.
+    assert by == {"generate": 200, "bought": 600, "chats": 100}
+    chat = sorted((r for r in rows if r["origin"] == "chats"), key=lambda r: r["origin_row"])
+    assert chat[0]["reasoning"] == "2*0" and chat[0]["response"] == "0" and chat[0]["problem"] == "Double 0?"
+    assert chat[0]["origin_row"].endswith(":row 1") and chat[0]["origin_sha256"]
     gen = [r for r in rows if r["origin"] == "generate"]
     assert {r["key"] for r in gen} == {g["key"] for g in generated}
     assert all(r["teacher"] == "hf:teacher" and r["n_tokens"] == 4 and r["finish_reason"] == "stop" for r in gen)
