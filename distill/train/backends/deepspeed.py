@@ -119,7 +119,7 @@ def _weights_only_engine():
     return WeightsOnlyCheckpointEngine()
 
 
-def _loss_module(model):
+def _loss_module(model, loss_chunk: int):
     import torch
 
     from distill.train.model import forward_loss
@@ -135,7 +135,7 @@ def _loss_module(model):
 
         def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen: int, n_target_tokens: int):
             batch = PackedBatch(input_ids, labels, position_ids, cu_seqlens, max_seqlen, n_target_tokens)
-            return forward_loss(self.student, batch)[0]
+            return forward_loss(self.student, batch, loss_chunk=loss_chunk)[0]
 
     return PackedLoss(model)
 
@@ -215,7 +215,7 @@ class DeepSpeedBackend(TorchCollectives):
                              f"train.student.attention=packed (got {model.config._attn_implementation})")
         sched = partial(lr_factor, warmup=cfg.schedule.warmup_steps, total=total_steps,
                         min_ratio=cfg.schedule.min_lr_ratio)
-        wrapped = _loss_module(model)
+        wrapped = _loss_module(model, cfg.loss_chunk)
         self.engine, _, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, world_size=self.world_size, precision=self.precision),
