@@ -34,7 +34,7 @@ quickstart: venv
 	$(BIN)/distill run configs/quickstart.yaml
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=40  # the 40 slowest, to keep CI inside its budget
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
