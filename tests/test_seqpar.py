@@ -221,9 +221,10 @@ def _run(assets, name: str, world: int, **overrides) -> dict[int, tuple[float, f
 def test_deepspeed_sequence_parallel_steps_equal_the_unsplit_run(assets):
     """The same global batches of 2 rows: 1 rank, grad_accum 2 x 1 row (the reference) and 2 ranks
     in one sequence group, grad_accum 1 x 2 rows, with activation checkpointing (attention
-    recomputed inside backward) and the chunked loss (over each rank's shard of targets). Equal losses and gradient norms at every step: the split over ranks
-    and accumulation steps changes neither the normalisation (each target counted once) nor the
-    gradient (the norm sees its scale, which Adam's update would mostly hide)."""
+    recomputed inside backward) and the chunked loss (over each rank's shard of targets). Equal
+    losses and gradient norms at every step: the split over ranks and accumulation steps changes
+    neither the normalisation (each target counted once) nor the gradient (the norm sees its
+    scale, which Adam's update would mostly hide)."""
     from distill.train.data import load_token_cache
 
     cache = load_token_cache(Path(assets.cache))

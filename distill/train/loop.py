@@ -87,7 +87,8 @@ def resume_problems(saved: dict, current: dict, *, resplit: bool = False) -> lis
     may continue as 1 data rank x grad_accum 4."""
     keys = {"cache": "the training data or tokenizer (token cache fingerprint)", "seq_len": "train.seq_len",
             "seed": "train.seed", "epochs": "train.epochs", "micro_batch": "train.micro_batch",
-            "grad_accum": "train.grad_accum", "world_size": "the data-parallel size (train.launch.num_workers)"}
+            "grad_accum": "train.grad_accum",
+            "world_size": "the data-parallel size (train.launch.num_workers / model- or sequence-parallel degrees)"}
     check = [k for k in _PLAN_KEYS if not (resplit and k in _SPLIT_KEYS)]
     problems = [f"{keys[k]} changed from {saved.get(k)!r} to {current[k]!r}" for k in check if saved.get(k) != current[k]]
     if resplit:
@@ -224,7 +225,7 @@ def _train(job: TrainJob, node: str, live: dict) -> TrainOutcome:
         problems = resume_problems(state, signature, resplit=getattr(backend, "reshards_on_resume", False))
         if problems:
             raise RuntimeError(f"cannot resume from {latest}: " + "; ".join(problems)
-                               + f". Restore the setting, or use a new run.dir / train.checkpoint.dir")
+                               + ". Restore the setting, or use a new run.dir / train.checkpoint.dir")
         backend.load_checkpoint(latest)
         load_rng(latest, rank)
         start, last_ckpt = state["step"], latest

@@ -4,9 +4,10 @@ One reader (`shape_from_hf_config`) turns a `transformers` config into a `ModelS
 run's memory estimate, the MFU's attention FLOPs and the Megatron model spec all start from it.
 One checker (`shape_problems`) holds every check that needs only the shape: train.seq_len vs the
 context and the sliding window, the Megatron degrees vs heads, key/value heads, MLP width and
-layers, and the DeepSpeed sequence-parallel degree vs heads and key/value heads. The launcher's preflight and `--dry-run` both call it, for a student read from its config
-or one known only from the dry run's table of public shapes. (Whether Megatron can build the
-family at all needs the config itself: `megatron.model_problems`.)
+layers, and the DeepSpeed sequence-parallel degree vs heads and key/value heads. The launcher's
+preflight and `--dry-run` both call it, for a student read from its config or one known only
+from the dry run's table of public shapes. (Whether Megatron can build the family at all needs
+the config itself: `megatron.model_problems`.)
 
 Pure: no torch unless a parameter count is asked for.
 """
