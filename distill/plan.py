@@ -1,8 +1,10 @@
 """The resolved plan of a run, without running it: what `distill run CFG --dry-run` prints.
 
 For every stage: the Ray actors it asks for (replicas x CPUs / GPUs). For training: the world
-size and its split into data, tensor, pipeline and context parallel degrees, the global batch, the
-steps when they are known, and a per-GPU memory estimate. Nothing here needs a GPU or the network:
+size and its split into data, tensor, pipeline, context and (DeepSpeed Ulysses) sequence parallel
+degrees, the global batch, the steps when they are known, a per-GPU memory estimate, and which of
+the memory settings (chunked loss, activation checkpointing, sequence parallelism, offload) the
+run needs to fit an 80 GB GPU, or would need. Nothing here needs a GPU or the network:
 the student's shape comes from its HF config when that is readable offline (a local directory, the
 packaged model, the local Hub cache), else from `KNOWN_MODELS`, else the estimate says what to set.
 
@@ -23,6 +25,8 @@ from pathlib import Path
 from distill.train.shape import ModelShape, shape_from_hf_config  # noqa: F401  (ModelShape: re-exported)
 
 GB = 1e9
+GPU_BYTES = 80 * GB
+"""What a plan on GPUs is checked against: an 80 GB H100 / A100 (an H200's 141 GB holds more)."""
 
 
 # --------------------------------------------------------------------------- model shapes
@@ -104,17 +108,20 @@ def _read_student(name: str) -> tuple[ModelShape | None, str, object | None]:
 class Parallel:
     world: int
     dp: int
+    """Data-parallel degree: how many different rows a step reads at once (per micro-batch slot)."""
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    sp: int = 1
+    """DeepSpeed's Ulysses degree (train.deepspeed.sequence_parallel): ranks sharing each row."""
 
 
-def parallel_degrees(world: int, tp: int = 1, pp: int = 1, cp: int = 1) -> Parallel:
-    """Split `world` ranks into dp x tp x pp x cp; ValueError when tp * pp * cp does not divide it."""
-    model_parallel = tp * pp * cp
+def parallel_degrees(world: int, tp: int = 1, pp: int = 1, cp: int = 1, sp: int = 1) -> Parallel:
+    """Split `world` ranks into dp x tp x pp x cp x sp; ValueError when tp * pp * cp * sp does not divide it."""
+    model_parallel = tp * pp * cp * sp
     if world % model_parallel:
-        raise ValueError(f"{world} ranks are not a multiple of tp*pp*cp = {tp}*{pp}*{cp} = {model_parallel}")
-    return Parallel(world=world, dp=world // model_parallel, tp=tp, pp=pp, cp=cp)
+        raise ValueError(f"{world} ranks are not a multiple of tp*pp*cp*sp = {tp}*{pp}*{cp}*{sp} = {model_parallel}")
+    return Parallel(world=world, dp=world // model_parallel, tp=tp, pp=pp, cp=cp, sp=sp)
 
 
 # --------------------------------------------------------------------------- memory
@@ -178,16 +185,18 @@ def model_state_bytes(n_params: float, *, dp: int, tp: int = 1, pp: int = 1, zer
 
 def activation_bytes(*, seq_len: int, micro_batch: int, hidden: int, n_layers: int, tp: int = 1, pp: int = 1,
                      cp: int = 1, grad_accum: int = 1, checkpointing: bool = False, sequence_parallel: bool = False,
-                     precision: str = "bf16") -> float:
+                     precision: str = "bf16", ulysses: int = 1) -> float:
     """Activations kept for backward on the busiest GPU (rough).
 
     Per layer and micro-batch, 34 * s * b * h bytes in 16-bit with FlashAttention (Korthikanti et
-    al.); tensor parallelism divides 24 of the 34 (all of it with sequence parallelism), context
-    parallelism divides s. With activation checkpointing a layer keeps only its input (2 * s * b * h)
-    and one layer at a time is recomputed in full. Under 1F1B pipelining the first stage holds
-    min(pp, micro-batches) micro-batches of its L / pp layers.
+    al.); tensor parallelism divides 24 of the 34 (all of it with Megatron's sequence parallelism),
+    context parallelism and Ulysses (`ulysses`, DeepSpeed's sequence parallelism: each rank holds
+    s / degree tokens outside attention and all s tokens of heads / degree inside) divide s. With
+    activation checkpointing a layer keeps only its input (2 * s * b * h) and one layer at a time is
+    recomputed in full. Under 1F1B pipelining the first stage holds min(pp, micro-batches)
+    micro-batches of its L / pp layers.
     """
-    s = seq_len / cp
+    s = seq_len / (cp * ulysses)
     sbh = s * micro_batch * hidden
     full_layer = sbh * (34 / tp if sequence_parallel else 10 + 24 / tp)
     scale = 1 if precision == "bf16" else 2
@@ -199,24 +208,47 @@ def activation_bytes(*, seq_len: int, micro_batch: int, hidden: int, n_layers: i
     return kept * scale
 
 
-def logits_bytes(*, seq_len: int, micro_batch: int, vocab: int, tp: int = 1, cp: int = 1) -> float:
-    """fp32 logits of one micro-batch for the loss (vocab-parallel under TP). At 16k tokens and a
-    152k vocabulary this alone is ~10 GB: why long-context recipes use a chunked loss or small b."""
-    return seq_len / cp * micro_batch * vocab * 4 / tp
+DENSE_LOSS_COPIES = 3
+"""fp32 [targets, vocab] tensors alive at once in the dense loss's backward: the log-probabilities
+kept from forward, their gradient, and the logits' gradient (tools/bench_chunked_loss.py: 3.0x
+the logits, CPU)."""
+CHUNKED_LOSS_COPIES = 2
+"""fp32 [chunk, vocab] tensors counted for the chunked loss: the chunk's logits, turned into
+probabilities and gradients in place, plus in bf16 the matmul's output and the gradient's 16-bit
+copy (the bench measures 1.1x in float32, where there are no copies; bf16 adds 0.5x)."""
+LOSS_CHUNK = 512
+"""The train.loss_chunk a plan suggests: 512 x 152k x 4 x 2 = 0.6 GB per rank."""
+
+
+def logits_bytes(*, seq_len: int, micro_batch: int, vocab: int, tp: int = 1, cp: int = 1, ulysses: int = 1,
+                 chunk: int = 0) -> float:
+    """Peak memory of the loss over one micro-batch's targets (vocabulary-parallel under TP: each
+    tensor rank holds vocab / tp columns; its own s / (cp x ulysses) tokens under context or
+    Ulysses parallelism). Dense (chunk 0): 3 fp32 copies of [tokens, vocab]: at 16k tokens and a
+    152k vocabulary ~30 GB. Chunked (train.loss_chunk): 2 copies of [chunk, vocab], whatever the
+    row length (a chunk as large as the targets is the dense case). Targets are bounded by tokens."""
+    tokens = seq_len / (cp * ulysses) * micro_batch
+    if 0 < chunk < tokens:
+        return chunk * vocab * 4 * CHUNKED_LOSS_COPIES / tp
+    return tokens * vocab * 4 * DENSE_LOSS_COPIES / tp
 
 
 def memory_per_gpu(shape: ModelShape, par: Parallel, *, zero_stage: int, precision: str, seq_len: int,
                    micro_batch: int, grad_accum: int = 1, checkpointing: bool = False,
                    offload_optimizer: str = "none", offload_param: str = "none",
-                   distributed_optimizer: bool = False, sequence_parallel: bool = False) -> Memory:
+                   distributed_optimizer: bool = False, sequence_parallel: bool = False,
+                   loss_chunk: int = 0) -> Memory:
+    # DeepSpeed counts every rank as data parallel (the backend gives it no sequence groups), so
+    # ZeRO shards over the Ulysses groups' ranks too: over dp x sp ranks.
     p, g, o, cpu, nvme = model_state_bytes(
-        shape.params(), dp=par.dp, tp=par.tp, pp=par.pp, zero_stage=zero_stage, precision=precision,
+        shape.params(), dp=par.dp * par.sp, tp=par.tp, pp=par.pp, zero_stage=zero_stage, precision=precision,
         offload_optimizer=offload_optimizer, offload_param=offload_param,
         distributed_optimizer=distributed_optimizer)
     act = activation_bytes(seq_len=seq_len, micro_batch=micro_batch, hidden=shape.hidden, n_layers=shape.n_layers,
                            tp=par.tp, pp=par.pp, cp=par.cp, grad_accum=grad_accum, checkpointing=checkpointing,
-                           sequence_parallel=sequence_parallel, precision=precision)
-    logits = logits_bytes(seq_len=seq_len, micro_batch=micro_batch, vocab=shape.vocab, tp=par.tp, cp=par.cp)
+                           sequence_parallel=sequence_parallel, precision=precision, ulysses=par.sp)
+    logits = logits_bytes(seq_len=seq_len, micro_batch=micro_batch, vocab=shape.vocab, tp=par.tp, cp=par.cp,
+                          ulysses=par.sp, chunk=loss_chunk)
     return Memory(params=p, grads=g, optimizer=o, activations=act, logits=logits, cpu=cpu, nvme=nvme)
 
 
@@ -248,6 +280,8 @@ class TrainPlan:
     shape: ModelShape | None = None
     memory: Memory | None = None
     on_gpu: bool = True
+    fit: list[str] = field(default_factory=list)
+    """Which memory settings the run needs to fit GPU_BYTES (or would need), one line each."""
 
 
 @dataclass
@@ -326,17 +360,132 @@ def stage_resources(cfg, stages: list[str]) -> list[StagePlan]:
     return out
 
 
-def _train_parallel(train) -> tuple[Parallel | None, list[str]]:
+def _train_parallel(train, sp: int | None = None) -> tuple[Parallel | None, list[str]]:
+    """The config's degrees (`sp`: another Ulysses degree than the config's)."""
     world = train.launch.num_workers
     if train.backend == "megatron":
         m = train.megatron
-        tp, pp, cp = m.tensor_parallel, m.pipeline_parallel, m.context_parallel
+        tp, pp, cp, sp = m.tensor_parallel, m.pipeline_parallel, m.context_parallel, 1
     else:
         tp = pp = cp = 1
+        sp = train.deepspeed.sequence_parallel if sp is None else sp
     try:
-        return parallel_degrees(world, tp, pp, cp), []
+        return parallel_degrees(world, tp, pp, cp, sp), []
     except ValueError as e:
-        return None, [f"train.launch.num_workers={world}: {e}; set it to a multiple of {tp * pp * cp}"]
+        return None, [f"train.launch.num_workers={world}: {e}; set it to a multiple of {tp * pp * cp * sp}"]
+
+
+# --------------------------------------------------------------------------- what a run needs to fit
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The settings that trade speed for GPU memory, as a config has them. Cheapest first: the
+    chunked loss (one more output-projection matmul per chunk), activation checkpointing (~1/3 more
+    compute), sequence parallelism (4 all-to-alls per layer; Megatron's: with TP only), optimizer
+    offload (a PCIe round trip of the gradients and weights per step), parameter offload (one per
+    layer per micro-batch: the slowest)."""
+
+    loss_chunk: int
+    checkpointing: bool
+    sp: int  # DeepSpeed Ulysses degree
+    megatron_sp: bool
+    offload_optimizer: str
+    offload_param: str
+
+
+def _settings(train) -> MemorySettings:
+    if train.backend == "megatron":
+        m = train.megatron
+        return MemorySettings(train.loss_chunk, m.activation_checkpointing, 1, m.sequence_parallel, "none", "none")
+    ds = train.deepspeed
+    return MemorySettings(train.loss_chunk, ds.activation_checkpointing, ds.sequence_parallel, False,
+                          ds.offload_optimizer, ds.offload_param)
+
+
+def _memory(train, shape: ModelShape, precision: str, st: MemorySettings) -> Memory | None:
+    """memory_per_gpu of `train` with its memory settings replaced by `st` (None: degrees invalid)."""
+    par, problems = _train_parallel(train, sp=st.sp)
+    if problems:
+        return None
+    megatron = train.backend == "megatron"
+    return memory_per_gpu(
+        shape, par, zero_stage=0 if megatron else train.deepspeed.zero_stage, precision=precision,
+        seq_len=train.seq_len, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
+        checkpointing=st.checkpointing, offload_optimizer=st.offload_optimizer, offload_param=st.offload_param,
+        distributed_optimizer=megatron and train.megatron.distributed_optimizer,
+        sequence_parallel=st.megatron_sp, loss_chunk=st.loss_chunk)
+
+
+def _levers(train, shape: ModelShape, st: MemorySettings) -> list[tuple[str, list[dict]]]:
+    """(the override to set, changes of the settings to try in order) for each memory setting `st`
+    lacks, cheapest first. Ulysses degrees must divide the world, the row and the heads (smallest
+    first)."""
+    out = []
+    if st.loss_chunk == 0:
+        out.append((f"train.loss_chunk={LOSS_CHUNK}", [{"loss_chunk": LOSS_CHUNK}]))
+    section = "train.megatron" if train.backend == "megatron" else "train.deepspeed"
+    if not st.checkpointing:
+        out.append((f"{section}.activation_checkpointing=true", [{"checkpointing": True}]))
+    if train.backend == "megatron":
+        if not st.megatron_sp and train.megatron.tensor_parallel > 1:
+            out.append(("train.megatron.sequence_parallel=true", [{"megatron_sp": True}]))
+        return out
+    world = train.launch.num_workers
+    degrees = [d for d in range(st.sp + 1, world + 1)
+               if not (world % d or train.seq_len % d or shape.n_heads % d or shape.n_kv_heads % d)]
+    if degrees:
+        out.append(("train.deepspeed.sequence_parallel={}", [{"sp": d} for d in degrees]))
+    if st.offload_optimizer == "none" and train.deepspeed.zero_stage >= 1:
+        out.append(("train.deepspeed.offload_optimizer=cpu", [{"offload_optimizer": "cpu"}]))
+    if st.offload_param == "none" and train.deepspeed.zero_stage == 3:
+        out.append(("train.deepspeed.offload_param=cpu", [{"offload_param": "cpu"}]))
+    return out
+
+
+def fit_lines(train, shape: ModelShape, precision: str) -> list[str]:
+    """Which memory settings the run needs to fit GPU_BYTES: each it has whose removal alone would
+    not fit ("needs"), or, when it does not fit, the cheapest settings that would make it fit,
+    added cheapest first ("does not fit")."""
+    from dataclasses import replace
+
+    st = _settings(train)
+    total = _memory(train, shape, precision, st).gpu_total
+    budget = f"{GPU_BYTES / GB:.0f} GB"
+    if total <= GPU_BYTES:
+        section = "train.megatron" if train.backend == "megatron" else "train.deepspeed"
+        have = [(f"train.loss_chunk={st.loss_chunk}", replace(st, loss_chunk=0), st.loss_chunk > 0),
+                (f"{section}.activation_checkpointing=true", replace(st, checkpointing=False), st.checkpointing),
+                (f"train.deepspeed.sequence_parallel={st.sp}", replace(st, sp=1), st.sp > 1),
+                ("train.megatron.sequence_parallel=true", replace(st, megatron_sp=False), st.megatron_sp),
+                (f"train.deepspeed.offload_optimizer={st.offload_optimizer}", replace(st, offload_optimizer="none"),
+                 st.offload_optimizer != "none"),
+                (f"train.deepspeed.offload_param={st.offload_param}", replace(st, offload_param="none"),
+                 st.offload_param != "none")]
+        out, spare = [], []
+        for key, without, on in have:
+            m = _memory(train, shape, precision, without) if on else None
+            if m is not None and m.gpu_total > GPU_BYTES:
+                out.append(f"needs {key} to fit {budget} (without it: {_gb(m.gpu_total)})")
+            elif on:
+                spare.append(key)
+        if spare:
+            out.append(f"fits {budget}, and would without any one of: {', '.join(spare)}")
+        return out or [f"fits {budget} with no chunked loss, checkpointing, sequence parallelism or offload"]
+    chosen = []
+    for key, changes in _levers(train, shape, st):
+        for change in changes:
+            cand = replace(st, **change)
+            m = _memory(train, shape, precision, cand)
+            if m is not None and m.gpu_total <= GPU_BYTES:
+                chosen.append(key.format(cand.sp))
+                return [f"does not fit {budget} ({_gb(total)}): it would with {', '.join(chosen)} "
+                        f"({_gb(m.gpu_total)})"]
+        st = cand  # the largest of the lever's steps, then the next lever on top
+        chosen.append(key.format(st.sp))
+    tried = f" even with {', '.join(chosen)}" if chosen else ""
+    return [f"does not fit {budget} ({_gb(total)}){tried}: use more GPUs (train.launch.num_workers), a shorter "
+            "train.seq_len, or (Megatron) more tensor / pipeline parallelism"]
 
 
 def train_plan(train) -> tuple[TrainPlan, list[str]]:
@@ -364,14 +513,9 @@ def train_plan(train) -> tuple[TrainPlan, list[str]]:
 
         problems += shape_problems(train, shape)
     if shape is not None and par is not None:
-        checkpointing = train.megatron.activation_checkpointing if megatron else ds.activation_checkpointing
-        plan.memory = memory_per_gpu(
-            shape, par, zero_stage=zero or 0, precision=precision, seq_len=train.seq_len,
-            micro_batch=train.micro_batch, grad_accum=train.grad_accum, checkpointing=checkpointing,
-            offload_optimizer="none" if megatron else ds.offload_optimizer,
-            offload_param="none" if megatron else ds.offload_param,
-            distributed_optimizer=megatron and train.megatron.distributed_optimizer,
-            sequence_parallel=megatron and train.megatron.sequence_parallel)
+        plan.memory = _memory(train, shape, precision, _settings(train))
+        if plan.on_gpu:
+            plan.fit = fit_lines(train, shape, precision)
     return plan, problems
 
 
@@ -403,7 +547,8 @@ def format_plan(plan: Plan) -> str:
                      + (f", ZeRO-{t.zero_stage}" if t.zero_stage is not None else ""))
         if t.parallel:
             p = t.parallel
-            lines.append(f"  world {p.world} = dp {p.dp} x tp {p.tp} x pp {p.pp} x cp {p.cp}")
+            lines.append(f"  world {p.world} = dp {p.dp} x tp {p.tp} x pp {p.pp} x cp {p.cp}"
+                         + (f" x sp {p.sp}" if p.sp > 1 else ""))
             lines.append(f"  global batch {t.global_rows} rows x {t.seq_len} tokens = "
                          f"{t.global_rows * t.seq_len} tokens per step")
         lines.append(f"  steps: {t.steps}")
@@ -420,6 +565,7 @@ def format_plan(plan: Plan) -> str:
                          f"total {_gb(m.gpu_total)}")
             if m.cpu or m.nvme:
                 lines.append(f"  offloaded per rank: CPU RAM {_gb(m.cpu)}, NVMe {_gb(m.nvme)}")
+        lines += [f"  {line}" for line in t.fit]
     for n in plan.notes:
         lines.append(f"note: {n}")
     for p in plan.problems:

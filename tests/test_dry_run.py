@@ -17,7 +17,7 @@ from distill.cli import main
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 GPU_RECIPES = ["r1_distill_1p5b_vllm.yaml", "r1_distill_1p5b_api.yaml", "zero_infinity_7b.yaml",
-               "megatron_tp4_pp2.yaml"]
+               "megatron_tp4_pp2.yaml", "r1_distill_7b_32k.yaml"]
 
 
 # --------------------------------------------------------------------------- pure estimates
@@ -96,8 +96,32 @@ def test_memory_per_gpu_adds_up():
     shape = P.KNOWN_MODELS["Qwen/Qwen2.5-7B"]
     m = P.memory_per_gpu(shape, P.parallel_degrees(8), zero_stage=3, precision="bf16", seq_len=4096, micro_batch=1)
     assert m.params == pytest.approx(2 * shape.params() / 8)
-    assert m.logits == pytest.approx(4096 * shape.vocab * 4)
+    assert m.logits == pytest.approx(3 * 4096 * shape.vocab * 4)  # fp32 log-probs + 2 gradients in backward
     assert m.gpu_total == pytest.approx(m.params + m.grads + m.optimizer + m.activations + m.logits)
+
+
+def test_the_chunked_loss_bounds_the_logits_term():
+    kw = dict(seq_len=16384, micro_batch=1, vocab=151936)
+    dense = P.logits_bytes(**kw)
+    assert dense == pytest.approx(3 * 16384 * 151936 * 4)
+    chunked = P.logits_bytes(**kw, chunk=512)
+    assert chunked == pytest.approx(2 * 512 * 151936 * 4) and chunked < 1e9
+    assert P.logits_bytes(**{**kw, "seq_len": 65536}, chunk=512) == chunked  # whatever the row length
+    assert P.logits_bytes(**kw, chunk=16384) == dense  # a chunk holding every target is the dense loss
+    assert P.logits_bytes(**kw, chunk=512, tp=4) == pytest.approx(chunked / 4)  # vocabulary-parallel
+    assert P.logits_bytes(**kw, ulysses=4) == pytest.approx(dense / 4)  # a quarter of the tokens per rank
+
+
+def test_ulysses_splits_the_row_and_zero_shards_over_every_rank():
+    shape = P.KNOWN_MODELS["Qwen/Qwen2.5-7B"]
+    kw = dict(zero_stage=3, precision="bf16", seq_len=32768, micro_batch=1, checkpointing=True)
+    one, two = (P.memory_per_gpu(shape, P.parallel_degrees(8, sp=sp), **kw) for sp in (1, 2))
+    assert P.parallel_degrees(8, sp=2).dp == 4
+    assert two.activations == pytest.approx(one.activations / 2) and two.logits == pytest.approx(one.logits / 2)
+    # DeepSpeed's data-parallel group is every rank: the sequence group's ranks shard ZeRO state too.
+    assert (two.params, two.grads, two.optimizer) == (one.params, one.grads, one.optimizer)
+    with pytest.raises(ValueError, match="tp\\*pp\\*cp\\*sp"):
+        P.parallel_degrees(8, sp=3)
 
 
 # --------------------------------------------------------------------------- the CLI on every recipe
@@ -124,9 +148,9 @@ def test_every_recipe_resolves_its_plan(path, capsys, monkeypatch):
     listed = re.findall(r"^  (\w+)\s+(\d+) x \(", plan, flags=re.M)
     assert [s for s, _ in listed] == stages
     if "train" in stages:
-        world, dp, tp, pp, cp = map(int, re.search(
-            r"world (\d+) = dp (\d+) x tp (\d+) x pp (\d+) x cp (\d+)", plan).groups())
-        assert world == cfg["train"]["launch"]["num_workers"] == dp * tp * pp * cp
+        world, dp, tp, pp, cp, sp = (int(x or 1) for x in re.search(
+            r"world (\d+) = dp (\d+) x tp (\d+) x pp (\d+) x cp (\d+)(?: x sp (\d+))?", plan).groups())
+        assert world == cfg["train"]["launch"]["num_workers"] == dp * tp * pp * cp * sp
         total = float(re.search(r"memory per .*total ([\d.]+) GB", plan).group(1))
         assert 0 < total
         if cfg["train"]["launch"]["gpus_per_worker"] > 0:
@@ -150,6 +174,72 @@ def test_the_offload_recipe_keeps_state_off_the_gpu(capsys, monkeypatch):
     shape = P.KNOWN_MODELS["Qwen/Qwen2.5-7B-Instruct"]
     workers = yaml.safe_load((REPO / "configs" / "zero_infinity_7b.yaml").read_text())["train"]["launch"]["num_workers"]
     assert nvme == pytest.approx((2 + 12) * shape.params() / workers / 1e9, abs=0.01)
+
+
+def _memory(out: str) -> dict[str, float]:
+    line = re.search(r"memory per GPU \(estimate\): (.*)", out).group(1)
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) GB", line)}
+
+
+def test_the_7b_32k_recipe_fits_80gb_without_parameter_offload(capsys, monkeypatch):
+    """ZeRO-3 over 8 GPUs, no offload: the chunked loss and activation checkpointing are what make
+    32k rows fit, and the plan says so; the figures are the ones its header states."""
+    monkeypatch.chdir(REPO)
+    path = REPO / "configs" / "r1_distill_7b_32k.yaml"
+    rc, out, err = _dry_run(capsys, path)
+    assert rc == 0, err
+    mem = _memory(out)
+    assert mem["total"] < 80 and mem["params"] > 0 and "offloaded per rank" not in out
+    assert "world 8 = dp 8 x tp 1 x pp 1 x cp 1" in out and "ZeRO-3" in out and "32768 tokens" in out
+    assert "needs train.loss_chunk=512 to fit 80 GB" in out
+    assert "needs train.deepspeed.activation_checkpointing=true to fit 80 GB" in out
+    header = path.read_text().split("\nrun:")[0]
+    assert f"= {mem['total']:.2f} GB" in header and f"logits {mem['logits']:.2f}" in header
+    for key in ("train.loss_chunk=0", "train.deepspeed.activation_checkpointing=false"):
+        rc, out, err = _dry_run(capsys, path, key)
+        without = _memory(out)["total"]
+        assert rc == 0 and without > 80 and f"(without: {without:.2f} GB" in header, key
+        assert f"does not fit 80 GB ({without:.2f} GB): it would with" in out
+
+
+def test_the_1p5b_16k_recipes_keep_the_logits_under_1gb(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for name in ("r1_distill_1p5b_vllm.yaml", "r1_distill_1p5b_api.yaml"):
+        rc, out, err = _dry_run(capsys, REPO / "configs" / name)
+        assert rc == 0, err
+        assert _memory(out)["logits"] < 1, name
+        rc, out, err = _dry_run(capsys, REPO / "configs" / name, "train.loss_chunk=0")
+        assert _memory(out)["logits"] > 3 * 9.9, name  # 3 fp32 copies of 16k x 152k logits
+
+
+def test_a_plan_that_does_not_fit_names_the_cheapest_settings_that_would(capsys, monkeypatch):
+    """Cheapest first, each added on top of the last: the chunked loss, checkpointing, then the
+    smallest Ulysses degree that divides the world, the row and the heads."""
+    monkeypatch.chdir(REPO)
+    rc, out, err = _dry_run(capsys, REPO / "configs" / "r1_distill_7b_32k.yaml", "train.student.model=Qwen/Qwen2.5-7B",
+                            "train.seq_len=131072", "train.micro_batch=2", "train.loss_chunk=0",
+                            "train.deepspeed.activation_checkpointing=false")
+    assert rc == 0, err
+    fix = re.search(r"does not fit 80 GB \([\d.]+ GB\): it would with (.*) \(([\d.]+) GB\)", out)
+    assert fix and fix.group(1) == ("train.loss_chunk=512, train.deepspeed.activation_checkpointing=true, "
+                                    "train.deepspeed.sequence_parallel=2"), out
+    assert float(fix.group(2)) < 80
+    rc, out, err = _dry_run(capsys, REPO / "configs" / "r1_distill_7b_32k.yaml", "train.student.model=Qwen/Qwen2.5-7B",
+                            "train.seq_len=131072", "train.micro_batch=2", "train.loss_chunk=512",
+                            "train.deepspeed.activation_checkpointing=true", "train.deepspeed.sequence_parallel=2")
+    assert rc == 0, err
+    assert "needs train.deepspeed.sequence_parallel=2 to fit 80 GB" in out
+
+
+def test_a_sequence_parallel_degree_that_does_not_divide_names_the_key():
+    cfg = "configs/r1_distill_7b_32k.yaml"
+    world = _bad("train.deepspeed.sequence_parallel=3", config=cfg)  # 8 ranks
+    assert world.returncode == 2 and "train.deepspeed.sequence_parallel=3" in world.stderr
+    row = _bad("train.deepspeed.sequence_parallel=4", "train.seq_len=32766", config=cfg)
+    assert row.returncode == 2 and "train.deepspeed.sequence_parallel=4" in row.stderr
+    heads = _bad("train.deepspeed.sequence_parallel=8", config=cfg)  # 28 heads, 4 kv heads
+    assert heads.returncode == 1 and "train.deepspeed.sequence_parallel=8: the model's 28 attention heads" \
+        in heads.stderr
 
 
 def test_zero_stage_lowers_the_planned_memory(capsys, monkeypatch):

@@ -110,7 +110,7 @@ def _chunked_ce_class():
                 m = _all_reduce(z.max(dim=1).values, "MAX", group)
                 if dense:
                     kept = (z, t)
-                    e = torch.exp(z - m[:, None])
+                    e = (z - m[:, None]).exp_()
                 else:
                     e = z.sub_(m[:, None]).exp_()  # z is not needed again: reuse its memory
                 lse[s:s + step] = m + torch.log(_all_reduce(e.sum(dim=1), "SUM", group))
