@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,9 @@ def _seqpar_worker(rank: int, world: int, port: int, model, batch, out: str) -> 
     from distill.train.seqpar import new_groups, shard_batch, sharded
 
     torch.set_num_threads(1)  # four ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A rank stuck in a collective fails the test in a minute instead of CI's 15.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         want_loss, want = loss_and_grads(model, batch)  # the unsplit run, in this process
         report = {}
