@@ -6,8 +6,10 @@ ids, the loss on already-shifted labels), so a rank runs the unmodified model on
 attention one all-to-all turns q/k/v from [local tokens, all heads] into [all tokens, heads /
 degree]; the existing packed attention then runs on whole rows with the row's GLOBAL cu_seqlens
 (a sample crossing a shard boundary is whole again), and a second all-to-all turns the output
-back. Cost per layer: 2 all-to-alls in forward (q, k and v go together in one) and 2 in backward,
-each moving (degree - 1) / degree of the tensor; memory of activations and logits / degree.
+back. Cost per layer: 2 all-to-alls in forward (q, k and v go together in one), 2 in backward
+and 2 more where activation checkpointing recomputes the layer, each moving (degree - 1) / degree
+of its tensor off the rank; activation and logits memory / degree. The attention itself is not
+split by sequence, so its cost per rank is the whole rows' for heads / degree heads.
 
 Gradients: the ranks of a group hold the same parameters and each backpropagates the loss of its
 own shard's targets; the all-to-all's backward carries the other shards' contributions across, so
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
@@ -112,7 +115,9 @@ def active() -> SeqGroup | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
+@cache
 def _all_to_all_fn():
+    """The autograd Function, built on first use (torch is imported lazily, as elsewhere)."""
     import torch
     import torch.distributed as dist
 
@@ -138,15 +143,10 @@ def _all_to_all_fn():
     return AllToAll
 
 
-_FN: list = []
-
-
 def all_to_all(x, group):
     """Autograd-aware all-to-all of a [degree, ...] tensor over `group` (gloo and NCCL both have
     `all_to_all_single`)."""
-    if not _FN:
-        _FN.append(_all_to_all_fn())
-    return _FN[0].apply(x, group)
+    return _all_to_all_fn().apply(x, group)
 
 
 def gather_sequence(query, key, value, seq: SeqGroup):
