@@ -187,6 +187,9 @@ class TraceSource(SourceConfig):
     stage: Literal["generate"] | None = None
     """Instead of `path`: this run's own `generate` output (to mix generated and imported sets)."""
 
+    limit: int | None = Field(default=None, ge=1)
+    """Read only the first N input rows (JSONL: lines) of this set (quickstarts, smoke tests)."""
+
     name: str | None = None
     """The set's name in sample keys, provenance and the report (default: the file or dataset name).
     Names must differ between sources."""
@@ -200,6 +203,8 @@ class TraceSource(SourceConfig):
 
     columns: TraceColumns = Field(default_factory=TraceColumns)
     """Which columns hold the problem, reference answer, id, completion(s), flags and finish reasons."""
+
+    _volatile = frozenset({"max_bad_fraction"})  # decides whether the stage fails, not what it writes
 
     @model_validator(mode="after")
     def _check(self) -> "TraceSource":
@@ -229,7 +234,9 @@ class TracesConfig(Section):
     """Which samples a weighted mix keeps: the same seed keeps the same samples."""
 
     chunk_mb: float = Field(default=4.0, gt=0)
-    """Input text per work unit (a byte range of a JSONL file, a row range of a Parquet file)."""
+    """Input text per work unit (a byte range of a JSONL file, a row range of a Parquet file): the
+    unit of parallelism, retry and atomic commit. It decides which samples each shard holds, so
+    changing it on a finished or resumed import redoes the import."""
 
     @model_validator(mode="after")
     def _check(self) -> "TracesConfig":
@@ -706,7 +713,11 @@ def output_fields(section: BaseModel) -> dict:
         if name in section._volatile:
             continue
         value = getattr(section, name)
-        out[name] = output_fields(value) if isinstance(value, BaseModel) else value
+        if isinstance(value, BaseModel):
+            value = output_fields(value)
+        elif isinstance(value, (list, tuple)):  # a list of sections (traces.sources, benchmarks)
+            value = [output_fields(v) if isinstance(v, BaseModel) else v for v in value]
+        out[name] = value
     return json.loads(json.dumps(out, default=str))
 
 

@@ -275,6 +275,38 @@ def test_gsm8k_solutions_curated_as_traces_with_flags_in_the_report(tmp_path, gs
 
 
 @pytest.mark.slow
+def test_malformed_rows_over_the_budget_fail_the_stage_after_keeping_everything(tmp_path):
+    from distill.pipeline import run_pipeline
+    from distill.sources import SourceError
+
+    lines = [json.dumps({"problem": f"p{i}", "gen": ["ok", ""]}) for i in range(60)]
+    lines[10] = "{not json"
+    lines[20] = json.dumps({"problem": "no completion here"})
+    data = tmp_path / "set.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    cfg = {"run": {"dir": str(run), "stages": ["import"], "progress": False}, "ray": {"num_cpus": 2},
+           "curate": {"workers": 1},
+           "traces": {"chunk_mb": 0.0005, "sources": [{"path": str(data), "max_bad_fraction": 0.02,
+                                                       "columns": {"completion": "gen", "answer": None}}]}}
+    with pytest.raises(SourceError, match=r"2 of 60 input rows are malformed \(3.3% > max_bad_fraction=0.02\)"
+                                          r".*First: .*set.jsonl:11: invalid_json"):
+        run_pipeline(build_config(cfg))
+    manifest = json.loads((run / "import" / "_manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    rejected = _rows(run / "import", True)
+    # The 60 empty items are rejected too (reason kept), but they do not count against the budget.
+    assert Counter(r["reason"].split(":")[0] for r in rejected) == {
+        "empty_completion": 58, "invalid_json": 1, "missing_completion": 1}
+    assert len(_rows(run / "import")) == 58
+    shards = {p.name: p.stat().st_mtime_ns for p in (run / "import").glob("part-*.parquet")}
+    cfg["traces"]["sources"][0]["max_bad_fraction"] = 0.05  # within budget: the same shards now pass
+    run_pipeline(build_config(cfg))
+    assert json.loads((run / "import" / "_manifest.json").read_text())["status"] == "complete"
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "import").glob("part-*.parquet")} == shards
+
+
+@pytest.mark.slow
 def test_generated_and_imported_sets_mix_at_their_weights(tmp_path):
     """A run's own generate/ output (written here by hand) mixed 1:3 with an imported JSONL set:
     generated samples keep their keys, teacher and settings; the mix is on target."""

@@ -173,10 +173,11 @@ def _rows(o: Opened, unit: Unit) -> Iterator[Row]:
     return (Row(f"{where}:row {a + i + 1}", r, "") for i, r in enumerate(ds.select(range(a, b))))
 
 
-def _samples(o: Opened, unit: Unit) -> tuple[list[dict], list[dict]]:
-    """The unit's candidate samples and rejected items, in input order."""
-    samples, rejected = [], []
+def _samples(o: Opened, unit: Unit) -> tuple[list[dict], list[dict], int]:
+    """The unit's candidate samples, rejected items (in input order) and input rows read."""
+    samples, rejected, rows = [], [], 0
     for row in itertools.islice(_rows(o, unit), unit.max_rows):
+        rows += 1
         where = row.location.removeprefix(o.root)
         if isinstance(row.value, str):  # the reader could not decode the line
             rejected.append({"key": f"{o.origin.name}/{where}", "origin": o.origin.name, "location": row.location,
@@ -188,12 +189,12 @@ def _samples(o: Opened, unit: Unit) -> tuple[list[dict], list[dict]]:
         got, bad = row_samples(row.value, row.location, where, o.src, o.origin)
         samples += got
         rejected += bad
-    return samples, rejected
+    return samples, rejected, rows
 
 
 def hash_unit(opened: list[Opened], seed: int, unit: Unit) -> tuple[int, np.ndarray]:
     """Pass 1 of a weighted mix: the mix hashes of the unit's candidate samples."""
-    samples, _ = _samples(opened[unit.source], unit)
+    samples, _, _ = _samples(opened[unit.source], unit)
     return unit.source, np.fromiter((mix_hash(seed, s["key"]) for s in samples), dtype=np.uint64, count=len(samples))
 
 
@@ -211,7 +212,7 @@ def import_unit(opened: list[Opened], seed: int, keep_under: list[int] | None, s
     """Pass 2: the unit's samples (those under the source's threshold when mixing), with token
     counts from the student's tokenizer, staged as shard `unit.index`."""
     o = opened[unit.source]
-    samples, rejected = _samples(o, unit)
+    samples, rejected, rows = _samples(o, unit)
     candidates = len(samples)
     if keep_under is not None:
         cut = keep_under[unit.source]
@@ -222,7 +223,12 @@ def import_unit(opened: list[Opened], seed: int, keep_under: list[int] | None, s
         for s, t in zip(todo, ids):
             s["n_tokens"] = len(t)
     in_bytes = unit.chunk.stop - unit.chunk.start if o.kind == "jsonl" else 0
-    staged = stage_shard(out_root, unit.index, samples, rejected, IMPORTED_SCHEMA, IMPORT_REJECTED_SCHEMA)
+    # What the error budget needs travels in the shard's own footer, committed with it: a resumed
+    # run counts every committed unit's rows without reading them again.
+    bad_rows = sum(1 for r in rejected if "#" not in r["key"])  # whole rows, not items of a row
+    meta = {b"origin": o.origin.name.encode(), b"rows_read": str(rows).encode(), b"bad_rows": str(bad_rows).encode()}
+    staged = stage_shard(out_root, unit.index, samples, rejected, IMPORTED_SCHEMA.with_metadata(meta),
+                         IMPORT_REJECTED_SCHEMA)
     return UnitDone(staged, unit.source, candidates, int(sum(s["n_tokens"] for s in samples)), in_bytes)
 
 
@@ -323,6 +329,38 @@ def _mix(store: ShardStore, opened: list[Opened], units: list[Unit], cfg: RunCon
     return keep_under, mix
 
 
+def _check_budgets(store: ShardStore, opened: list[Opened]) -> None:
+    """Fail the stage (after committing everything) when a set's malformed rows exceed its
+    `max_bad_fraction`, naming the first one. Items of a row that are unusable (an empty
+    generation among several) are rejected with their reason but do not count: the row is not
+    malformed."""
+    import pyarrow.parquet as pq
+
+    rows, bad = Counter(), Counter()
+    for name in store.shard_names():
+        meta = pq.read_schema(store.root / name).metadata or {}
+        origin = meta.get(b"origin", b"").decode()
+        rows[origin] += int(meta.get(b"rows_read", 0))
+        bad[origin] += int(meta.get(b"bad_rows", 0))
+    over = [(o, bad[o.origin.name], rows[o.origin.name]) for o in opened
+            if rows[o.origin.name] and bad[o.origin.name] / rows[o.origin.name] > o.src.max_bad_fraction]
+    if not over:
+        return
+    store.finish({"rows": dict(rows), "bad_rows": dict(bad)}, status="failed")
+    first = {}
+    for p in store.rejected_paths():
+        for r in pq.read_table(p, columns=["key", "origin", "location", "reason"]).to_pylist():
+            if "#" not in r["key"]:
+                first.setdefault(r["origin"], r)
+    from distill.sources import SourceError
+
+    raise SourceError("; ".join(
+        f"traces source {o.origin.name!r}: {n_bad} of {n} input rows are malformed ({n_bad / n:.1%} > "
+        f"max_bad_fraction={o.src.max_bad_fraction:g}); they are in {store.root / 'rejected'}. First: "
+        f"{first.get(o.origin.name, {}).get('location')}: {first.get(o.origin.name, {}).get('reason')}"
+        for o, n_bad, n in over))
+
+
 def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     start = time.monotonic()
     tc = STAGE.config(cfg)
@@ -352,6 +390,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
         c = per_source[opened[res.source].origin.name]
         c.update(candidates=res.candidates, kept=res.staged.rows, rejected=res.staged.rejected_rows,
                  tokens=res.tokens, bytes=res.in_bytes)
+    _check_budgets(store, opened)
     seconds = time.monotonic() - start
     this_run = {n: dict(c) for n, c in per_source.items()}
     samples = sum(c["kept"] + c["rejected"] for c in per_source.values())
