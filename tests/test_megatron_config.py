@@ -25,8 +25,8 @@ def test_registered_and_defaults():
 @pytest.mark.parametrize("train,needle", [
     ({"launch": {"launcher": "torchrun", "num_workers": 6}, "megatron": {"tensor_parallel": 4}},
      "train.launch.num_workers=6 is not a multiple of train.megatron.tensor_parallel"),
-    ({"megatron": {"context_parallel": 2}, "launch": {"launcher": "torchrun", "num_workers": 2}},
-     "train.megatron.context_parallel=2: not implemented"),
+    ({"megatron": {"context_parallel": 2}, "launch": {"launcher": "torchrun", "num_workers": 3}},
+     "train.megatron.context_parallel=2 does not divide train.launch.num_workers=3"),
     ({"megatron": {"sequence_parallel": True}}, "sequence_parallel=true needs train.megatron.tensor_parallel > 1"),
     ({"seq_len": 99, "megatron": {"sequence_parallel": True, "tensor_parallel": 2},
       "launch": {"launcher": "torchrun", "num_workers": 2}}, "must divide by tensor_parallel=2"),

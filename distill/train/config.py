@@ -135,8 +135,12 @@ class MegatronSection(Section):
     costs about (stages - 1) / grad_accum of the step, so use grad_accum >> stages."""
 
     context_parallel: int = Field(default=1, ge=1)
-    """Ranks a sequence is split over. Only 1 is implemented (the packed core attention has no
-    ring exchange); kept so recipes name it."""
+    """Ranks each packed row is split over: each holds a contiguous train.seq_len / degree of every
+    row, so activations and logits per rank are / degree, and attention all-gathers the keys and
+    values of the whole row (one all-gather per layer forward, one reduce-scatter backward; K/V of
+    a full row are held during a layer's attention). Must divide train.seq_len and, with the
+    other degrees, train.launch.num_workers; heads are not split, so any degree fits the model.
+    The ranks of one group train on the same rows."""
 
     sequence_parallel: bool = False
     """Split norms, dropout and activations between the tensor-parallel layers along the sequence
@@ -443,6 +447,9 @@ class TrainConfig(Section):
             if self.launch.num_workers % sp:
                 problems.append(f"train.deepspeed.sequence_parallel={sp} must divide train.launch.num_workers="
                                 f"{self.launch.num_workers}: change num_workers or the degree")
+            if self.student.attention != "packed":
+                problems.append(f"train.deepspeed.sequence_parallel={sp} needs train.student.attention=packed (got "
+                                f"{self.student.attention}): the exchange runs inside the packed attention")
             if self.seq_len % sp:
                 problems.append(f"train.deepspeed.sequence_parallel={sp} must divide train.seq_len={self.seq_len} "
                                 "(each rank holds seq_len / degree tokens of a row): change seq_len or the degree")
@@ -459,18 +466,22 @@ def megatron_problems(cfg: "TrainConfig") -> list[str]:
     m, world = cfg.megatron, cfg.launch.num_workers
     out = []
     model_parallel = m.tensor_parallel * m.pipeline_parallel * m.context_parallel
-    if world % model_parallel:
+    cp = m.context_parallel
+    if world % cp:
+        out.append(f"train.megatron.context_parallel={cp} does not divide train.launch.num_workers={world}: "
+                   "change the degree or num_workers")
+    elif world % model_parallel:
         out.append(f"train.launch.num_workers={world} is not a multiple of train.megatron.tensor_parallel * "
                    f"pipeline_parallel * context_parallel = {m.tensor_parallel} * {m.pipeline_parallel} * "
-                   f"{m.context_parallel} = {model_parallel}: change num_workers or one of the degrees")
-    if m.context_parallel != 1:
-        out.append(f"train.megatron.context_parallel={m.context_parallel}: not implemented (the packed core "
-                   "attention has no ring exchange); set it to 1")
+                   f"{cp} = {model_parallel}: change num_workers or one of the degrees")
+    if cfg.seq_len % cp:
+        out.append(f"train.megatron.context_parallel={cp} does not divide train.seq_len={cfg.seq_len} (each rank "
+                   "holds seq_len / degree tokens of a row): change the degree or seq_len")
     if m.sequence_parallel and m.tensor_parallel == 1:
         out.append("train.megatron.sequence_parallel=true needs train.megatron.tensor_parallel > 1")
-    if m.sequence_parallel and (cfg.seq_len * cfg.micro_batch) % m.tensor_parallel:
-        out.append(f"train.megatron.sequence_parallel: train.seq_len * train.micro_batch = "
-                   f"{cfg.seq_len * cfg.micro_batch} must divide by tensor_parallel={m.tensor_parallel}")
+    if m.sequence_parallel and (cfg.seq_len // cp * cfg.micro_batch) % m.tensor_parallel:
+        out.append(f"train.megatron.sequence_parallel: train.seq_len / context_parallel * train.micro_batch = "
+                   f"{cfg.seq_len // cp * cfg.micro_batch} must divide by tensor_parallel={m.tensor_parallel}")
     if m.global_batch is not None and not world % model_parallel:
         rows = world // model_parallel * cfg.micro_batch * cfg.grad_accum
         if rows != m.global_batch:
@@ -478,8 +489,8 @@ def megatron_problems(cfg: "TrainConfig") -> list[str]:
                        f"{world // model_parallel} * train.micro_batch {cfg.micro_batch} * train.grad_accum "
                        f"{cfg.grad_accum} = {rows}: change grad_accum or micro_batch, or unset global_batch")
     if cfg.launch.launcher == "local" and model_parallel > 1:
-        out.append("train.launch.launcher=local runs one process; tensor/pipeline parallelism needs launcher ray "
-                   "or torchrun")
+        out.append("train.launch.launcher=local runs one process; tensor/pipeline/context parallelism needs "
+                   "launcher ray or torchrun")
     return out
 
 

@@ -1,10 +1,13 @@
-"""The Megatron-core backend: tensor, pipeline and data parallelism for students that do not fit
-(or run slowly) under ZeRO.
+"""The Megatron-core backend: tensor, pipeline, context and data parallelism for students that do
+not fit (or run slowly) under ZeRO.
 
 `train.backend: megatron`. Every rank joins one torch.distributed group (NCCL on GPU, gloo on
 CPU; Ray Train or torchrun create it, or the backend does), and megatron-core's
-`parallel_state` splits it into tensor x pipeline x data groups (tensor innermost). The loop
-gives every rank of one tensor/pipeline group the same rows (`dp_rank` / `dp_size`).
+`parallel_state` splits it into tensor x context x pipeline x data groups (tensor innermost).
+The loop gives every rank of one tensor/context/pipeline group the same rows (`dp_rank` /
+`dp_size`); with context parallelism each rank of a context group then keeps its contiguous
+1/cp of every row (model.py: all-gathered K/V in the packed core attention), its loss covers
+that shard's targets, and the gradient reduction over data x context ranks sums the shards.
 
 The student is the HF model the loop loaded, converted into this rank's `GPTModel` shard
 (`convert.from_hf_shard`); the data path (PackedBatch) and the loss (`loss.chunked_token_loss_sum`
@@ -22,7 +25,10 @@ Checkpoints (`CHECKPOINT_TAG/` inside the trainer's atomic step directory):
     megatron/optim-tp00-pp00-dp000.pt  each rank's optimizer state (its distributed shard)
 
 A run resumes from these under other degrees too (reshard.py rebuilds every rank's shard of the
-weights, master copies and Adam moments); the student and precision must be the same.
+weights, master copies and Adam moments); the student and precision must be the same. Context
+parallelism does not enter the layout: the ranks of a context group hold the same weights and
+optimizer state (sharded over data ranks only), and context rank 0 writes them, so a checkpoint
+is what a cp=1 run with the same data degree writes and resumes under any context degree.
 
 All are plain tensors / dicts written with torch.save and read with weights_only=True.
 """
@@ -107,6 +113,13 @@ class MegatronBackend(TorchCollectives):
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.first_stage = parallel_state.is_pipeline_first_stage()
         self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp = None  # this rank's context group as seqpar.SeqGroup (for shard_batch), None at cp=1
+        if m.context_parallel > 1:
+            from distill.train.seqpar import SeqGroup
+
+            self.cp = SeqGroup(group=parallel_state.get_context_parallel_group(), index=self.cp_rank,
+                               degree=m.context_parallel)
         self.model = self.optimizer = self.spec = None
         self._total_steps, self._step = 1, 0
 
@@ -133,7 +146,7 @@ class MegatronBackend(TorchCollectives):
                                     sequence_parallel=m.sequence_parallel, precision=self.precision,
                                     recompute=m.activation_checkpointing)
         gpt = build_gpt(self.spec, config, pre_process=self.first_stage, post_process=self.last_stage,
-                        divisible_by=m.vocab_divisible_by)
+                        divisible_by=m.vocab_divisible_by, context_parallel=m.context_parallel)
         shard = from_hf_shard(model.state_dict(), self.spec, tp=m.tensor_parallel, tp_rank=self.tp_rank,
                               pp=m.pipeline_parallel, pp_rank=self.pp_rank, divisible_by=m.vocab_divisible_by)
         gpt.load_state_dict(shard, strict=True)
@@ -144,8 +157,12 @@ class MegatronBackend(TorchCollectives):
             for p in model.parameters():  # release the HF weights; the loop keeps model.config
                 p.data = torch.empty(0, dtype=p.dtype)
         gpt.to(self.device)
-        # Gradients all-reduced (summed: calculate_per_token_loss) into fp32 main_grad buffers;
-        # the optimizer shards itself (megatron-core's DistributedOptimizer needs CUDA tensors).
+        # Gradients all-reduced (summed: calculate_per_token_loss) into fp32 main_grad buffers
+        # over data x context ranks (megatron's dp_cp group: each context rank's gradient is its
+        # shard's share of the rows' loss); the optimizer shards itself over data ranks only
+        # (megatron-core's DistributedOptimizer needs CUDA tensors). The context ranks of a group
+        # then repeat the same update on the same summed gradients: optimizer memory is not / cp
+        # (megatron shards it over dp x cp), in exchange for a checkpoint that is independent of cp.
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=False)
         self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)
@@ -175,11 +192,19 @@ class MegatronBackend(TorchCollectives):
         return self.model.module
 
     def _forward_step(self, data_iterator, model):
-        from distill.train.backends.megatron.model import packed_seq_params
+        from distill.train.backends.megatron.model import packed_seq_params, row_shards
+        from distill.train.seqpar import shard_batch
 
         batch = next(data_iterator).to(self.device)
+        if self.cp is None:
+            params = packed_seq_params(batch.cu_seqlens, batch.max_seqlen)
+        else:
+            rows, row_len = batch.input_ids.shape
+            params = row_shards(batch.cu_seqlens, rows, row_len, batch.max_seqlen, index=self.cp.index,
+                                degree=self.cp.degree, group=self.cp.group)
+            batch = shard_batch(batch, self.cp)  # this rank's tokens, labels and target count
         hidden = model(input_ids=batch.input_ids.reshape(1, -1), position_ids=batch.position_ids.reshape(1, -1),
-                       attention_mask=None, packed_seq_params=packed_seq_params(batch.cu_seqlens, batch.max_seqlen))
+                       attention_mask=None, packed_seq_params=params)
         return hidden, partial(self._loss, batch)
 
     def _full_hidden(self, hidden):
@@ -217,6 +242,7 @@ class MegatronBackend(TorchCollectives):
     def _run_schedule(self, batches: list["PackedBatch"], *, forward_only: bool, collect: bool = False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        # seq_length: the whole rows' tokens; the pipeline's activation shapes divide it by cp.
         return get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
             num_microbatches=len(batches), seq_length=batches[0].input_ids.numel(), micro_batch_size=1,
@@ -255,7 +281,7 @@ class MegatronBackend(TorchCollectives):
         grad_norm = self.optimizer.step()
         self._step += 1
         # One scalar all-reduce for the logged loss: summed by the last stage's tensor rank 0 of
-        # every data replica (other ranks add 0).
+        # every data replica and context shard (other ranks add 0).
         local = sum(float(r["loss_sum"]) for r in reduced) if self.last_stage and self.tp_rank == 0 else 0.0
         total = torch.tensor([local], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(total)
@@ -293,7 +319,14 @@ class MegatronBackend(TorchCollectives):
         with torch.no_grad():
             out = self._run_schedule([batch], forward_only=True, collect=True)
         self.model.train()
-        logits = out[0].float().reshape(b, t, -1) if self.last_stage else \
+        logits = None
+        if self.last_stage and self.cp is not None:  # each context rank has its 1/cp of every row
+            shards = [torch.empty_like(out[0]) for _ in range(self.cp.degree)]
+            torch.distributed.all_gather(shards, out[0].contiguous(), group=self.cp.group)
+            logits = torch.stack(shards).float().view(self.cp.degree, b, t // self.cp.degree, -1).transpose(0, 1)
+        elif self.last_stage:
+            logits = out[0].float()
+        logits = logits.reshape(b, t, -1) if logits is not None else \
             torch.empty(b, t, self.spec.vocab_size, device=self.device)
         if self.cfg.megatron.pipeline_parallel > 1:
             torch.distributed.broadcast(logits, src=parallel_state.get_pipeline_model_parallel_last_rank(),
@@ -313,6 +346,8 @@ class MegatronBackend(TorchCollectives):
 
         out = Path(path) / CHECKPOINT_TAG
         out.mkdir(parents=True, exist_ok=True)
+        if self.cp_rank != 0:  # a copy of context rank 0's weights and optimizer shard
+            return
         if self.dp_rank == 0:
             state = {k: v for k, v in self._gpt().state_dict().items() if v is not None and not k.endswith("_extra_state")}
             torch.save(state, out / model_file(self.tp_rank, self.pp_rank))
