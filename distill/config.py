@@ -23,12 +23,16 @@ from distill.fsio import fingerprint  # noqa: F401  (re-exported: `from distill.
 from distill.section import Section
 from distill.curate.config import CurateConfig
 from distill.curate.benchmarks import BenchmarkRef
+from distill.curate.questions import ValidateConfig
 from distill.train.config import TrainConfig
 
 CURATE_STAGES = ("verify", "filter", "dedup", "decontam", "sft")
 """What `distill curate` runs, in order."""
 
-STAGES = ("generate", "import", *CURATE_STAGES, "train", "eval")
+QUESTION_STAGES = ("validate",)
+"""Stages that turn the seed questions into the questions `generate` answers, in order."""
+
+STAGES = (*QUESTION_STAGES, "generate", "import", *CURATE_STAGES, "train", "eval")
 """Stages `distill run` knows, in pipeline order: the one list of stage names. Stage `NAME` is
 the module `distill.stages.NAME` (see distill/stages/__init__.py)."""
 
@@ -142,6 +146,17 @@ class SourceConfig(Section):
                 "set the answer column or answer_extract: none"
             )
         return self
+
+
+# --------------------------------------------------------------------------- questions
+
+
+class QuestionsConfig(Section):
+    """The question stages between the source and generation."""
+
+    validation: ValidateConfig = Field(default_factory=ValidateConfig)
+    """Rule checks and an optional well-posedness judge (stage `validate`; `validate` itself is a
+    pydantic method name)."""
 
 
 # --------------------------------------------------------------------------- imported traces
@@ -578,6 +593,9 @@ class RunConfig(Section):
     """The seed questions. Required when the run generates; a train-only run brings its own
     SFT data (`train.data.paths`)."""
 
+    questions: QuestionsConfig = Field(default_factory=QuestionsConfig)
+    """What happens to the seed questions before generation (stage `validate`)."""
+
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     """Teacher generation."""
 
@@ -600,8 +618,9 @@ def _missing_source(tree: dict) -> list[str]:
     validator would only run once every field is valid)."""
     run = tree.get("run") if isinstance(tree.get("run"), dict) else {}
     stages = run.get("stages", STAGES)
-    if isinstance(stages, (list, tuple)) and "generate" in stages and tree.get("source") is None:
-        return ["source: required key is missing (the seed questions; needed when run.stages includes generate)"]
+    needs = [s for s in ("generate", *QUESTION_STAGES) if isinstance(stages, (list, tuple)) and s in stages]
+    if needs and tree.get("source") is None:
+        return [f"source: required key is missing (the seed questions; needed when run.stages includes {needs[0]})"]
     return []
 
 

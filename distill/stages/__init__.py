@@ -99,6 +99,14 @@ class Stage:
         return rejected_schema_for(self._extended_input(run_dir, cfg), list(self.rejected_adds))
 
 
+def questions_stage(cfg: "RunConfig") -> str:
+    """The stage whose questions `generate` answers: the last question stage the run lists
+    (`validate`), else the ingested `source`."""
+    from distill.config import QUESTION_STAGES
+
+    return next((s for s in reversed(QUESTION_STAGES) if s in cfg.run.stages), "source")
+
+
 def samples_stage(cfg: "RunConfig") -> str:
     """The stage whose samples curation reads: `import` when the config imports traces (the import
     mixes generated sets in itself, with `stage: generate`), else `generate`."""

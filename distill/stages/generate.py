@@ -1,6 +1,7 @@
 """Stage `generate`: seed questions -> n teacher samples each, on a pool of Ray actors.
 
-Reads `RUN/source/`, writes `RUN/generate/`. Resumable at any point: finished shards are
+Reads `RUN/source/` (or the last question stage the run lists, e.g. `RUN/validate/`), writes
+`RUN/generate/`. Resumable at any point: finished shards are
 skipped, and raising `generate.n_samples` generates only the new samples.
 """
 
@@ -19,7 +20,7 @@ from distill.generation import (
 )
 from distill.progress import Progress, format_counter
 from distill.raypool import ReplicaPool
-from distill.stages import ActorAsk, Stage
+from distill.stages import ActorAsk, Stage, questions_stage
 from distill.store import (
     Manifest, ShardStore, ShardRows, StagedShard, StaleOutputError, reason_code, require_complete, stage_shard,
 )
@@ -81,9 +82,10 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     import ray
 
     gen = STAGE.config(cfg)
-    source = require_complete(run_dir / STAGE.reads, "distill run CONFIG")
+    reads = run_dir / STAGE.input_name(cfg)
+    source = require_complete(reads, "distill run CONFIG")
     # The source is streamed a shard at a time (three passes: changed ids, count, units), never held.
-    questions = ShardRows(run_dir / STAGE.reads, ["id", "problem", "answer", "source"])
+    questions = ShardRows(reads, ["id", "problem", "answer", "source"])
     params_hash = settings_hash(gen)
     store = ShardStore(run_dir / STAGE.name, stage=STAGE.name, fingerprint=params_hash,
                        settings=generation_settings(gen), schema=STAGE.output_schema(run_dir),
@@ -91,7 +93,7 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
     # One shard's (id, problem) at a time: the stored samples are never all in memory.
     stored = itertools.chain(ShardRows(store.root, ["id", "problem"]),
                              ShardRows(store.root, ["id", "problem"], rejected=True))
-    changed = changed_questions(stored, ShardRows(run_dir / STAGE.reads, ["id", "problem"]))
+    changed = changed_questions(stored, ShardRows(reads, ["id", "problem"]))
     if changed:
         raise StaleOutputError(
             f"{store.root} holds samples for {len(changed)} question ids whose problem text has changed in "
@@ -141,4 +143,4 @@ def run(cfg: RunConfig, run_dir: Path) -> Manifest:
 
 
 STAGE = Stage("generate", "generate", run, resources, reads="source", schema=GENERATED_SCHEMA,
-              rejected=GEN_REJECTED_SCHEMA)
+              rejected=GEN_REJECTED_SCHEMA, reads_from=questions_stage)

@@ -80,9 +80,26 @@ class FaultPlan:
         return None
 
 
+def judge_reply(problem: str) -> str:
+    """The server's well-posedness verdict on a `validate` judge prompt, fixed by the problem:
+    about 80% OK, 5% each CONTRADICTORY / MISSING_INFORMATION / AMBIGUOUS, 5% a reply in no
+    verdict format (to exercise `judge_unparsable`)."""
+    u = _unit("judge", problem, None)
+    for limit, reply in ((0.80, "OK. It is well posed."), (0.85, "CONTRADICTORY: the conditions clash."),
+                         (0.90, "MISSING_INFORMATION: a quantity is not given."),
+                         (0.95, "AMBIGUOUS: it can be read two ways.")):
+        if u < limit:
+            return reply
+    return "I think this problem is probably fine, maybe."
+
+
 def completion_text(prompt: str, seed: int | None) -> str:
     """The full answer to `prompt` under `seed`: a think block of varying length, then a boxed
-    number, both fixed by (prompt, seed)."""
+    number, both fixed by (prompt, seed). A `validate` judge prompt gets `judge_reply`."""
+    from distill.curate.questions import JUDGE_MARKER
+
+    if prompt.startswith(JUDGE_MARKER):
+        return judge_reply(prompt.rsplit("Problem:\n", 1)[-1])
     u = _unit("completion", prompt, seed)
     steps = 2 + int(u * 20)
     answer = int(_unit("answer", prompt, seed) * 1000)

@@ -1,0 +1,99 @@
+"""Stage `validate`: rule checks and the well-posedness judge on questions, before generation.
+
+The rules are checked on crafted texts (each reason) and on the real seed and benchmark problems
+(what they reject there is counted, so a rule that starts rejecting good problems fails). Then a
+real run: the source, `validate` with the judge on the fault server's deterministic verdicts, and
+`generate` answering exactly the questions validate kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DATA
+from distill.config import build_config
+from distill.curate.questions import ValidateConfig, parse_judge_verdict, rule_problem, validate_questions
+from distill.testing.fault_server import FaultServer, judge_reply
+
+CFG = ValidateConfig()
+BAD = {
+    "too_short": "Compute.",
+    "no_question": "The train left the station at noon and kept a steady pace all day long.",
+    "answer_in_text": "What is 6 times 7?\nAnswer: 42",
+    "several_questions": "What is 2 + 2? And what is 3 + 3?",
+    "language": "Сколько будет два плюс два? Ответьте числом.",
+}
+
+
+@pytest.mark.parametrize("code", sorted(BAD))
+def test_each_rule_rejects_with_its_reason(code):
+    assert (rule_problem(BAD[code], CFG) or "").startswith(code + ":")
+
+
+def test_rules_keep_real_problems():
+    """Of 16,792 GSM8K and MATH problems (train and test), the rules reject 5, all in the train
+    sets: a typo'd double question, three multi-part MATH problems and one fill-in-the-blank."""
+    counts: Counter = Counter()
+    for name in ("train/gsm8k_train.jsonl", "train/math_train.jsonl", "benchmarks/gsm8k.jsonl",
+                 "benchmarks/math500.jsonl"):
+        for line in open(DATA / name):
+            reason = rule_problem(json.loads(line)["problem"], CFG)
+            counts[(name.split("/")[0], reason.split(":")[0] if reason else "ok")] += 1
+    assert counts[("benchmarks", "ok")] == 1319 + 500
+    rejected = sum(n for (where, code), n in counts.items() if code != "ok")
+    assert rejected <= 5, counts
+
+
+def test_judge_replies_are_parsed_or_rejected_as_unparsable():
+    assert parse_judge_verdict("OK. Fine.") == (None, "Fine.")
+    assert parse_judge_verdict("**MISSING_INFORMATION**: no speed given") == ("missing_information", "no speed given")
+    with pytest.raises(ValueError, match="judge_unparsable"):
+        parse_judge_verdict("I think it is fine")
+    records = [{"id": str(i), "problem": p} for i, p in enumerate(["What is 1 + 1?", "What is 2 + 2?", "Hi."])]
+    replies = iter(["AMBIGUOUS: two readings", None])
+    kept, rejected = validate_questions(records, CFG, judge=lambda ps: [next(replies) for _ in ps])
+    assert kept == [] and [r["reason"].split(":")[0] for r in rejected] == [
+        "too_short", "ambiguous", "judge_failed"]
+
+
+@pytest.mark.slow
+def test_validate_then_generate_answers_only_the_kept_questions(tmp_path, gsm8k_train):
+    from distill.pipeline import run_pipeline
+
+    rows = [json.loads(line) for line in gsm8k_train.open().readlines()[:60]]
+    rows += [{"id": f"bad-{code}", "problem": text, "answer": "1"} for code, text in BAD.items()]
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({k: r[k] for k in ("id", "problem", "answer")}) + "\n" for r in rows))
+    run = tmp_path / "run"
+    with FaultServer() as server:
+        cfg = build_config({
+            "run": {"dir": str(run), "stages": ["validate", "generate"], "progress": False},
+            "ray": {"num_cpus": 2}, "source": {"path": str(seeds)}, "curate": {"workers": 1},
+            "questions": {"validation": {"judge": {"enabled": True}}},
+            "generate": {"engine": "openai", "n_samples": 1, "shard_size": 16, "cpus_per_replica": 0.5,
+                         "sampling": {"temperature": 0.0, "max_new_tokens": 40, "seed": 1},
+                         "openai": {"base_url": server.base_url, "model": "teacher", "concurrency": 8}}})
+        run_pipeline(cfg)
+    expected: dict[str, str | None] = {}
+    for r in rows:
+        reason = rule_problem(r["problem"], CFG)
+        if reason is None:
+            try:
+                code, _ = parse_judge_verdict(judge_reply(r["problem"]))
+                reason = code
+            except ValueError as e:
+                reason = str(e)
+        expected[r["id"]] = reason.split(":")[0] if reason else None
+    read = lambda p: [x for f in sorted(p.glob("part-*.parquet")) for x in pq.read_table(f).to_pylist()]  # noqa: E731
+    kept = {r["id"] for r in read(run / "validate")}
+    rejected = {r["id"]: r["reason"].split(":")[0] for r in read(run / "validate" / "rejected")}
+    assert kept == {i for i, why in expected.items() if why is None}
+    assert rejected == {i: why for i, why in expected.items() if why is not None}
+    assert {f"bad-{c}" for c in BAD} <= set(rejected)
+    assert len(set(rejected.values()) - set(BAD)) >= 2  # the judge rejected some real questions too
+    generated = read(run / "generate")
+    assert {r["id"] for r in generated} == kept and len(generated) == len(kept)
