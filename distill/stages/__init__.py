@@ -99,12 +99,22 @@ class Stage:
         return rejected_schema_for(self._extended_input(run_dir, cfg), list(self.rejected_adds))
 
 
-def questions_stage(cfg: "RunConfig") -> str:
-    """The stage whose questions `generate` answers: the last question stage the run lists
-    (`validate`), else the ingested `source`."""
-    from distill.config import QUESTION_STAGES
+def questions_before(name: str) -> Callable[["RunConfig"], str]:
+    """`reads_from` of a stage that reads questions: the last question stage before `name` that the
+    run lists (`config.QUESTION_STAGES` order), else the ingested `source`. So a run may list any
+    subset of the question stages and each reads the one before it."""
 
-    return next((s for s in reversed(QUESTION_STAGES) if s in cfg.run.stages), "source")
+    def reads(cfg: "RunConfig") -> str:
+        from distill.config import QUESTION_STAGES
+
+        before = QUESTION_STAGES[:QUESTION_STAGES.index(name)] if name in QUESTION_STAGES else QUESTION_STAGES
+        return next((s for s in reversed(before) if s in cfg.run.stages), "source")
+
+    return reads
+
+
+questions_stage = questions_before("generate")
+"""The stage whose questions `generate` answers."""
 
 
 def samples_stage(cfg: "RunConfig") -> str:

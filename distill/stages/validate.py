@@ -1,6 +1,6 @@
 """Stage `validate`: seed questions -> the questions worth answering, before any generation.
 
-Reads `RUN/source/`, writes `RUN/validate/` (the same question columns); `generate` then answers
+Reads `RUN/source/` (or the question stage before it), writes `RUN/validate/` (the same question columns); `generate` then answers
 these instead of the source. Rejected questions keep their reason (`too_short`, `no_question`,
 `answer_in_text`, `several_questions`, `language`, and with the judge on `contradictory`,
 `missing_information`, `ambiguous`, `judge_unparsable`, `judge_failed`); see
@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from distill.config import RunConfig
-from distill.stages import ActorAsk, Stage
+from distill.stages import ActorAsk, Stage, questions_before
 from distill.stages.derived import finish_stage, open_partitioned, run_units
 
 
@@ -55,4 +55,4 @@ def run(cfg: RunConfig, run_dir: Path):
     return finish_stage(store, "validate", seconds, {"rejected_this_run": dict(reasons)})
 
 
-STAGE = Stage("validate", "questions.validation", run, resources, reads="source")
+STAGE = Stage("validate", "questions.validation", run, resources, reads="source", reads_from=questions_before("validate"))
