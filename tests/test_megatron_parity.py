@@ -1,7 +1,8 @@
 """The Megatron backend computes what the HF model computes: logits of a packed batch of real
 chats (SmolLM2 tokenizer) at TP=2 and at PP=2, and the gradients of one accumulated step (two
 micro-batches, loss = summed token losses / target tokens) at TP=2 and PP=2, for a Llama-style
-(tied) and a Qwen2-style (untied, QKV bias) student, with the dense and the chunked loss. Two gloo processes per case, on CPU."""
+(tied) and a Qwen2-style (untied, QKV bias) student, with the dense and the chunked loss. Two gloo
+processes per case, on CPU."""
 
 from __future__ import annotations
 

@@ -9,6 +9,11 @@ token in a short micro-batch more than one in a long micro-batch.
 
 Backends that average gradients over ranks or divide by accumulation steps (DeepSpeed does
 both) must multiply the loss by world * grad_accum to undo it.
+
+The summed cross-entropy comes in two forms with the same value and gradients: `token_loss_sum`
+over logits the caller made (dense), and `chunked_token_loss_sum` from the hidden states and the
+output weight, a chunk of targets at a time (train.loss_chunk), optionally over a tensor-parallel
+group's vocabulary slices (the Megatron backend).
 """
 
 from __future__ import annotations
@@ -74,11 +79,11 @@ def _chunked_ce_class():
         Forward keeps only each row's log-sum-exp (n fp32 values); backward recomputes each
         chunk's logits and turns them into the chunk's gradients. The alternative (Liger's:
         compute the gradients during forward) saves that second matmul but holds a [vocab,
-        hidden] weight gradient from forward to backward, computes gradients when no backward
-        follows (evaluation), and under ZeRO-3 needs the gathered weight outside the module's
-        hooks. Recomputing costs one more [chunk, hidden] x [hidden, vocab] matmul per chunk:
-        4 instead of 3 output-projection matmuls per step (the head is ~2-10% of a step's FLOPs
-        for 1.5B-7B students).
+        hidden] weight gradient from forward to backward (1.1 GB in bf16 for a 7B student) and
+        computes gradients when no backward follows (evaluation). Recomputing costs one more
+        [chunk, hidden] x [hidden, vocab] matmul per chunk: 4 instead of 3 output-projection
+        matmuls, and the head is ~15% (1.5B) to ~7% (7B) of a Qwen2 student's parameter FLOPs,
+        so ~2-5% more per step.
 
         Under vocabulary parallelism (`group`), `weight` is this rank's slice of the vocabulary
         starting at `vocab_start`, of which the first `valid` rows are real tokens: the row max and
@@ -161,10 +166,11 @@ def _chunked_ce_class():
     return ChunkedCrossEntropy
 
 
-def chunked_token_loss_sum(hidden, weight, labels, chunk: int, softcap: float | None = None, *,
-                           vocab_start: int = 0, vocab_size: int | None = None, group=None) -> "torch.Tensor":  # noqa: F821
+def chunked_token_loss_sum(hidden, weight, labels, chunk: int, softcap: float | None = None, *, vocab_start: int = 0,
+                           vocab_size: int | None = None, group=None) -> "torch.Tensor":  # noqa: F821
     """token_loss_sum(softcap(hidden @ weight.T), labels)[0], `chunk` rows at a time: the
-    [n, vocab] logits never exist, in forward or backward (peak: chunk x vocab x ~10 bytes).
+    [n, vocab] logits never exist, in forward or backward (peak: chunk x vocab x ~4 bytes for
+    fp32 inputs, ~6 for bf16 (the matmul's 16-bit output), more with softcapping).
 
     hidden [n, H] (any float dtype; the softmax is fp32), weight [V, H] (a tied embedding is the
     same tensor), labels [n] with IGNORE_INDEX for positions without a target. Gradients flow to
