@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return _dry_run(cfg, _stages(args, cfg)) if args.command != "config" else 0
         stages = _stages(args, cfg)
-        if "generate" in stages and cfg.source is None:
+        if "generate" in stages and cfg.source is None and cfg.mix is None:
             raise ConfigError(["source: required when the generate stage runs (the seed questions)"])
         from distill.pipeline import run_pipeline
 

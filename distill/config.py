@@ -136,6 +136,12 @@ class SourceConfig(Section):
     """Error budget: the run fails if more than this fraction of input lines is malformed.
     Malformed lines are quarantined in `source/rejected/` with file:line and a reason either way."""
 
+    name: str | None = None
+    """The source's name in the questions' `source` column (default: the file or dataset name)."""
+
+    weight: float | None = Field(default=None, gt=0)
+    """In a `mix`: this source's share of the questions (weights are normalised)."""
+
     @model_validator(mode="after")
     def _check(self) -> "SourceConfig":
         if not self.path:
@@ -145,6 +151,34 @@ class SourceConfig(Section):
                 f"source.answer_extract={self.answer_extract!r} needs source.columns.answer; "
                 "set the answer column or answer_extract: none"
             )
+        return self
+
+
+class MixConfig(Section):
+    """Several seed-question sources in one run, instead of `source`."""
+
+    sources: list[SourceConfig] = Field(default_factory=list)
+    """The sources, each read as `source` is (path, columns, answer_extract, limit, ...)."""
+
+    total: int | None = Field(default=None, ge=1)
+    """With weights: the number of questions to keep. Unset: the largest mix the sources hold
+    without repeating a question (the source that runs out first sets it)."""
+
+    seed: int = 0
+    """Which questions a weighted mix keeps: the same seed keeps the same questions."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "MixConfig":
+        problems = []
+        if not self.sources:
+            problems.append("mix.sources: give at least one source")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            problems.append("mix.sources: set weight on every source or on none (unset: all of each)")
+        if self.total is not None and not all(weighted):
+            problems.append("mix.total needs a weight on each of mix.sources")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -593,6 +627,9 @@ class RunConfig(Section):
     """The seed questions. Required when the run generates; a train-only run brings its own
     SFT data (`train.data.paths`)."""
 
+    mix: MixConfig | None = None
+    """Several seed-question sources with weights, instead of `source` (give one of the two)."""
+
     questions: QuestionsConfig = Field(default_factory=QuestionsConfig)
     """What happens to the seed questions before generation (stage `validate`)."""
 
@@ -619,7 +656,9 @@ def _missing_source(tree: dict) -> list[str]:
     run = tree.get("run") if isinstance(tree.get("run"), dict) else {}
     stages = run.get("stages", STAGES)
     needs = [s for s in ("generate", *QUESTION_STAGES) if isinstance(stages, (list, tuple)) and s in stages]
-    if needs and tree.get("source") is None:
+    if tree.get("source") is not None and tree.get("mix") is not None:
+        return ["source and mix: give one of them (mix lists several sources, each like source)"]
+    if needs and tree.get("source") is None and tree.get("mix") is None:
         return [f"source: required key is missing (the seed questions; needed when run.stages includes {needs[0]})"]
     return []
 

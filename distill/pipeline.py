@@ -38,7 +38,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> Path:
     print(f"distill: run directory {run_dir.resolve()}; stages: {', '.join(stages)}", flush=True)
 
     if any(get_stage(s).input_name(cfg) == "source" for s in stages):
-        src = ingest(cfg.source, run_dir / "source")
+        src = ingest(cfg.mix if cfg.mix is not None else cfg.source, run_dir / "source")
         state = "unchanged, reused" if src.skipped else f"{src.rows} rows read"
         print(f"source: {src.valid} questions ({state}); {src.bad} quarantined ({format_counter(src.reasons)})",
               flush=True)

@@ -19,7 +19,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from distill import fsio
-from distill.config import SourceConfig, output_fields
+from distill.config import MixConfig, SourceConfig, output_fields
 from distill.fsio import Row, fingerprint, hash_files, iter_jsonl, quarantine_record
 from distill.curate.answers import ANSWER_EXTRACTORS
 from distill.store import KeyHashes, Manifest, ShardStore, key_hash, reason_code
@@ -211,62 +211,117 @@ class SeenIds:
             self._new = {}
 
 
-def ingest(cfg: SourceConfig, out: Path) -> IngestSummary:
-    """Read, validate and write the questions to `out` (skipped when already done for this input).
+def _validated(rows: Iterator[Row], cfg: SourceConfig, default_source: str, seen: SeenIds
+               ) -> Iterator[tuple[Row, dict | None, str | None]]:
+    """(row, question or None, reason) for each input row, up to `cfg.limit` valid questions; a
+    question whose id was seen before (in this source or an earlier one) is a `duplicate_id`."""
+    valid = 0
+    for row in rows:
+        if cfg.limit is not None and valid >= cfg.limit:
+            return
+        rec, reason = (None, row.value) if isinstance(row.value, str) else normalise_row(row.value, cfg, default_source)
+        if rec is not None and (first := seen.first(rec["id"])) is not None:
+            rec, reason = None, f"duplicate_id: {rec['id']!r} first seen at {first}"
+        if rec is not None:
+            seen.add(rec["id"], row.location)
+            valid += 1
+        yield row, rec, reason
+
+
+def _mix_cuts(mix: MixConfig, names: list[str]) -> tuple[list[int], dict]:
+    """Per-source hash thresholds of a weighted mix (`distill.mixing`): a first pass over every
+    source hashes its valid questions (8 bytes each), the quotas follow the weights exactly."""
+    import numpy as np
+
+    from distill.mixing import MixError, mix_hash, quotas, threshold
+
+    seen, hashes = SeenIds(), []
+    for src, name in zip(mix.sources, names):
+        rows, _, default = read_rows(src)
+        h = [mix_hash(mix.seed, f"{name}/{rec['id']}") for _, rec, _ in _validated(rows, src, name or default, seen)
+             if rec is not None]
+        hashes.append(np.array(h, dtype=np.uint64))
+        seen.seal()
+    try:
+        want = quotas([len(h) for h in hashes], [s.weight for s in mix.sources], mix.total, names)
+    except MixError as e:
+        raise SourceError(f"mix: {e}") from None
+    total = sum(want)
+    shares = {n: {"candidates": len(h), "kept": q, "share": round(q / total, 6) if total else 0.0}
+              for n, h, q in zip(names, hashes, want)}
+    return [threshold(h, q) for h, q in zip(hashes, want)], shares
+
+
+def ingest(cfg: SourceConfig | MixConfig, out: Path) -> IngestSummary:
+    """Read, validate and write the questions to `out` (skipped when already done for this input):
+    one source, or a `mix` of several (with weights: exactly those shares, reproducible from
+    `mix.seed`; without: all of each, in order). Each question's `source` column is its source's
+    name unless the row names one.
 
     Unlike the expensive stages, a changed source is re-ingested rather than refused: the step is
     cheap and deterministic, and downstream stages key their records by question id, so they
     reuse everything that still applies.
     """
-    rows, content_hash, default_source = read_rows(cfg)
+    sources = [cfg] if isinstance(cfg, SourceConfig) else list(cfg.sources)
+    opened = [read_rows(s) for s in sources]
+    names = [s.name or default for s, (_, _, default) in zip(sources, opened)]
     settings = output_fields(cfg)
-    fp = fingerprint([settings, content_hash])
+    fp = fingerprint([settings, [h for _, h, _ in opened]]) if len(sources) > 1 else fingerprint([settings, opened[0][1]])
     old = Manifest.read(out)
     if old is not None and old.fingerprint == fp and old.status == "complete":
         return IngestSummary(rows=old.summary["rows"], valid=old.counts["records"],
                              bad=old.counts["rejected"], reasons=Counter(old.counts["rejected_by_reason"]), skipped=True)
     if out.exists():
         shutil.rmtree(out)
+    weighted = isinstance(cfg, MixConfig) and any(s.weight for s in sources)
+    cuts, shares = _mix_cuts(cfg, names) if weighted else (None, {})
     store = ShardStore(out, stage="source", fingerprint=fp, settings=settings, schema=SOURCE_SCHEMA,
-                       rejected_schema=QUARANTINE_SCHEMA, inputs={cfg.path: content_hash}).open()
+                       rejected_schema=QUARANTINE_SCHEMA,
+                       inputs={s.path: h for s, (_, h, _) in zip(sources, opened)}).open()
 
     # Streamed: every _SHARD_ROWS valid questions are committed with the rows quarantined since the
     # last commit, so the driver holds one shard of questions, never the source. Duplicate ids are
     # found in `SeenIds`, 16 bytes a question.
-    summary, good, bad, seen, first_bad, index = IngestSummary(), [], [], SeenIds(), None, 0
-    for row in rows:
-        if cfg.limit is not None and summary.valid >= cfg.limit:
-            break
-        summary.rows += 1
-        rec, reason = (None, row.value) if isinstance(row.value, str) else normalise_row(row.value, cfg, default_source)
-        if rec is not None and (first := seen.first(rec["id"])) is not None:
-            rec, reason = None, f"duplicate_id: {rec['id']!r} first seen at {first}"
-        if rec is None:
-            summary.bad += 1
-            summary.reasons[reason_code(reason)] += 1
-            raw = row.raw or json.dumps(row.value, default=str, ensure_ascii=False)
-            bad.append({"key": row.location, **quarantine_record(row.location, reason, raw)})
-            first_bad = first_bad or bad[-1]
-            continue
-        seen.add(rec["id"], row.location)
-        good.append(rec)
-        summary.valid += 1
-        if len(good) == _SHARD_ROWS:
-            store.commit(index, good, bad)
-            seen.seal()
-            good, bad, index = [], [], index + 1
+    summary, good, bad, seen, index = IngestSummary(), [], [], SeenIds(), 0
+    per_source: list[Counter] = [Counter() for _ in sources]
+    first_bad: list[dict | None] = [None] * len(sources)
+    if weighted:
+        from distill.mixing import mix_hash
+    for i, (src, (rows, _, _)) in enumerate(zip(sources, opened)):
+        for row, rec, reason in _validated(rows, src, names[i], seen):
+            summary.rows += 1
+            per_source[i]["rows"] += 1
+            if rec is None:
+                summary.bad += 1
+                per_source[i]["bad"] += 1
+                summary.reasons[reason_code(reason)] += 1
+                raw = row.raw or json.dumps(row.value, default=str, ensure_ascii=False)
+                bad.append({"key": row.location, **quarantine_record(row.location, reason, raw)})
+                first_bad[i] = first_bad[i] or bad[-1]
+                continue
+            if cuts is not None and mix_hash(cfg.seed, f"{names[i]}/{rec['id']}") > cuts[i]:
+                continue  # left out by the weights: neither kept nor malformed
+            good.append(rec)
+            summary.valid += 1
+            if len(good) == _SHARD_ROWS:
+                store.commit(index, good, bad)
+                seen.seal()
+                good, bad, index = [], [], index + 1
+        seen.seal()
     if good or bad or index == 0:  # at least one shard, so an empty source still has a schema
         store.commit(index, good, bad)
     del seen, good, bad
-    if summary.rows and summary.bad / summary.rows > cfg.max_bad_fraction:
-        store.finish({"rows": summary.rows}, status="failed")
-        raise SourceError(
-            f"source: {summary.bad} of {summary.rows} input rows are malformed "
-            f"({summary.bad / summary.rows:.1%} > source.max_bad_fraction={cfg.max_bad_fraction:g}); "
-            f"they are quarantined in {out / 'rejected'}. First: {first_bad['location']}: {first_bad['reason']}"
-        )
+    for i, src in enumerate(sources):
+        n, n_bad = per_source[i]["rows"], per_source[i]["bad"]
+        if n and n_bad / n > src.max_bad_fraction:
+            store.finish({"rows": summary.rows}, status="failed")
+            key = "source" if len(sources) == 1 else f"mix.sources[{i}]"
+            raise SourceError(
+                f"{key}: {n_bad} of {n} input rows are malformed ({n_bad / n:.1%} > "
+                f"{key}.max_bad_fraction={src.max_bad_fraction:g}); they are quarantined in {out / 'rejected'}. "
+                f"First: {first_bad[i]['location']}: {first_bad[i]['reason']}")
     if summary.valid == 0:
         store.finish({"rows": summary.rows}, status="failed")
-        raise SourceError(f"source: no valid questions in {cfg.path!r}")
-    store.finish({"rows": summary.rows})
+        raise SourceError(f"source: no valid questions in {', '.join(repr(s.path) for s in sources)}")
+    store.finish({"rows": summary.rows, **({"mix": shares} if shares else {})})
     return summary
