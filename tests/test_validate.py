@@ -97,3 +97,37 @@ def test_validate_then_generate_answers_only_the_kept_questions(tmp_path, gsm8k_
     assert len(set(rejected.values()) - set(BAD)) >= 2  # the judge rejected some real questions too
     generated = read(run / "generate")
     assert {r["id"] for r in generated} == kept and len(generated) == len(kept)
+
+
+@pytest.mark.slow
+def test_questions_deduplicated_and_decontaminated_before_generation(tmp_path, gsm8k_train):
+    """The dedup and decontam machinery on questions: a reworded copy and two GSM8K test problems
+    in the source are removed before any is sent to the teacher."""
+    from distill.pipeline import run_pipeline
+
+    rows = [json.loads(line) for line in gsm8k_train.open().readlines()[:40]]
+    rows.append({"id": "copy", "problem": rows[3]["problem"].upper(), "answer": rows[3]["answer"]})
+    bench = [json.loads(line) for line in open(DATA / "benchmarks" / "gsm8k.jsonl").readlines()[:2]]
+    rows += [{"id": f"test-{i}", "problem": b["problem"], "answer": "1"} for i, b in enumerate(bench)]
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({k: r[k] for k in ("id", "problem", "answer")}) + "\n" for r in rows))
+    run = tmp_path / "run"
+    with FaultServer() as server:
+        cfg = build_config({
+            "run": {"dir": str(run), "stages": ["question_dedup", "question_decontam", "generate"], "progress": False},
+            "ray": {"num_cpus": 2}, "source": {"path": str(seeds)},
+            "curate": {"workers": 1, "decontam": {"benchmarks": [{"name": "gsm8k",
+                                                                  "path": str(DATA / "benchmarks" / "gsm8k.jsonl")}]}},
+            "generate": {"engine": "openai", "n_samples": 1, "shard_size": 16, "cpus_per_replica": 0.5,
+                         "sampling": {"temperature": 0.0, "max_new_tokens": 40, "seed": 1},
+                         "openai": {"base_url": server.base_url, "model": "teacher", "concurrency": 8}}})
+        run_pipeline(cfg)
+        asked = set(server.completions)
+    read = lambda p: [x for f in sorted(p.glob("part-*.parquet")) for x in pq.read_table(f).to_pylist()]  # noqa: E731
+    assert [r["id"] for r in read(run / "question_dedup" / "rejected")] == ["copy"]
+    contaminated = read(run / "question_decontam" / "rejected")
+    assert sorted(r["id"] for r in contaminated) == ["test-0", "test-1"]
+    assert {r["bench"] for r in contaminated} == {"gsm8k"}
+    generated = {r["id"] for r in read(run / "generate")}
+    assert generated == {r["id"] for r in rows} - {"copy", "test-0", "test-1"}
+    assert len(asked) == len(generated)  # the removed questions never reached the teacher

@@ -136,19 +136,21 @@ def _process(state, records):
     return kept, rejected, stats
 
 
-def run(cfg: RunConfig, run_dir: Path):
+def run(cfg: RunConfig, run_dir: Path, stage: Stage | None = None):
+    """`stage`: the stage object this runs as (`question_decontam` runs this on questions)."""
     import ray
 
     from distill.curate.benchmarks import load_benchmarks
     from distill.curate.decontam import BenchmarkIndex
 
-    dc = STAGE.config(cfg)
+    stage = stage or STAGE
+    dc = stage.config(cfg)
     benchmarks = load_benchmarks(dc.benchmarks)
     provenance = {b.name: b.provenance() for b in benchmarks}
     # The benchmark hashes are inputs: a changed benchmark file recomputes the stage.
     benchmark_hashes = {f"benchmark:{n}": fingerprint(p["sha256"]) for n, p in provenance.items()}
-    store, units = open_partitioned(run_dir, STAGE, cfg, extra_inputs=benchmark_hashes)
-    print(f"decontam: {len(units)} of {store.manifest.partitions} partitions against {len(benchmarks)} benchmarks "
+    store, units = open_partitioned(run_dir, stage, cfg, extra_inputs=benchmark_hashes)
+    print(f"{stage.name}: {len(units)} of {store.manifest.partitions} partitions against {len(benchmarks)} benchmarks "
           f"({', '.join(f'{b.name}={len(b.items)}' for b in benchmarks) or 'none'})", flush=True)
     index_ref = embed_ref = None
     if units:
@@ -157,10 +159,10 @@ def run(cfg: RunConfig, run_dir: Path):
             from distill.curate.decontam import EmbeddingIndex
 
             embed_ref = ray.put(EmbeddingIndex(benchmarks, dc.embedding, dc.policy))
-    stats, seconds = run_units(store, units, cfg, "decontam", setup=_setup,
+    stats, seconds = run_units(store, units, cfg, stage.name, setup=_setup,
                                setup_args=(dc, index_ref, embed_ref, cfg.generate), process=_process,
                                ask=resources(cfg))
-    return finish_stage(store, "decontam", seconds, {"benchmarks": provenance, "this_run": dict(stats)})
+    return finish_stage(store, stage.name, seconds, {"benchmarks": provenance, "this_run": dict(stats)})
 
 
 STAGE = Stage("decontam", "curate.decontam", run, resources, reads="dedup", preflight=preflight,

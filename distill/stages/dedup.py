@@ -155,12 +155,14 @@ def _process(dropped: dict, records: list[dict]):
     return kept, rejected
 
 
-def run(cfg: RunConfig, run_dir: Path):
+def run(cfg: RunConfig, run_dir: Path, stage: Stage | None = None):
+    """`stage`: the stage object this runs as (`question_dedup` runs this on questions)."""
     import ray
 
-    dc = STAGE.config(cfg)
+    stage = stage or STAGE
+    dc = stage.config(cfg)
     start = time.monotonic()
-    store, units = open_partitioned(run_dir, STAGE, cfg)
+    store, units = open_partitioned(run_dir, stage, cfg)
     n = store.manifest.partitions
     summary = {}
     if units:
@@ -169,25 +171,26 @@ def run(cfg: RunConfig, run_dir: Path):
         tmp = store.root / ".tmp"
         tmp.mkdir(exist_ok=True)
         # Every partition's questions take part in the decision, committed ones included.
-        filter_root = run_dir / STAGE.reads
+        filter_root = run_dir / stage.input_name(cfg)
         todo = [Unit(p, [str(filter_root / f"part-{p:05d}.parquet")]) for p in range(n)
                 if not (ex / f"lsh-p{p:05d}.parquet").exists()]
         # A run that imports its samples has no source/: every id is then ordered by its hash.
         source = read_shards(sorted((run_dir / "source").glob("part-*.parquet")), ["id"])
         source_ids = source.column("id").combine_chunks() if source is not None else pa.array([], pa.string())
         del source
-        print(f"dedup: sketching {len(todo)} of {n} partitions", flush=True)
+        print(f"{stage.name}: sketching {len(todo)} of {n} partitions", flush=True)
         for p, path in map_items(_sketch_partition, (dc, source_ids, str(tmp)), todo, cfg,
-                                 lambda u: f"dedup sketch of partition {u.index} ({u.inputs[0]})"):
+                                 lambda u: f"{stage.name} sketch of partition {u.index} ({u.inputs[0]})"):
             rename_into_place(path, ex / f"lsh-p{p:05d}.parquet")
         del source_ids
         dropped = _decide([ex / f"lsh-p{p:05d}.parquet" for p in range(n)], dc)
         summary = {"questions": sum(pq.ParquetFile(ex / f"lsh-p{p:05d}.parquet").metadata.num_rows for p in range(n)),
                    "duplicate_questions": len(dropped)}
-        print(f"dedup: {summary['duplicate_questions']} of {summary['questions']} questions are duplicates", flush=True)
-        run_units(store, units, cfg, "dedup", setup=_setup, setup_args=(ray.put(dropped),), process=_process,
+        print(f"{stage.name}: {summary['duplicate_questions']} of {summary['questions']} questions are duplicates",
+              flush=True)
+        run_units(store, units, cfg, stage.name, setup=_setup, setup_args=(ray.put(dropped),), process=_process,
                   ask=resources(cfg))
-    return finish_stage(store, "dedup", time.monotonic() - start, summary)
+    return finish_stage(store, stage.name, time.monotonic() - start, summary)
 
 
 STAGE = Stage("dedup", "curate.dedup", run, resources, reads="filter", rejected_adds=tuple(DUP_COLUMNS))
