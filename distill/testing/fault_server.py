@@ -93,13 +93,36 @@ def judge_reply(problem: str) -> str:
     return "I think this problem is probably fine, maybe."
 
 
+def synthesis_reply(prompt: str, seed: int | None) -> str:
+    """The server's reply to a `synthesize` prompt, fixed by (prompt, seed): about 85% a new
+    question in the asked `QUESTION:` / `ANSWER:` format (a word problem the validate rules keep),
+    then 5% each a reply with no QUESTION: line, two QUESTION: fields, and an empty question (to
+    exercise `no_question` and `unparsable`)."""
+    u = _unit("synthesize", prompt, seed)
+    a, b = 2 + int(_unit("a", prompt, seed) * 90), 2 + int(_unit("b", prompt, seed) * 20)
+    tag = int(_unit("tag", prompt, seed) * 10**6)
+    question = (f"Shop number {tag} packs {a} boxes with {b} pencils in each box. "
+                "How many pencils does it pack in all?")
+    if u < 0.85:
+        return f"<think>The seed asks for a product.</think>QUESTION: {question}\nANSWER: {a * b}"
+    if u < 0.90:
+        return f"Here is a new problem about {a} boxes of pencils; I hope it helps."
+    if u < 0.95:
+        return f"QUESTION: {question}\nQUESTION: How many boxes are there?\nANSWER: {a}"
+    return "QUESTION:\nANSWER: 0"
+
+
 def completion_text(prompt: str, seed: int | None) -> str:
     """The full answer to `prompt` under `seed`: a think block of varying length, then a boxed
-    number, both fixed by (prompt, seed). A `validate` judge prompt gets `judge_reply`."""
+    number, both fixed by (prompt, seed). A `validate` judge prompt gets `judge_reply`, a
+    `synthesize` prompt `synthesis_reply`."""
     from distill.curate.questions import JUDGE_MARKER
+    from distill.curate.synthesis import SYNTH_MARKER
 
     if prompt.startswith(JUDGE_MARKER):
         return judge_reply(prompt.rsplit("Problem:\n", 1)[-1])
+    if prompt.startswith(SYNTH_MARKER):
+        return synthesis_reply(prompt, seed)
     u = _unit("completion", prompt, seed)
     steps = 2 + int(u * 20)
     answer = int(_unit("answer", prompt, seed) * 1000)

@@ -1,0 +1,164 @@
+"""Stage `synthesize`: seed questions -> new questions from the teacher engine (and the seeds).
+
+Reads `RUN/source/`, writes `RUN/synthesize/`: the question columns every later question stage
+and `generate` read, plus provenance (`method`, `variant`, `seed_ids`, `persona`, `concepts`,
+`teacher`, `params_hash`, `teacher_answer`). Rejected: replies without a usable question
+(`no_question`, `unparsable`, `truncated`, `same_as_seed`), failed requests with the engine's
+reason, and malformed persona lines (`location` = file:line). The methods are
+`distill.curate.synthesis.METHODS`, the settings `questions.synthesize`.
+
+Work is cut like `generate`'s (tasks keyed by method, seeds, variant, index and the method's
+settings hash; shards by arrival, staged by the replicas, committed by the driver), so a killed
+run resumes with nothing asked twice that was committed. Like a curation stage, and unlike
+`generate`, the stage is recomputed when its settings, the teacher or its input change: its
+questions are cheap next to the answers, and a changed method would otherwise leave stale rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+
+from distill.config import ConfigError, RunConfig, fingerprint, output_fields
+from distill.curate.synthesis import PlanContext, SynthTask, persona_rows, plan_tasks, read_personas
+from distill.progress import Progress, format_counter
+from distill.stages import ActorAsk, Stage
+from distill.stages.derived import finish_stage, open_derived
+from distill.store import ShardRows, StagedShard, reason_code, stage_shard
+from distill.sources import SOURCE_SCHEMA
+
+SYNTH_SCHEMA = pa.schema(list(SOURCE_SCHEMA) + [
+    pa.field("method", pa.string()), pa.field("variant", pa.string()), pa.field("seed_ids", pa.list_(pa.string())),
+    pa.field("persona", pa.string()), pa.field("concepts", pa.list_(pa.string())), pa.field("teacher", pa.string()),
+    pa.field("params_hash", pa.string()), pa.field("teacher_answer", pa.string())])
+"""One row per question: the seeds passed through (`method` "seed") and the synthesized ones."""
+
+SYNTH_REJECTED_SCHEMA = pa.schema(list(SYNTH_SCHEMA) + [
+    pa.field("reason", pa.string()), pa.field("reply", pa.string()), pa.field("location", pa.string())])
+"""`reply`: the teacher's raw reply (or the malformed persona line); `location`: file:line of a
+quarantined persona."""
+
+
+def resources(cfg: RunConfig) -> ActorAsk:
+    gen, sc = cfg.generate, STAGE.config(cfg)
+    if not sc.methods:
+        return ActorAsk(1, 1.0, 0.0, "no method: the seeds passed through, no engine")
+    what = f"{gen.engine} engine, teacher {gen.engine_config().model}, methods {', '.join(sc.methods) or '(none)'}"
+    return ActorAsk(gen.replicas, gen.cpus_per_replica, gen.gpus_per_replica, what)
+
+
+def preflight(cfg: RunConfig) -> None:
+    p = STAGE.config(cfg).persona.path
+    if "persona" in STAGE.config(cfg).methods and p and (p.startswith((".", "/")) or p.endswith((".jsonl", ".json"))) \
+            and not Path(p).is_file():
+        raise ConfigError([f"questions.synthesize.persona.path: {p!r} does not exist (a JSON Lines file of "
+                           "{\"persona\": ...} lines, or a Hub dataset id)"])
+
+
+class SynthReplica:
+    """One teacher engine in one Ray actor: a unit of tasks -> a staged shard."""
+
+    def __init__(self, cfg: RunConfig, out_root: str):
+        from distill.teachers import build_engine
+        from distill.teachers.base import SamplingParams
+
+        gen, sc = cfg.generate, STAGE.config(cfg)
+        # Built on the first unit that asks the teacher: a unit of seeds passed through needs none
+        # (loading a vLLM teacher takes minutes).
+        self.engine = None
+        self._build = lambda: build_engine(gen.engine, gen.engine_config())
+        self.params = SamplingParams(temperature=sc.temperature, top_p=sc.top_p, max_new_tokens=sc.max_tokens,
+                                     seed=sc.seed)
+        self.teacher, self.teacher_answers = f"{gen.engine}:{gen.engine_config().model}", sc.teacher_answers
+        self.out_root = out_root
+
+    def run(self, unit: tuple[int, list[SynthTask]]) -> tuple[StagedShard, Counter, Counter]:
+        from distill.curate.synthesis import synthesize_unit
+
+        index, tasks = unit
+        if self.engine is None and any(t.method != "seed" for t in tasks):
+            self.engine = self._build()
+        kept, rejected = synthesize_unit(self.engine, tasks, self.params, self.teacher, self.teacher_answers)
+        staged = stage_shard(self.out_root, index, kept, rejected, SYNTH_SCHEMA, SYNTH_REJECTED_SCHEMA)
+        return staged, Counter(r["method"] for r in kept), Counter(reason_code(r["reason"]) for r in rejected)
+
+
+def _units(tasks: Iterable[SynthTask], done, size: int, first: int) -> Iterator[tuple[int, list[SynthTask]]]:
+    """The tasks not yet committed, `size` a unit, made as the pool asks for them."""
+    todo = (t for t in tasks if t.key not in done)
+    for index in itertools.count(first):
+        chunk = list(itertools.islice(todo, size))
+        if not chunk:
+            return
+        yield index, chunk
+
+
+def _load_personas(sc) -> tuple[list[str], list[dict], str]:
+    """The persona list, its quarantined lines and its content hash (an input of the stage)."""
+    personas, bad = read_personas(persona_rows(sc.persona), sc.persona.column)
+    return personas, bad, fingerprint(personas)
+
+
+def run(cfg: RunConfig, run_dir: Path):
+    import ray
+
+    from distill.raypool import ReplicaPool
+
+    sc, gen = STAGE.config(cfg), cfg.generate
+    personas, bad_personas, persona_hash = _load_personas(sc) if "persona" in sc.methods else ([], [], "")
+    teacher = {"engine": gen.engine, "model": output_fields(gen.engine_config())}
+    shared = {k: v for k, v in output_fields(sc).items() if k not in ("methods", "keep_seeds", "augment", "persona")}
+    hashes = {m: fingerprint({"method": m, "settings": output_fields(getattr(sc, m)), "shared": shared,
+                              "teacher": teacher, "personas": persona_hash if m == "persona" else None})
+              for m in sc.methods}
+    store = open_derived(run_dir, STAGE, cfg, {"teacher": fingerprint(teacher), "personas": persona_hash})
+    done = store.done_key_hashes()
+
+    # Malformed persona lines: quarantined once, in a shard of their own, as the source's are.
+    lines = len(personas) + len(bad_personas)
+    quarantine = [{"key": f"personas:{b['location']}", "method": "persona", "reason": b["reason"], "reply": b["raw"],
+                   "location": b["location"]} for b in bad_personas]
+    if quarantine and quarantine[0]["key"] not in done:
+        store.commit(store.next_index(), [], quarantine)
+    if "persona" in sc.methods and (not personas or len(bad_personas) / lines > sc.persona.max_bad_fraction):
+        store.finish(status="failed")
+        first = f"; first: {bad_personas[0]['location']}: {bad_personas[0]['reason']}" if bad_personas else ""
+        raise ConfigError([f"questions.synthesize.persona.path: {len(bad_personas)} of {lines} persona lines are "
+                           f"malformed (max_bad_fraction={sc.persona.max_bad_fraction:g}), quarantined in "
+                           f"{store.root / 'rejected'}{first}"])
+
+    seeds = ShardRows(run_dir / STAGE.input_name(cfg), ["id", "problem", "answer", "source"])
+    ctx = PlanContext(sc, hashes, personas)
+    planned = sum(t.key not in done for t in plan_tasks(seeds, ctx))  # a second pass over the seeds, not held
+    n_units = -(-planned // sc.shard_size)
+    print(f"synthesize: {len(seeds)} seeds, methods {', '.join(sc.methods) or '(none)'}; {planned} questions to make "
+          f"in {n_units} shards", flush=True)
+    made, rejected = Counter(), Counter()
+    bar = Progress(n_units, "synthesize", enabled=cfg.run.progress)
+    if n_units:
+        ask = resources(cfg)
+        pool = ReplicaPool(ray.remote(SynthReplica), (cfg, str(store.root)), replicas=min(ask.replicas, n_units),
+                           options={"num_cpus": ask.cpus, "num_gpus": ask.gpus}, max_retries=gen.max_shard_retries,
+                           describe=lambda u: f"synthesize shard {u[0]}")
+        try:
+            for staged, kept, rej in pool.map_unordered("run", _units(plan_tasks(seeds, ctx), done, sc.shard_size,
+                                                                      store.next_index())):
+                store.commit_staged(staged)
+                made.update(kept)
+                rejected.update(rej)
+                bar.update(staged.rows + staged.rejected_rows, 0)
+        finally:
+            pool.shutdown()
+    bar.close()
+    summary = {"made_this_run": dict(made), "rejected_this_run": dict(rejected), "personas": len(personas),
+               "persona_lines_quarantined": len(bad_personas)}
+    print(f"synthesize: this run {format_counter(made)}", flush=True)
+    return finish_stage(store, "synthesize", bar.elapsed, summary)
+
+
+STAGE = Stage("synthesize", "questions.synthesize", run, resources, reads="source", preflight=preflight,
+              schema=SYNTH_SCHEMA, rejected=SYNTH_REJECTED_SCHEMA)
