@@ -99,6 +99,8 @@ def build_report(run_dir: Path) -> dict:
         report["verdicts"] = dict(Counter(v["verdict"]).most_common())
         if "import" in stages:
             report["imported_flags"] = flag_agreement(v["origin"], v["origin_correct"], v["correct"])
+    if "difficulty" in stages:
+        report["difficulty"] = difficulty_summary(run_dir / "difficulty", report["stages"]["difficulty"])
     if "import" in stages:
         # Each set's samples kept at each stage: where a set's yield goes (one column per shard).
         report["imported_yield"] = {}
@@ -125,6 +127,29 @@ def build_report(run_dir: Path) -> dict:
             "benchmarks": report["stages"]["decontam"]["summary"].get("benchmarks", {}),
         }
     return report
+
+
+def difficulty_summary(root: Path, st: dict) -> dict:
+    """The solver's view of the questions (stage `difficulty`), kept and rejected alike: a pass-rate
+    histogram and the coverage curve, mean pass@k for k = 1..`samples`. A question the unanimity
+    rule stopped early counts as solved (or not) at every k, as the rule assumes."""
+    from distill.curate.difficulty import coverage_curve
+
+    want = ["solver_samples", "solver_correct", "solver_pass_rate"]
+    acc, rej = _columns(root, want), _columns(root, want, rejected=True)
+    counts = [(n, c) for n, c in zip(acc["solver_samples"] + rej["solver_samples"],
+                                     acc["solver_correct"] + rej["solver_correct"]) if n]
+    rates = [c / n for n, c in counts]
+    settings = st.get("settings") or {}
+    k_max = settings.get("samples") or max((n for n, _ in counts), default=0)
+    labels, hist = _histogram(rates, 10, 0, 1.0000001)
+    return {"questions": len(counts), "kept": st["kept"], "band": settings.get("band"),
+            "min_samples": settings.get("min_samples"), "samples": k_max,
+            "mean_pass_rate": round(sum(rates) / len(rates), 4) if rates else None,
+            "stopped_early": sum(n < k_max for n, _ in counts),
+            "solver_requests": sum(n for n, _ in counts),
+            "pass_rate_histogram": {"labels": labels, "counts": hist},
+            "coverage": [round(v, 6) for v in coverage_curve(counts, k_max)]}
 
 
 def generation_summary(summary: dict) -> dict:
@@ -336,6 +361,13 @@ def _summary_lines(report: dict) -> list[str]:
         out.append(f"import {origin}: its flags agree with the verifier on {agreement} of {f['flagged']} flagged "
                    f"samples (set right / verifier wrong: {f['set_says_right_verifier_wrong']}, set wrong / "
                    f"verifier right: {f['set_says_wrong_verifier_right']}; {f['samples'] - f['flagged']} unflagged)")
+    d = report.get("difficulty")
+    if d and d["questions"]:
+        cov = d["coverage"]
+        out.append(f"difficulty: {d['questions']} questions, solver pass rate {d['mean_pass_rate']:.1%} on average, "
+                   f"coverage pass@1 {cov[0]:.1%} -> pass@{len(cov)} {cov[-1]:.1%}; {d['kept']} kept in band "
+                   f"{d['band']}; {d['stopped_early']} stopped after {d['min_samples']} samples "
+                   f"({d['solver_requests']} solver requests)")
     train = report.get("train") or {}
     loss = (train.get("curves") or {}).get("loss")
     if loss:
@@ -581,6 +613,8 @@ def _funnel_sections(report: dict) -> list[str]:
     else:
         body = _missing("RUN/verify")
     out.append(_section("sec-passrate", "Teacher pass rate per question", body))
+    if report.get("difficulty"):
+        out.append(_section("sec-difficulty", "Solver difficulty", _difficulty_body(report["difficulty"])))
     if report.get("decontam"):
         hits = report["decontam"]["questions_removed_by_benchmark"]
         body = _svg_bars("Decontamination: questions removed per benchmark", list(hits) or ["(none)"],
@@ -591,6 +625,22 @@ def _funnel_sections(report: dict) -> list[str]:
         body = _missing("RUN/decontam")
     out.append(_section("sec-decontam", "Decontamination hits per benchmark", body))
     return out
+
+
+def _difficulty_body(d: dict) -> str:
+    if not d["questions"]:
+        return _missing("solver samples in RUN/difficulty")
+    h = d["pass_rate_histogram"]
+    body = _svg_bars("Solver pass rate per question (kept and rejected)", h["labels"], {"questions": h["counts"]},
+                     plot_id="plot-difficulty")
+    body += _svg_lines("plot-coverage", "Coverage: mean pass@k over questions",
+                       {"pass@k": [(k + 1, v) for k, v in enumerate(d["coverage"])]},
+                       xlabel="k (samples)", ylabel="pass@k", zero_based=True)
+    body += (f"<p>{_esc(d['kept'])} of {_esc(d['questions'])} questions kept in band {_esc(d['band'])}; "
+             f"{_esc(d['stopped_early'])} stopped after {_esc(d['min_samples'])} unanimous samples; "
+             f"{_esc(d['solver_requests'])} solver requests. A question stopped early counts as solved or "
+             "unsolved at every k.</p>")
+    return body
 
 
 def _generation_section(g: dict | None) -> str:
@@ -739,7 +789,7 @@ def render_html(report: dict) -> str:
     sections.append(_eval_section(report.get("eval")))
     sections.append(_provenance_section(report))
     nav = "".join(f'<a href="#{sid}">{_esc(t)}</a>' for sid, t in (
-        ("sec-funnel", "funnel"), ("sec-generation", "generation"), ("sec-lengths", "lengths"), ("sec-passrate", "pass rate"),
+        ("sec-funnel", "funnel"), ("sec-generation", "generation"), ("sec-lengths", "lengths"), ("sec-passrate", "pass rate"), ("sec-difficulty", "difficulty"),
         ("sec-decontam", "decontamination"), ("sec-loss", "training"), ("sec-steptimes", "step times"),
         ("sec-stragglers", "stragglers"), ("sec-goodput", "goodput"), ("sec-eval", "evaluation"),
         ("sec-config", "config")))
