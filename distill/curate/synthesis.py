@@ -92,6 +92,8 @@ class SynthesizeConfig(Section):
     """Sampling temperature of the synthesis requests (diverse rewrites want > 0)."""
 
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Nucleus sampling of the synthesis requests."""
+
     max_tokens: int = Field(default=512, ge=16)
     """Tokens the teacher may write per reply (a reasoning teacher thinks first: give it room).
     A reply cut before its `ANSWER:` line is rejected as `truncated`."""
