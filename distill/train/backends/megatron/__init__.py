@@ -3,7 +3,8 @@ not fit (or run slowly) under ZeRO.
 
 `train.backend: megatron`. Every rank joins one torch.distributed group (NCCL on GPU, gloo on
 CPU; Ray Train or torchrun create it, or the backend does), and megatron-core's
-`parallel_state` splits it into tensor x context x pipeline x data groups (tensor innermost).
+`parallel_state` splits it into tensor, context, data and pipeline groups (tensor innermost,
+then context: a context group's ranks are neighbours, on one node when they fit).
 The loop gives every rank of one tensor/context/pipeline group the same rows (`dp_rank` /
 `dp_size`); with context parallelism each rank of a context group then keeps its contiguous
 1/cp of every row (model.py: all-gathered K/V in the packed core attention), its loss covers
