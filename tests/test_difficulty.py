@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from conftest import DATA
+from conftest import DATA, REPO, distill_cmd
 from distill.curate.difficulty import DifficultyConfig, Outcome, assess_questions, coverage_curve, decide, pass_at_k
 from distill.curate.verify import Verifier, VerifyConfig, majority_vote
 
@@ -187,45 +192,80 @@ def _read(root):
     return [x for f in sorted(root.glob("part-*.parquet")) for x in pq.read_table(f).to_pylist()]
 
 
+def _config(run, base_url, **difficulty) -> dict:
+    return {
+        "run": {"dir": str(run), "stages": ["validate", "difficulty"], "progress": False},
+        "ray": {"num_cpus": 2}, "source": {"path": str(run.parent / "seeds.jsonl")},
+        "curate": {"workers": 1, "shard_size": 4, "verify": {"min_agreement": MIN_AGREEMENT}},
+        "questions": {"difficulty": {"samples": N, "min_samples": M, "band": list(BAND), "seed": SEED,
+                                     "max_new_tokens": MAX_TOKENS, **difficulty}},
+        "generate": {"engine": "openai", "openai": {"base_url": base_url, "model": "solver"}}}
+
+
 @pytest.mark.slow
-def test_difficulty_on_the_fault_server_decides_as_computed_and_stops_early(tmp_path):
+def test_difficulty_killed_and_resumed_decides_as_computed_and_stops_early(tmp_path):
+    """A `distill run` killed with SIGKILL to its process group once difficulty has committed some
+    partitions, then resumed: every question decided exactly once, as computed from the server's
+    answers; committed partitions never asked again; decided questions asked M samples, not N."""
     from distill.config import build_config
     from distill.pipeline import run_pipeline
     from distill.report import build_report, format_table, render_html
+    from distill.stages import get_stage
+    from distill.stages.derived import open_partitioned
+    from distill.stages.difficulty import solver_inputs
+    from distill.teachers.base import derive_seed
     from distill.testing.fault_server import FaultServer
 
     qs = _questions()
-    seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
     run = tmp_path / "run"
-    with FaultServer() as server:
-        cfg = build_config({
-            "run": {"dir": str(run), "stages": ["validate", "difficulty"], "progress": False},
-            "ray": {"num_cpus": 2}, "source": {"path": str(seeds)},
-            "curate": {"workers": 1, "shard_size": 8, "verify": {"min_agreement": MIN_AGREEMENT}},
-            "questions": {"difficulty": {"samples": N, "min_samples": M, "band": list(BAND), "seed": SEED,
-                                         "max_new_tokens": MAX_TOKENS}},
-            "generate": {"engine": "openai", "openai": {"base_url": server.base_url, "model": "solver"}}})
+    parts = run / "difficulty"
+    # Slow answers (0.3 s each) so that the kill lands while difficulty's partitions are in flight.
+    with FaultServer(latency_s=0.3) as server:
+        cfg_file = tmp_path / "run.yaml"
+        cfg_file.write_text(yaml.safe_dump(_config(run, server.base_url)))
+        # Its own session, so the kill reaches the driver and the Ray processes it started.
+        proc = subprocess.Popen(distill_cmd("run", str(cfg_file)), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not list(parts.glob("part-*.parquet")):
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "difficulty made no progress"
+                time.sleep(0.01)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        committed = {p.name for p in parts.glob("part-*.parquet")}
+        n_parts = json.loads((parts / "_manifest.json").read_text())["partitions"]
+        assert 1 <= len(committed) < n_parts, "the kill must land mid-stage"
+        before_resume = Counter(server.completions)
+        cfg = build_config(_config(run, server.base_url))
         run_pipeline(cfg)
-    from distill.teachers.base import derive_seed
 
     expected = {q["id"]: _expected(q["answer"], _answers(q["id"], q["problem"])) for q in qs}
     codes = Counter(code for code, _, _ in expected.values())
     assert {None, "too_hard", "too_easy", "no_answer"} <= set(codes), codes  # every decision occurs
-    kept, rejected = _read(run / "difficulty"), _read(run / "difficulty" / "rejected")
+    kept, rejected = _read(parts), _read(parts / "rejected")
+    got = Counter(r["id"] for r in kept + rejected)
+    assert sorted(got) == sorted(expected) and set(got.values()) == {1}  # each question exactly once
     got = {r["id"]: (None, r["solver_samples"], r["solver_correct"]) for r in kept}
     got |= {r["id"]: (r["reason"].split(":")[0], r["solver_samples"], r["solver_correct"]) for r in rejected}
     assert got == expected
-    # Each asked sample exactly once; decided questions were asked M samples, not N.
-    asked = {(q["id"], j) for q in qs for j in range(expected[q["id"]][1])}
-    want = Counter({(q["problem"], derive_seed(SEED, "difficulty", q["id"], j)): 1 for q in qs for j in range(N)
-                    if (q["id"], j) in asked})
-    assert server.completions == want
-    assert sum(server.completions.values()) < N * len(qs)
+    # The samples asked are exactly those the unanimity rule calls for: decided questions M, not N.
+    key = lambda q, j: (q["problem"], derive_seed(SEED, "difficulty", q["id"], j))  # noqa: E731
+    asked = {key(q, j) for q in qs for j in range(expected[q["id"]][1])}
+    assert set(server.completions) == asked and len(asked) < N * len(qs)
     assert any(n == M for _, n, _ in expected.values()) and any(n == N for _, n, _ in expected.values())
+    # A committed partition's questions were not asked again by the resumed run.
+    done = {r["id"] for name in committed for f in (parts / name, parts / "rejected" / name) if f.exists()
+            for r in pq.read_table(f).to_pylist()}
+    assert done and all(server.completions[key(q, j)] == before_resume[key(q, j)] == 1
+                        for q in qs if q["id"] in done for j in range(expected[q["id"]][1]))
     vote = next(r for r in kept + rejected if r["answer"] is None and r["solver_correct"] == 2)
     answered = [a for a in _answers(vote["id"], vote["problem"]) if a is not None]
     assert vote["solver_label"] is not None and vote["solver_agreement"] == pytest.approx(2 / len(answered))
+
     # The report: a pass-rate histogram and the coverage curve over every question.
     report = build_report(run)
     d = report["difficulty"]
@@ -234,3 +274,15 @@ def test_difficulty_on_the_fault_server_decides_as_computed_and_stops_early(tmp_
     assert len(curve) == N and curve == sorted(curve) and curve[0] == pytest.approx(
         sum(c / n for _, n, c in expected.values()) / len(qs))
     assert "difficulty:" in format_table(report) and 'id="plot-coverage"' in render_html(report)
+
+    # A new solver concurrency keeps everything; a new band recomputes difficulty, never validate.
+    stage, validated = get_stage("difficulty"), sorted((run / "validate").glob("part-*.parquet"))
+    stamp = [p.stat().st_mtime_ns for p in validated]
+    same = build_config(_config(run, "http://127.0.0.1:1/v1", engine_settings={"concurrency": 3}))
+    _, units = open_partitioned(run, stage, same, solver_inputs(same))
+    assert units == [] and {p.name for p in parts.glob("part-*.parquet")} == {f"part-{i:05d}.parquet" for i in range(n_parts)}
+    for changed in ({"band": [0.0, 1.0]}, {"engine_settings": {"model": "other"}}):
+        new = build_config(_config(run, server.base_url, **changed))
+        _, units = open_partitioned(run, stage, new, solver_inputs(new))
+        assert len(units) == n_parts, changed
+    assert [p.stat().st_mtime_ns for p in validated] == stamp

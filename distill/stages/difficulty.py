@@ -94,13 +94,20 @@ def _process(state, records):
     return kept, rejected, Counter(reason_code(r["reason"]) for r in rejected) + Counter(stats)
 
 
+def solver_inputs(cfg: RunConfig) -> dict[str, str]:
+    """What the stage's output depends on besides its own section and its input, fingerprinted:
+    the resolved solver engine section (volatile keys such as concurrency left out), the prompt and
+    the grading settings."""
+    engine_name, engine_cfg = solver_engine(cfg)
+    return {"solver (engine, prompt, curate.verify)": fingerprint({
+        "engine": engine_name, "settings": output_fields(engine_cfg), "prompt": output_fields(cfg.generate.prompt),
+        "verify": output_fields(cfg.curate.verify)})}
+
+
 def run(cfg: RunConfig, run_dir: Path):
     dc = STAGE.config(cfg)
     engine_name, engine_cfg = solver_engine(cfg)
-    # What the stage's output depends on besides its own section and its input.
-    solver = fingerprint({"engine": engine_name, "settings": output_fields(engine_cfg),
-                          "prompt": output_fields(cfg.generate.prompt), "verify": output_fields(cfg.curate.verify)})
-    store, units = open_partitioned(run_dir, STAGE, cfg, extra_inputs={"solver (engine, prompt, curate.verify)": solver})
+    store, units = open_partitioned(run_dir, STAGE, cfg, extra_inputs=solver_inputs(cfg))
     print(f"difficulty: {len(units)} of {store.manifest.partitions} partitions to sample", flush=True)
     stats, seconds = run_units(store, units, cfg, "difficulty", setup=_setup,
                                setup_args=(dc, engine_name, engine_cfg, cfg.generate.prompt, cfg.curate.verify),
