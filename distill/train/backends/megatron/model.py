@@ -11,6 +11,9 @@ GPTModel built on the local layer spec:
 - `_postprocess` returns the final hidden states instead of full-vocabulary logits: the backend
   projects only the target positions (as `distill.train.model.forward_loss` does), so prompts
   and padding never reach the [tokens, vocab] logits.
+- context parallelism is the project's own (megatron-core's needs TransformerEngine attention
+  on CUDA and cuts every sample into zig-zag chunks): contiguous row shards, `RowShards` params,
+  K/V all-gathered in `context_parallel_attention`, RoPE fed each token's true position.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def build_gpt(spec: ModelSpec, config, *, pre_process: bool, post_process: bool,
                 # began on the previous shard continues from there). Its length equals the local
                 # cu_seqlens' last entry, which makes megatron's thd RoPE map rows to tokens 1:1.
                 freqs = self.rotary_pos_emb(rows.row_max_seqlen, packed_seq=True)
-                out = (out[0], freqs[rows.positions.to(freqs.device)], *out[2:])
+                out = (out[0], freqs[rows.positions], *out[2:])
             return out
 
         def _postprocess(self, hidden_states, *args, **kwargs):
@@ -235,7 +238,7 @@ def row_shards(cu_seqlens: "torch.Tensor", rows: int, row_len: int, max_seqlen: 
 
     pieces = tuple(shard_pieces(cu_seqlens.tolist(), row_len, index, degree))
     n = row_len // degree
-    positions = torch.cat([torch.arange(k1 - m - k0, k1 - k0) for _, m, k0, k1 in pieces])
+    positions = torch.cat([torch.arange(k1 - m - k0, k1 - k0) for _, m, k0, k1 in pieces]).to(cu_seqlens.device)
     cu = torch.arange(0, rows * n + 1, n, dtype=torch.int32, device=cu_seqlens.device)
     return RowShards(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n,
                      cp_group=group, positions=positions, row_max_seqlen=max_seqlen, pieces=pieces, rows=rows,
