@@ -68,13 +68,40 @@ class PersonaConfig(Section):
     are quarantined first either way)."""
 
 
+class ConceptGraphConfig(Section):
+    """Questions that need a connected set of concepts (MathScale): the teacher lists each seed's
+    topics and knowledge points (one cached pass), concepts that occur in the same seed are linked,
+    and a seeded random walk on that graph picks the concepts of each new question."""
+
+    questions: int = Field(default=100, ge=1)
+    """Questions to make (not per seed: the graph pools every seed's concepts)."""
+
+    concepts_per_question: int = Field(default=3, ge=2)
+    """Distinct concepts a walk collects (fewer when its component is smaller)."""
+
+    extract_max_tokens: int = Field(default=256, ge=16)
+    """Tokens the teacher may write when listing a seed's concepts."""
+
+
+class SkillPairConfig(Section):
+    """Questions that need two skills at once (MATH²): skills are the knowledge points of the same
+    cached extraction pass, pairs drawn at random among skills seen at least `min_count` times."""
+
+    questions: int = Field(default=100, ge=1)
+    """Questions to make (distinct pairs while there are enough)."""
+
+    min_count: int = Field(default=1, ge=1)
+    """A skill must occur in this many seeds to be paired (drops one-off, noisy extractions)."""
+
+
 class SynthesizeConfig(Section):
     """New questions from the seeds through the teacher engine (`generate.engine`)."""
 
     _volatile = frozenset({"shard_size"})
 
     methods: list[str] = Field(default_factory=list)
-    """Synthesis methods to run, each with its own section below. Known: augment, persona. Empty
+    """Synthesis methods to run, each with its own section below. Known: augment, persona,
+    concept_graph, skill_pair. Empty
     (the default): the stage passes the seeds through and asks the teacher nothing, so a run
     that lists every stage costs no teacher calls here until a method is chosen."""
 
@@ -110,6 +137,12 @@ class SynthesizeConfig(Section):
 
     persona: PersonaConfig = Field(default_factory=PersonaConfig)
     """Method `persona`."""
+
+    concept_graph: ConceptGraphConfig = Field(default_factory=ConceptGraphConfig)
+    """Method `concept_graph`."""
+
+    skill_pair: SkillPairConfig = Field(default_factory=SkillPairConfig)
+    """Method `skill_pair`."""
 
     @field_validator("methods")
     @classmethod
@@ -171,6 +204,8 @@ class PlanContext:
     cfg: SynthesizeConfig
     hashes: dict[str, str]
     personas: list[str] = field(default_factory=list)
+    graph: "ConceptGraph | None" = None
+    """Built from the extraction pass when a graph method is on."""
 
 
 def _task(ctx: PlanContext, method: str, seeds: tuple[dict, ...], variant: str, index: int, **extra) -> SynthTask:
@@ -201,13 +236,17 @@ def persona_tasks(q: dict, ctx: PlanContext) -> Iterator[SynthTask]:
 
 
 def plan_tasks(seeds: Iterable[dict], ctx: PlanContext) -> Iterator[SynthTask]:
-    """Every task of the stage, seed by seed, in a fixed order (a resumed run plans the same
-    tasks). Seeds are streamed: per-seed methods hold one seed at a time."""
+    """Every task of the stage in a fixed order (a resumed run plans the same tasks): seed by seed
+    (seeds are streamed; per-seed methods hold one at a time), then the graph methods'."""
     for q in seeds:
         if ctx.cfg.keep_seeds:
             yield SynthTask(q["id"], q["id"], "seed", "seed", (q,), "")
         for name in ctx.cfg.methods:
-            yield from METHODS[name].tasks(q, ctx)
+            if METHODS[name].per_seed:
+                yield from METHODS[name].tasks(q, ctx)
+    for name in ctx.cfg.methods:
+        if not METHODS[name].per_seed:
+            yield from METHODS[name].tasks(None, ctx)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -241,6 +280,162 @@ def persona_messages(task: SynthTask) -> list[dict]:
         "Change the setting and the story to fit the persona; keep the mathematical skill the seed "
         "tests, and keep the problem well posed with a single answer.",
         "Seed problem:\n" + task.seeds[0]["problem"])
+
+
+def _concept_prompt(instruction: str, task: SynthTask) -> list[dict]:
+    examples = "\n\n".join(f"Example problem:\n{q['problem']}" for q in task.seeds[:2])
+    return _prompt(instruction + "\n" + "\n".join(f"- {c}" for c in task.concepts), examples)
+
+
+def concept_graph_messages(task: SynthTask) -> list[dict]:
+    return _concept_prompt("Write a new math problem whose solution needs every one of these concepts. The "
+                           "example problems only show the style; do not copy them.", task)
+
+
+def skill_pair_messages(task: SynthTask) -> list[dict]:
+    return _concept_prompt("Write a new math problem that cannot be solved without using both of these skills "
+                           "together. The example problems only show the style; do not copy them.", task)
+
+
+# --------------------------------------------------------------------------- concepts and their graph
+
+EXTRACT_MARKER = "CONCEPT EXTRACTION"
+"""Opens the concept-extraction prompt (the test server answers it with JSON)."""
+
+
+def extract_messages(problem: str) -> list[dict]:
+    return [{"role": "user", "content": (
+        f"{EXTRACT_MARKER}\nList the math topics and the knowledge points (specific skills, theorems, "
+        "techniques) a solver needs for the problem below. Reply with one JSON object and nothing else: "
+        '{"topics": ["..."], "knowledge_points": ["..."]}\n\nProblem:\n' + problem)}]
+
+
+def _concept(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .")
+
+
+def parse_concepts(text: str) -> tuple[list[str], list[str]]:
+    """(topics, knowledge points), lower-cased and de-duplicated, from an extraction reply; a
+    `<think>` block and a ```json fence are dropped first. ReplyError (`unparsable: ...`,
+    `no_concepts: ...`) otherwise. Pure."""
+    from distill.teachers.base import split_reasoning
+
+    body = split_reasoning(text or "")[1].strip()
+    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", body)
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ReplyError(f"unparsable: the reply is not JSON ({e.msg} at column {e.colno}; it opens {body[:40]!r})")
+    if not isinstance(obj, dict):
+        raise ReplyError(f"unparsable: the reply is JSON {type(obj).__name__}, not an object")
+    out = []
+    for name in ("topics", "knowledge_points"):
+        items = obj.get(name, [])
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ReplyError(f"unparsable: {name} is not a list of strings")
+        out.append(list(dict.fromkeys(c for c in map(_concept, items) if c)))
+    if not out[0] and not out[1]:
+        raise ReplyError("no_concepts: the reply lists no topic and no knowledge point")
+    return out[0], out[1]
+
+
+@dataclass
+class ConceptGraph:
+    """Concepts (topics and knowledge points) as nodes; an edge's weight is the number of seeds
+    that need both. `seeds[i]`: up to two seed questions that need concept i (the new question's
+    provenance and the style examples of its prompt)."""
+
+    nodes: list[str]
+    counts: list[int]
+    edges: list[dict[int, int]]
+    seeds: list[list[dict]]
+    skills: set[int]
+    """Nodes that were extracted as knowledge points (the skills `skill_pair` pairs)."""
+
+    def digest(self) -> str:
+        blob = json.dumps([self.nodes, self.counts, [sorted(e.items()) for e in self.edges]])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_graph(extractions: Iterable[tuple[dict, list[str], list[str]]]) -> ConceptGraph:
+    """The co-occurrence graph of (seed question, topics, knowledge points) rows. Pure; memory is
+    the graph, not the seeds (two example seeds kept per concept)."""
+    index: dict[str, int] = {}
+    g = ConceptGraph([], [], [], [], set())
+    for seed, topics, points in extractions:
+        ids = []
+        for c in dict.fromkeys([*topics, *points]):
+            if c not in index:
+                index[c] = len(g.nodes)
+                g.nodes.append(c), g.counts.append(0), g.edges.append({}), g.seeds.append([])
+            i = index[c]
+            ids.append(i)
+            g.counts[i] += 1
+            if len(g.seeds[i]) < 2:
+                g.seeds[i].append(seed)
+        g.skills.update(index[p] for p in points)
+        for a in ids:
+            for b in ids:
+                if a != b:
+                    g.edges[a][b] = g.edges[a].get(b, 0) + 1
+    return g
+
+
+def _pick(weights: list[tuple[int, int]], u: float) -> int:
+    total = sum(w for _, w in weights)
+    for node, w in weights:
+        u -= w / total
+        if u < 0:
+            return node
+    return weights[-1][0]
+
+
+def random_walk(g: ConceptGraph, length: int, seed: int | None, index: int) -> list[int]:
+    """Up to `length` distinct connected concepts, fixed by (seed, index): start at a concept drawn
+    by how many seeds need it, then step to a neighbour drawn by edge weight, preferring ones not
+    yet taken (MathScale's walk). Stops early when its component has no new concept."""
+    if not g.nodes:
+        return []
+    walk = [_pick(list(enumerate(g.counts)), _unit("walk", seed, index, 0))]
+    for step in range(1, 4 * length):
+        if len(walk) == length:
+            break
+        fresh = [(n, w) for n, w in sorted(g.edges[walk[-1]].items()) if n not in walk]
+        if not fresh:  # go on from any concept already taken that still has new neighbours
+            fresh = [(n, w) for t in walk for n, w in sorted(g.edges[t].items()) if n not in walk]
+            if not fresh:
+                break
+        walk.append(_pick(fresh, _unit("walk", seed, index, step)))
+    return walk
+
+
+def _graph_seeds(g: ConceptGraph, nodes: list[int]) -> tuple[dict, ...]:
+    return tuple({q["id"]: q for n in nodes for q in g.seeds[n]}.values())
+
+
+def concept_graph_tasks(_q, ctx: PlanContext) -> Iterator[SynthTask]:
+    g, cfg = ctx.graph, ctx.cfg.concept_graph
+    for i in range(cfg.questions):
+        walk = random_walk(g, cfg.concepts_per_question, ctx.cfg.seed, i)
+        if len(walk) >= 2:  # a lone concept is no combination; its index is skipped, not retried
+            yield _task(ctx, "concept_graph", _graph_seeds(g, walk), "walk", i,
+                        concepts=tuple(g.nodes[n] for n in walk))
+
+
+def skill_pairs(g: ConceptGraph, n: int, min_count: int, seed: int | None) -> list[tuple[int, int]]:
+    """`n` distinct skill pairs (fewer if there are not that many), a seeded shuffle of all pairs
+    of skills seen at least `min_count` times. Cost: every pair is hashed, so 2,000 skills are
+    2M hashes (~2 s); a larger set wants sampling instead."""
+    skills = sorted(i for i in g.skills if g.counts[i] >= min_count)
+    pairs = [(a, b) for k, a in enumerate(skills) for b in skills[k + 1:]]
+    pairs.sort(key=lambda p: _unit("pair", seed, g.nodes[p[0]], g.nodes[p[1]]))
+    return pairs[:n]
+
+
+def skill_pair_tasks(_q, ctx: PlanContext) -> Iterator[SynthTask]:
+    g, cfg = ctx.graph, ctx.cfg.skill_pair
+    for i, (a, b) in enumerate(skill_pairs(g, cfg.questions, cfg.min_count, ctx.cfg.seed)):
+        yield _task(ctx, "skill_pair", _graph_seeds(g, [a, b]), "pair", i, concepts=(g.nodes[a], g.nodes[b]))
 
 
 # --------------------------------------------------------------------------- replies
@@ -370,14 +565,19 @@ class Method:
     """A synthesis method: the tasks it makes from one seed, and a task's prompt."""
 
     name: str
-    tasks: Callable[[dict, PlanContext], Iterator[SynthTask]]
+    tasks: Callable[[dict | None, PlanContext], Iterator[SynthTask]]
     messages: Callable[[SynthTask], list[dict]]
+    per_seed: bool = True
+    """False: the method plans from the concept graph (`tasks(None, ctx)`), after every seed."""
 
 
 METHODS: dict[str, Method] = {
     "augment": Method("augment", augment_tasks, augment_messages),
     "persona": Method("persona", persona_tasks, persona_messages),
+    "concept_graph": Method("concept_graph", concept_graph_tasks, concept_graph_messages, per_seed=False),
+    "skill_pair": Method("skill_pair", skill_pair_tasks, skill_pair_messages, per_seed=False),
 }
+GRAPH_METHODS = tuple(m for m, spec in METHODS.items() if not spec.per_seed)
 
 
 # --------------------------------------------------------------------------- a work unit
@@ -411,4 +611,27 @@ def synthesize_unit(engine, tasks: list[SynthTask], params, teacher: str, teache
             kept.append(row)
         else:
             rejected.append({**row, "reason": reason})
+    return kept, rejected
+
+
+def extract_unit(engine, seeds: list[dict], params, teacher: str) -> tuple[list[dict], list[dict]]:
+    """(concept rows, rejected rows with `reason` and `reply`) for seeds `{id, problem, ...}`: one
+    greedy-or-not request each (`params`), the reply parsed by `parse_concepts`."""
+    from distill.teachers.base import Request
+
+    results = engine.generate([Request(extract_messages(q["problem"]), n=1) for q in seeds], params)
+    kept, rejected = [], []
+    for q, res in zip(seeds, results):
+        base = {"key": q["id"], "id": q["id"], "problem": q["problem"], "answer": q["answer"], "source": q["source"],
+                "teacher": teacher}
+        if not res.ok:
+            rejected.append({**base, "reason": res.rejected, "reply": None})
+            continue
+        text = res.completions[0].text
+        try:
+            topics, points = parse_concepts(text)
+        except ReplyError as e:
+            rejected.append({**base, "reason": str(e), "reply": text})
+            continue
+        kept.append({**base, "topics": topics, "knowledge_points": points})
     return kept, rejected

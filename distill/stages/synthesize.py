@@ -24,11 +24,13 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from distill.config import ConfigError, RunConfig, fingerprint, output_fields
-from distill.curate.synthesis import PlanContext, SynthTask, persona_rows, plan_tasks, read_personas
+from distill.curate.synthesis import (
+    GRAPH_METHODS, PlanContext, SynthTask, build_graph, persona_rows, plan_tasks, read_personas,
+)
 from distill.progress import Progress, format_counter
 from distill.stages import ActorAsk, Stage
 from distill.stages.derived import finish_stage, open_derived
-from distill.store import ShardRows, StagedShard, reason_code, stage_shard
+from distill.store import ShardRows, ShardStore, StagedShard, reason_code, stage_shard
 from distill.sources import SOURCE_SCHEMA
 
 SYNTH_SCHEMA = pa.schema(list(SOURCE_SCHEMA) + [
@@ -41,6 +43,14 @@ SYNTH_REJECTED_SCHEMA = pa.schema(list(SYNTH_SCHEMA) + [
     pa.field("reason", pa.string()), pa.field("reply", pa.string()), pa.field("location", pa.string())])
 """`reply`: the teacher's raw reply (or the malformed persona line); `location`: file:line of a
 quarantined persona."""
+
+
+CONCEPT_SCHEMA = pa.schema(list(SOURCE_SCHEMA) + [
+    pa.field("teacher", pa.string()), pa.field("topics", pa.list_(pa.string())),
+    pa.field("knowledge_points", pa.list_(pa.string()))])
+"""The cached extraction pass (`RUN/synthesize/concepts/`): one row per seed."""
+CONCEPT_REJECTED_SCHEMA = pa.schema(list(SOURCE_SCHEMA) + [
+    pa.field("teacher", pa.string()), pa.field("reason", pa.string()), pa.field("reply", pa.string())])
 
 
 def resources(cfg: RunConfig) -> ActorAsk:
@@ -75,6 +85,7 @@ class SynthReplica:
                                      seed=sc.seed)
         self.teacher, self.teacher_answers = f"{gen.engine}:{gen.engine_config().model}", sc.teacher_answers
         self.out_root = out_root
+        self.extract_tokens = sc.concept_graph.extract_max_tokens
 
     def run(self, unit: tuple[int, list[SynthTask]]) -> tuple[StagedShard, Counter, Counter]:
         from distill.curate.synthesis import synthesize_unit
@@ -86,10 +97,25 @@ class SynthReplica:
         staged = stage_shard(self.out_root, index, kept, rejected, SYNTH_SCHEMA, SYNTH_REJECTED_SCHEMA)
         return staged, Counter(r["method"] for r in kept), Counter(reason_code(r["reason"]) for r in rejected)
 
+    def extract(self, unit: tuple[int, list[dict]]) -> tuple[StagedShard, Counter, Counter]:
+        """A unit of seeds -> their concepts, staged in `concepts/`."""
+        from distill.curate.synthesis import extract_unit
+        from distill.teachers.base import SamplingParams
 
-def _units(tasks: Iterable[SynthTask], done, size: int, first: int) -> Iterator[tuple[int, list[SynthTask]]]:
-    """The tasks not yet committed, `size` a unit, made as the pool asks for them."""
-    todo = (t for t in tasks if t.key not in done)
+        index, seeds = unit
+        if self.engine is None:
+            self.engine = self._build()
+        # Greedy: the concepts of a seed are a reading of it, not a creative choice.
+        params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.extract_tokens, seed=0)
+        kept, rejected = extract_unit(self.engine, seeds, params, self.teacher)
+        staged = stage_shard(Path(self.out_root) / "concepts", index, kept, rejected, CONCEPT_SCHEMA,
+                             CONCEPT_REJECTED_SCHEMA)
+        return staged, Counter(extracted=len(kept)), Counter(reason_code(r["reason"]) for r in rejected)
+
+
+def _units(items: Iterable, done, size: int, first: int, key=lambda t: t.key) -> Iterator[tuple[int, list]]:
+    """The tasks (or seeds) not yet committed, `size` a unit, made as the pool asks for them."""
+    todo = (t for t in items if key(t) not in done)
     for index in itertools.count(first):
         chunk = list(itertools.islice(todo, size))
         if not chunk:
@@ -133,29 +159,67 @@ def run(cfg: RunConfig, run_dir: Path):
 
     seeds = ShardRows(run_dir / STAGE.input_name(cfg), ["id", "problem", "answer", "source"])
     ctx = PlanContext(sc, hashes, personas)
+    pool, extracted = None, Counter()
+
+    def replicas(n_units: int):
+        nonlocal pool
+        if pool is None:  # one pool for both passes: the engine is built once per replica
+            ask = resources(cfg)
+            pool = ReplicaPool(ray.remote(SynthReplica), (cfg, str(store.root)), replicas=min(ask.replicas, n_units),
+                               options={"num_cpus": ask.cpus, "num_gpus": ask.gpus},
+                               max_retries=gen.max_shard_retries, describe=lambda u: f"synthesize unit {u[0]}")
+        return pool
+
+    try:
+        if graph_methods := [m for m in sc.methods if m in GRAPH_METHODS]:
+            # The extraction pass: its own exactly-once shards under concepts/, done once per
+            # fingerprint of the stage and reused by both graph methods.
+            extraction = {"teacher": teacher, "max_tokens": sc.concept_graph.extract_max_tokens}
+            cstore = ShardStore(store.root / "concepts", stage="synthesize.concepts", fingerprint=fingerprint(extraction),
+                                settings=extraction, schema=CONCEPT_SCHEMA,
+                                rejected_schema=CONCEPT_REJECTED_SCHEMA).open()
+            cdone = cstore.done_key_hashes()
+            todo = sum(q["id"] not in cdone for q in seeds)
+            print(f"synthesize: listing the concepts of {todo} seeds ({len(seeds) - todo} done)", flush=True)
+            if todo:
+                for staged, _, rej in replicas(-(-todo // sc.shard_size)).map_unordered(
+                        "extract", _units(seeds, cdone, sc.shard_size, cstore.next_index(), key=lambda q: q["id"])):
+                    cstore.commit_staged(staged)
+                    extracted.update(rej)
+            counts = cstore.finish({"rejected_this_run": dict(extracted)}).counts
+            cols = ["id", "problem", "answer", "source", "topics", "knowledge_points"]
+            ctx.graph = build_graph(({k: r[k] for k in cols[:4]}, r["topics"], r["knowledge_points"])
+                                    for r in ShardRows(cstore.root, cols))
+            digest = ctx.graph.digest()
+            hashes.update({m: fingerprint([hashes[m], digest]) for m in graph_methods})
+            extracted = Counter({"seeds": counts["records"], "concepts": len(ctx.graph.nodes),
+                                 **{f"rejected_{k}": v for k, v in counts["rejected_by_reason"].items()}})
+            print(f"synthesize: concept graph of {len(ctx.graph.nodes)} concepts from {counts['records']} seeds "
+                  f"({counts['rejected']} extraction replies rejected)", flush=True)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown()
+        raise
     planned = sum(t.key not in done for t in plan_tasks(seeds, ctx))  # a second pass over the seeds, not held
     n_units = -(-planned // sc.shard_size)
     print(f"synthesize: {len(seeds)} seeds, methods {', '.join(sc.methods) or '(none)'}; {planned} questions to make "
           f"in {n_units} shards", flush=True)
     made, rejected = Counter(), Counter()
     bar = Progress(n_units, "synthesize", enabled=cfg.run.progress)
-    if n_units:
-        ask = resources(cfg)
-        pool = ReplicaPool(ray.remote(SynthReplica), (cfg, str(store.root)), replicas=min(ask.replicas, n_units),
-                           options={"num_cpus": ask.cpus, "num_gpus": ask.gpus}, max_retries=gen.max_shard_retries,
-                           describe=lambda u: f"synthesize shard {u[0]}")
-        try:
-            for staged, kept, rej in pool.map_unordered("run", _units(plan_tasks(seeds, ctx), done, sc.shard_size,
-                                                                      store.next_index())):
+    try:
+        if n_units:
+            for staged, kept, rej in replicas(n_units).map_unordered(
+                    "run", _units(plan_tasks(seeds, ctx), done, sc.shard_size, store.next_index())):
                 store.commit_staged(staged)
                 made.update(kept)
                 rejected.update(rej)
                 bar.update(staged.rows + staged.rejected_rows, 0)
-        finally:
+    finally:
+        if pool is not None:
             pool.shutdown()
     bar.close()
     summary = {"made_this_run": dict(made), "rejected_this_run": dict(rejected), "personas": len(personas),
-               "persona_lines_quarantined": len(bad_personas)}
+               "persona_lines_quarantined": len(bad_personas), "concepts": dict(extracted)}
     print(f"synthesize: this run {format_counter(made)}", flush=True)
     return finish_stage(store, "synthesize", bar.elapsed, summary)
 

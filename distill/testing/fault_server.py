@@ -112,17 +112,38 @@ def synthesis_reply(prompt: str, seed: int | None) -> str:
     return "QUESTION:\nANSWER: 0"
 
 
+_TOPICS = ("arithmetic", "algebra", "geometry", "probability", "number theory", "rates")
+_POINTS = ("multiplication", "fractions", "percentages", "linear equations", "area of a rectangle",
+           "unit conversion", "ratios", "divisibility", "averages", "counting", "speed and time", "remainders")
+
+
+def concepts_reply(prompt: str) -> str:
+    """The server's reply to a concept-extraction prompt, fixed by the prompt: about 90% a JSON
+    object with one or two topics and two or three knowledge points from small fixed lists (so
+    seeds share concepts and the co-occurrence graph is connected), 5% text that is not JSON and
+    5% JSON with no concept (to exercise `unparsable` and `no_concepts`)."""
+    u = _unit("concepts", prompt, None)
+    if u >= 0.95:
+        return '{"topics": [], "knowledge_points": []}'
+    if u >= 0.90:
+        return "Topics: arithmetic; knowledge points: multiplication"
+    pick = lambda names, k, tag: sorted({names[int(_unit(tag, prompt, i) * len(names))] for i in range(k)})  # noqa: E731
+    return json.dumps({"topics": pick(_TOPICS, 2, "topic"), "knowledge_points": pick(_POINTS, 3, "point")})
+
+
 def completion_text(prompt: str, seed: int | None) -> str:
     """The full answer to `prompt` under `seed`: a think block of varying length, then a boxed
     number, both fixed by (prompt, seed). A `validate` judge prompt gets `judge_reply`, a
-    `synthesize` prompt `synthesis_reply`."""
+    `synthesize` prompt `synthesis_reply`, a concept-extraction prompt `concepts_reply`."""
     from distill.curate.questions import JUDGE_MARKER
-    from distill.curate.synthesis import SYNTH_MARKER
+    from distill.curate.synthesis import EXTRACT_MARKER, SYNTH_MARKER
 
     if prompt.startswith(JUDGE_MARKER):
         return judge_reply(prompt.rsplit("Problem:\n", 1)[-1])
     if prompt.startswith(SYNTH_MARKER):
         return synthesis_reply(prompt, seed)
+    if prompt.startswith(EXTRACT_MARKER):
+        return concepts_reply(prompt)
     u = _unit("completion", prompt, seed)
     steps = 2 + int(u * 20)
     answer = int(_unit("answer", prompt, seed) * 1000)
