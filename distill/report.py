@@ -789,7 +789,8 @@ def render_html(report: dict) -> str:
     sections.append(_eval_section(report.get("eval")))
     sections.append(_provenance_section(report))
     nav = "".join(f'<a href="#{sid}">{_esc(t)}</a>' for sid, t in (
-        ("sec-funnel", "funnel"), ("sec-generation", "generation"), ("sec-lengths", "lengths"), ("sec-passrate", "pass rate"), ("sec-difficulty", "difficulty"),
+        ("sec-funnel", "funnel"), ("sec-generation", "generation"), ("sec-lengths", "lengths"), ("sec-passrate", "pass rate"),
+        *((("sec-difficulty", "difficulty"),) if report.get("difficulty") else ()),
         ("sec-decontam", "decontamination"), ("sec-loss", "training"), ("sec-steptimes", "step times"),
         ("sec-stragglers", "stragglers"), ("sec-goodput", "goodput"), ("sec-eval", "evaluation"),
         ("sec-config", "config")))

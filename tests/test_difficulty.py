@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from xml.etree import ElementTree
 
 import pyarrow.parquet as pq
 import pytest
@@ -273,7 +274,13 @@ def test_difficulty_killed_and_resumed_decides_as_computed_and_stops_early(tmp_p
     curve = d["coverage"]
     assert len(curve) == N and curve == sorted(curve) and curve[0] == pytest.approx(
         sum(c / n for _, n, c in expected.values()) / len(qs))
-    assert "difficulty:" in format_table(report) and 'id="plot-coverage"' in render_html(report)
+    assert "difficulty:" in format_table(report)
+    page = render_html(report)
+    assert '<a href="#sec-difficulty">' in page
+    for plot in ("plot-difficulty", "plot-coverage"):  # well-formed SVG that draws something
+        svg = ElementTree.fromstring(re.search(f'<svg id="{plot}".*?</svg>', page, re.S).group(0))
+        assert svg.findall(".//{http://www.w3.org/2000/svg}polyline") or \
+            svg.findall(".//{http://www.w3.org/2000/svg}rect"), plot
 
     # A new solver concurrency keeps everything; a new band recomputes difficulty, never validate.
     stage, validated = get_stage("difficulty"), sorted((run / "validate").glob("part-*.parquet"))
