@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.curate.synthesis import (
-    METHODS, SYNTH_MARKER, PersonaConfig, PlanContext, ReplyError, SynthesizeConfig, parse_reply, persona_rows,
-    plan_tasks, read_personas, reply_record,
+    METHODS, SYNTH_MARKER, PersonaConfig, PlanContext, ReplyError, SynthesizeConfig, build_graph, parse_concepts,
+    parse_reply, persona_rows, plan_tasks, random_walk, read_personas, reply_record, skill_pairs,
 )
 from distill.fsio import iter_jsonl
 from distill.store import Manifest, read_records
@@ -113,6 +113,56 @@ def test_the_shipped_personas_read_clean_and_a_malformed_file_is_quarantined_lin
         ("6", "empty_persona"), ("7", "duplicate_persona")]
     with pytest.raises(FileNotFoundError, match="persona.path"):
         persona_rows(PersonaConfig(path=str(tmp_path / "missing.jsonl")))
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ('{"topics": ["Algebra", "algebra "], "knowledge_points": ["Linear  equations"]}',
+     (["algebra"], ["linear equations"])),
+    ('<think>hm</think>```json\n{"topics": ["geometry"]}\n```', (["geometry"], [])),
+    ("Topics: algebra", "unparsable"),
+    ('["algebra"]', "unparsable"),
+    ('{"topics": "algebra"}', "unparsable"),
+    ('{"topics": [], "knowledge_points": []}', "no_concepts"),
+])
+def test_concept_lists_are_parsed_or_rejected_with_their_reason(reply, expected):
+    if isinstance(expected, tuple):
+        assert parse_concepts(reply) == expected
+    else:
+        with pytest.raises(ReplyError, match=f"^{expected}: "):
+            parse_concepts(reply)
+
+
+def _graph():
+    seeds = [{"id": f"s{i}", "problem": f"P{i}", "answer": "1", "source": "x"} for i in range(5)]
+    return build_graph([(seeds[0], ["algebra"], ["fractions", "ratios"]), (seeds[1], ["algebra"], ["ratios", "lines"]),
+                        (seeds[2], ["geometry"], ["area"]), (seeds[3], ["geometry"], ["area", "angles"]),
+                        (seeds[4], ["algebra"], ["fractions"])])
+
+
+def test_the_concept_graph_links_co_occurring_concepts_and_walks_stay_connected():
+    g = _graph()
+    idx = {c: i for i, c in enumerate(g.nodes)}
+    assert g.counts[idx["algebra"]] == 3 and g.edges[idx["algebra"]][idx["fractions"]] == 2
+    assert idx["geometry"] not in g.edges[idx["algebra"]]
+    assert {g.nodes[i] for i in g.skills} == {"fractions", "ratios", "lines", "area", "angles"}
+    algebra = {"algebra", "fractions", "ratios", "lines"}
+    for i in range(30):
+        walk = [g.nodes[n] for n in random_walk(g, 3, 0, i)]
+        assert walk == [g.nodes[n] for n in random_walk(g, 3, 0, i)] and len(set(walk)) == len(walk)
+        assert set(walk) <= algebra or set(walk) <= {"geometry", "area", "angles"}  # never across components
+        assert len(walk) == 3
+    pairs = skill_pairs(g, 100, 1, 0)
+    assert len(pairs) == 10 and len(set(pairs)) == 10 and all(a in g.skills and b in g.skills for a, b in pairs)
+    assert {frozenset((g.nodes[a], g.nodes[b])) for a, b in skill_pairs(g, 100, 2, 0)} == {
+        frozenset(("fractions", "ratios")), frozenset(("fractions", "area")), frozenset(("ratios", "area"))}
+    ctx = PlanContext(SynthesizeConfig(methods=["concept_graph", "skill_pair"], keep_seeds=False,
+                                       concept_graph={"questions": 4}, skill_pair={"questions": 3}),
+                      {"concept_graph": "hc", "skill_pair": "hs"}, graph=g)
+    tasks = list(plan_tasks([], ctx))
+    assert Counter(t.method for t in tasks) == {"concept_graph": 4, "skill_pair": 3}
+    for t in tasks:  # the seeds recorded are ones that need the concepts, shown as examples
+        text = METHODS[t.method].messages(t)[0]["content"]
+        assert all(c in text for c in t.concepts) and all(q["problem"] in text for q in t.seeds[:2])
 
 
 def test_the_fault_server_answers_synthesis_prompts_in_format_and_sometimes_not():
@@ -239,3 +289,11 @@ def test_synthesize_then_validate_on_the_fault_server(tmp_path, gsm8k_train):
             == sorted(r["id"] for r in again)
         assert Manifest.read(run / "source").fingerprint == source_fp
         assert (run / "source" / "part-00000.parquet").stat().st_mtime == source_mtime
+
+        # No method (the default): the seeds pass through and the teacher is asked nothing.
+        asked = sum(server.completions.values())
+        tree["run"]["dir"] = str(tmp_path / "bare")
+        tree["questions"]["synthesize"] = {}
+        run_pipeline(build_config(tree))
+        assert sum(server.completions.values()) == asked
+        assert sorted(r["id"] for r in read_records(tmp_path / "bare" / "synthesize")) == sorted(seed_by_id)
