@@ -195,19 +195,22 @@ def _read(root):
 
 def _config(run, base_url, **difficulty) -> dict:
     return {
-        "run": {"dir": str(run), "stages": ["validate", "difficulty"], "progress": False},
+        "run": {"dir": str(run), "stages": ["validate", "difficulty", "generate"], "progress": False},
         "ray": {"num_cpus": 2}, "source": {"path": str(run.parent / "seeds.jsonl")},
         "curate": {"workers": 1, "shard_size": 4, "verify": {"min_agreement": MIN_AGREEMENT}},
         "questions": {"difficulty": {"samples": N, "min_samples": M, "band": list(BAND), "seed": SEED,
                                      "max_new_tokens": MAX_TOKENS, **difficulty}},
-        "generate": {"engine": "openai", "openai": {"base_url": base_url, "model": "solver"}}}
+        "generate": {"engine": "openai", "n_samples": 1, "shard_size": 16, "cpus_per_replica": 0.5,
+                     "sampling": {"temperature": 0.0, "max_new_tokens": MAX_TOKENS, "seed": 1},
+                     "openai": {"base_url": base_url, "model": "solver"}}}
 
 
 @pytest.mark.slow
 def test_difficulty_killed_and_resumed_decides_as_computed_and_stops_early(tmp_path):
     """A `distill run` killed with SIGKILL to its process group once difficulty has committed some
     partitions, then resumed: every question decided exactly once, as computed from the server's
-    answers; committed partitions never asked again; decided questions asked M samples, not N."""
+    answers; committed partitions never asked again; decided questions asked M samples, not N;
+    generate answers the kept questions."""
     from distill.config import build_config
     from distill.pipeline import run_pipeline
     from distill.report import build_report, format_table, render_html
@@ -256,7 +259,11 @@ def test_difficulty_killed_and_resumed_decides_as_computed_and_stops_early(tmp_p
     # The samples asked are exactly those the unanimity rule calls for: decided questions M, not N.
     key = lambda q, j: (q["problem"], derive_seed(SEED, "difficulty", q["id"], j))  # noqa: E731
     asked = {key(q, j) for q in qs for j in range(expected[q["id"]][1])}
-    assert set(server.completions) == asked and len(asked) < N * len(qs)
+    solver = {k for k in server.completions if k in {key(q, j) for q in qs for j in range(N)}}
+    assert solver == asked and len(asked) < N * len(qs)
+    # generate answered the kept questions only (one sample each), not the rejected ones.
+    assert sorted(r["id"] for r in _read(run / "generate")) == sorted(r["id"] for r in kept)
+    assert len(set(server.completions) - solver) == len(kept)
     assert any(n == M for _, n, _ in expected.values()) and any(n == N for _, n, _ in expected.values())
     # A committed partition's questions were not asked again by the resumed run.
     done = {r["id"] for name in committed for f in (parts / name, parts / "rejected" / name) if f.exists()
