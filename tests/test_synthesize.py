@@ -51,6 +51,9 @@ def test_tasks_and_ids_are_fixed_by_method_seeds_variant_index_and_settings():
     other = PlanContext(_ctx().cfg, {"augment": "ha", "persona": "changed"}, _ctx().personas)
     moved = {t.id for t in plan_tasks([SEED], other)} ^ {t.id for t in tasks}
     assert len(moved) == 2  # the old and the new persona question
+    # Two of each rewrite: each its own id and seed (the index is part of the key).
+    two = [t for t in plan_tasks([SEED], _ctx(augment={"per_seed": 2})) if t.method == "augment"]
+    assert len(two) == 6 and len({t.id for t in two}) == 6 and len({t.seed for t in two}) == 6
     # More personas per seed: distinct personas while the list lasts.
     many = list(plan_tasks([SEED], _ctx(persona=PersonaConfig(per_seed=3))))
     assert sorted(t.persona for t in many if t.method == "persona") == ["a baker", "a nurse", "a pilot"]
