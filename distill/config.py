@@ -24,12 +24,14 @@ from distill.section import Section
 from distill.curate.config import CurateConfig
 from distill.curate.benchmarks import BenchmarkRef
 from distill.curate.questions import ValidateConfig
+from distill.curate.synthesis import SynthesizeConfig
+from distill.curate.difficulty import DifficultyConfig
 from distill.train.config import TrainConfig
 
 CURATE_STAGES = ("verify", "filter", "dedup", "decontam", "sft")
 """What `distill curate` runs, in order."""
 
-QUESTION_STAGES = ("validate",)
+QUESTION_STAGES = ("synthesize", "validate", "question_dedup", "question_decontam", "difficulty")
 """Stages that turn the seed questions into the questions `generate` answers, in order."""
 
 STAGES = (*QUESTION_STAGES, "generate", "import", *CURATE_STAGES, "train", "eval")
@@ -188,9 +190,16 @@ class MixConfig(Section):
 class QuestionsConfig(Section):
     """The question stages between the source and generation."""
 
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    """New questions from the seeds through the teacher engine (stage `synthesize`): its methods
+    (augment, persona, concept_graph, skill_pair) and their settings."""
+
     validation: ValidateConfig = Field(default_factory=ValidateConfig)
     """Rule checks and an optional well-posedness judge (stage `validate`; `validate` itself is a
     pydantic method name)."""
+
+    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig)
+    """Solver samples per question, pass rate and a pass-rate band (stage `difficulty`)."""
 
 
 # --------------------------------------------------------------------------- imported traces
