@@ -32,7 +32,8 @@ def solver_engine(cfg: RunConfig) -> tuple[str, Section]:
     dc, gen = STAGE.config(cfg), cfg.generate
     name = gen.engine if dc.engine == "generate" else dc.engine
     if name not in ENGINE_CONFIGS:
-        raise ConfigError([f"questions.difficulty.engine={dc.engine!r}: known: generate, {', '.join(sorted(ENGINE_CONFIGS))}"])
+        raise ConfigError([f"questions.difficulty.engine={dc.engine!r}: known: generate, "
+                           f"{', '.join(sorted(ENGINE_CONFIGS))}"])
     key = "questions.difficulty.engine_settings"
     known = ENGINE_CONFIGS[name].model_fields
     problems = [f"{key}.{k}: not a setting of engine {name!r} (known: {', '.join(known)})"
