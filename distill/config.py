@@ -38,6 +38,9 @@ STAGES = (*QUESTION_STAGES, "generate", "import", *CURATE_STAGES, "train", "eval
 """Stages `distill run` knows, in pipeline order: the one list of stage names. Stage `NAME` is
 the module `distill.stages.NAME` (see distill/stages/__init__.py)."""
 
+DEFAULT_STAGES = ("generate", *CURATE_STAGES, "train", "eval")
+"""What a config without `run.stages` runs: seed questions to an evaluated student."""
+
 
 class ConfigError(ValueError):
     """A config problem, already phrased for the user: key path, what was wrong, what to do."""
@@ -57,10 +60,12 @@ class RunSection(Section):
     """Run directory. Each stage writes its dataset under it (`source/`, `generate/`, ...);
     re-running the same command resumes from what is there."""
 
-    stages: list[str] = Field(default_factory=lambda: list(STAGES))
-    """Stages `distill run` executes, in pipeline order. Known: generate, verify, filter, dedup,
+    stages: list[str] = Field(default_factory=lambda: list(DEFAULT_STAGES))
+    """Stages `distill run` executes, in pipeline order. Default: generate, verify, filter, dedup,
     decontam, sft (the curation stages), train (fine-tune and export the student), eval (teacher,
-    student before and after training on held-out benchmarks)."""
+    student before and after training on held-out benchmarks). Opt-in: the question stages before
+    generate (synthesize, validate, question_dedup, question_decontam, difficulty: each costs or
+    removes questions, so a run lists them) and import (existing traces instead of generation)."""
 
     progress: bool = True
     """Show a progress bar (shards, samples/s, tokens/s, ETA). The summary is printed either way."""
@@ -663,7 +668,7 @@ def _missing_source(tree: dict) -> list[str]:
     """Checked on the raw tree, so it is reported together with field errors (a model-level
     validator would only run once every field is valid)."""
     run = tree.get("run") if isinstance(tree.get("run"), dict) else {}
-    stages = run.get("stages", STAGES)
+    stages = run.get("stages", DEFAULT_STAGES)
     needs = [s for s in ("generate", *QUESTION_STAGES) if isinstance(stages, (list, tuple)) and s in stages]
     if tree.get("source") is not None and tree.get("mix") is not None:
         return ["source and mix: give one of them (mix lists several sources, each like source)"]
