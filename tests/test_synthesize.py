@@ -116,6 +116,8 @@ def test_the_shipped_personas_read_clean_and_a_malformed_file_is_quarantined_lin
         ("6", "empty_persona"), ("7", "duplicate_persona")]
     with pytest.raises(FileNotFoundError, match="persona.path"):
         persona_rows(PersonaConfig(path=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(FileNotFoundError, match="persona.path: could not load Hub dataset"):  # offline in tests
+        persona_rows(PersonaConfig(path="no-such-org/no-such-personas"))
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -223,7 +225,7 @@ def test_synthesize_then_validate_on_the_fault_server(tmp_path, gsm8k_train):
         assert asked == 60 + 20 + 6 + 4 and set(server.completions.values()) == {1}
         assert Counter(r["method"] for r in kept)["seed"] == 20
         synth = [r for r in kept if r["method"] != "seed"]
-        failed = [r for r in rejected if r["location"] is None]
+        failed = [r for r in rejected if r["location"] is None and r["method"] != "concepts"]
         assert len(synth) + len(failed) == 70 and len(failed) >= 3, Counter(r["reason"] for r in failed)
         graph = [r for r in synth + failed if r["method"] in ("concept_graph", "skill_pair")]
         assert Counter(r["method"] for r in graph) == {"concept_graph": 6, "skill_pair": 4}
@@ -232,8 +234,12 @@ def test_synthesize_then_validate_on_the_fault_server(tmp_path, gsm8k_train):
             assert set(r["seed_ids"]) <= set(seed_by_id) and r["persona"] is None
         concepts = read_records(run / "synthesize" / "concepts")
         bad_lists = read_records(run / "synthesize" / "concepts", rejected=True)
-        assert len(concepts) + len(bad_lists) == 20 and all(r["knowledge_points"] for r in concepts)
+        assert len(concepts) + len(bad_lists) == 20 and len(bad_lists) >= 2
+        assert all(r["knowledge_points"] for r in concepts)
         assert {r["reason"].split(":")[0] for r in bad_lists} <= {"unparsable", "no_concepts"}
+        # ... and counted in the stage's own rejected rows (the report's funnel), with their reasons.
+        assert sorted((r["seed_ids"][0], r["reason"]) for r in rejected if r["method"] == "concepts") == sorted(
+            (r["id"], r["reason"]) for r in bad_lists)
         for r in synth:
             assert r["problem"].startswith("Shop number") and r["teacher"] == "openai:teacher" and r["params_hash"]
             assert r["id"].startswith("syn-")

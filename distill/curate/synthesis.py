@@ -553,7 +553,11 @@ def persona_rows(cfg: PersonaConfig) -> Iterator[Row]:
         raise FileNotFoundError(f"questions.synthesize.persona.path: {cfg.path!r} does not exist")
     import datasets
 
-    ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    try:
+        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    except Exception as e:  # offline, no such dataset or split: name the key
+        raise FileNotFoundError(f"questions.synthesize.persona.path: could not load Hub dataset {cfg.path!r} "
+                                f"(split {cfg.split!r}): {e}") from e
     return (Row(f"{cfg.path}[{cfg.split}]:row {i}", r, "") for i, r in enumerate(ds, start=1))
 
 

@@ -4,7 +4,8 @@ Reads `RUN/source/`, writes `RUN/synthesize/`: the question columns every later 
 and `generate` read, plus provenance (`method`, `variant`, `seed_ids`, `persona`, `concepts`,
 `teacher`, `params_hash`, `teacher_answer`). Rejected: replies without a usable question
 (`no_question`, `unparsable`, `truncated`, `same_as_seed`), failed requests with the engine's
-reason, and malformed persona lines (`location` = file:line). The methods are
+reason, malformed persona lines (`location` = file:line) and concept lists that are not the asked
+JSON (`method` "concepts"; the extraction pass itself is cached in `concepts/`). The methods are
 `distill.curate.synthesis.METHODS`, the settings `questions.synthesize`.
 
 Work is cut like `generate`'s (tasks keyed by method, seeds, variant, index and the method's
@@ -123,6 +124,21 @@ def _units(items: Iterable, done, size: int, first: int, key=lambda t: t.key) ->
         yield index, chunk
 
 
+def _copy_rejected_extractions(cstore: ShardStore, store: ShardStore, done) -> None:
+    """Rejected concept lists also go to the stage's own rejected rows (method `concepts`), so the
+    report's funnel counts them with their reasons: one shard per extraction shard, copied once
+    (a shard whose first key is committed was copied before a kill)."""
+    import pyarrow.parquet as pq
+
+    for path in cstore.rejected_paths():
+        rows = pq.read_table(path).to_pylist()
+        if not rows or f"concepts:{rows[0]['id']}" in done:
+            continue
+        store.commit(store.next_index(), [], [
+            {"key": f"concepts:{r['id']}", "method": "concepts", "seed_ids": [r["id"]], "teacher": r["teacher"],
+             "reason": r["reason"], "reply": r["reply"]} for r in rows])
+
+
 def _load_personas(sc) -> tuple[list[str], list[dict], str]:
     """The persona list, its quarantined lines and its content hash (an input of the stage)."""
     personas, bad = read_personas(persona_rows(sc.persona), sc.persona.column)
@@ -187,6 +203,7 @@ def run(cfg: RunConfig, run_dir: Path):
                     cstore.commit_staged(staged)
                     extracted.update(rej)
             counts = cstore.finish({"rejected_this_run": dict(extracted)}).counts
+            _copy_rejected_extractions(cstore, store, done)
             cols = ["id", "problem", "answer", "source", "topics", "knowledge_points"]
             ctx.graph = build_graph(({k: r[k] for k in cols[:4]}, r["topics"], r["knowledge_points"])
                                     for r in ShardRows(cstore.root, cols))

@@ -118,14 +118,14 @@ _POINTS = ("multiplication", "fractions", "percentages", "linear equations", "ar
 
 
 def concepts_reply(prompt: str) -> str:
-    """The server's reply to a concept-extraction prompt, fixed by the prompt: about 90% a JSON
+    """The server's reply to a concept-extraction prompt, fixed by the prompt: about 80% a JSON
     object with one or two topics and two or three knowledge points from small fixed lists (so
-    seeds share concepts and the co-occurrence graph is connected), 5% text that is not JSON and
-    5% JSON with no concept (to exercise `unparsable` and `no_concepts`)."""
+    seeds share concepts and the co-occurrence graph is connected), 10% text that is not JSON and
+    10% JSON with no concept (to exercise `unparsable` and `no_concepts`)."""
     u = _unit("concepts", prompt, None)
-    if u >= 0.95:
-        return '{"topics": [], "knowledge_points": []}'
     if u >= 0.90:
+        return '{"topics": [], "knowledge_points": []}'
+    if u >= 0.80:
         return "Topics: arithmetic; knowledge points: multiplication"
     pick = lambda names, k, tag: sorted({names[int(_unit(tag, prompt, i) * len(names))] for i in range(k)})  # noqa: E731
     return json.dumps({"topics": pick(_TOPICS, 2, "topic"), "knowledge_points": pick(_POINTS, 3, "point")})
