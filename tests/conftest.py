@@ -42,6 +42,28 @@ def distill_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "distill.cli", *args]
 
 
+def kill_group_when(cmd: list[str], ready, what: str, timeout_s: float = 300) -> None:
+    """Start `cmd` in its own session (so the kill reaches the driver and the Ray processes it
+    starts), wait until `ready()` is true, then SIGKILL the whole process group: a `kill -9` of a
+    run mid-stage. Fails if the process ends first or `ready()` is not true within `timeout_s`."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, f"{what} made no progress"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now (for servers and Ray heads tests start)."""
     import socket

@@ -10,10 +10,7 @@ output must equal that of an uninterrupted run: each sample exactly once, the sa
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import DATA, REPO, distill_cmd
+from conftest import DATA, REPO, distill_cmd, kill_group_when
 
 pytestmark = pytest.mark.slow
 
@@ -105,18 +102,8 @@ def test_driver_group_killed_mid_verify_then_resumed(tmp_path):
         asked = {"replicas": plan.actors, "cpus": plan.cpus, "gpus": plan.gpus}
         assert actors["asked"] == asked == actors["placed"], (plan.name, actors)
 
-    # Its own session, so the kill reaches the driver and the Ray processes it started.
-    proc = subprocess.Popen(distill_cmd("curate", str(cfg)), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while len(list((run / "verify").glob("part-*.parquet"))) < 3:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "verify made no progress"
-            time.sleep(0.01)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    kill_group_when(distill_cmd("curate", str(cfg)), lambda: len(list((run / "verify").glob("part-*.parquet"))) >= 3,
+                    "verify", timeout_s=600)
     committed = len(list((run / "verify").glob("part-*.parquet")))
     assert 3 <= committed < n_parts, "the kill must land mid-stage"
     assert json.loads((run / "verify" / "_manifest.json").read_text())["status"] == "running"

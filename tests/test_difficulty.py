@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import signal
-import subprocess
-import time
 from collections import Counter
 from xml.etree import ElementTree
 
@@ -23,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import DATA, REPO, distill_cmd
+from conftest import DATA, distill_cmd, kill_group_when
 from distill.curate.difficulty import DifficultyConfig, Outcome, assess_questions, coverage_curve, decide, pass_at_k
 from distill.curate.verify import Verifier, VerifyConfig, majority_vote
 
@@ -228,18 +224,8 @@ def test_difficulty_killed_and_resumed_decides_as_computed_and_stops_early(tmp_p
     with FaultServer(latency_s=0.3) as server:
         cfg_file = tmp_path / "run.yaml"
         cfg_file.write_text(yaml.safe_dump(_config(run, server.base_url)))
-        # Its own session, so the kill reaches the driver and the Ray processes it started.
-        proc = subprocess.Popen(distill_cmd("run", str(cfg_file)), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while not list(parts.glob("part-*.parquet")):
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline, "difficulty made no progress"
-                time.sleep(0.01)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        kill_group_when(distill_cmd("run", str(cfg_file)), lambda: bool(list(parts.glob("part-*.parquet"))),
+                        "difficulty")
         committed = {p.name for p in parts.glob("part-*.parquet")}
         n_parts = json.loads((parts / "_manifest.json").read_text())["partitions"]
         assert 1 <= len(committed) < n_parts, "the kill must land mid-stage"

@@ -10,11 +10,8 @@ through verify ... sft with the set's own flags compared in the report.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import DATA, REPO, distill_cmd
+from conftest import DATA, REPO, distill_cmd, kill_group_when
 from distill.config import ConfigError, TraceSource, build_config
 from distill.mixing import MixError, mix_hash, quotas, threshold
 from distill.traces import UNKNOWN_FINISH, Origin, row_samples
@@ -192,17 +189,8 @@ def test_weighted_import_killed_mid_stage_resumes_exactly_once_on_target(tmp_pat
     n_units = len(list((ref / "import").glob("part-*.parquet")))
     assert n_units >= 8
 
-    proc = subprocess.Popen(distill_cmd("run", str(cfg)), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while len(list((run / "import").glob("part-*.parquet"))) < 3:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "import made no progress"
-            time.sleep(0.01)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    kill_group_when(distill_cmd("run", str(cfg)), lambda: len(list((run / "import").glob("part-*.parquet"))) >= 3,
+                    "import")
     committed = len(list((run / "import").glob("part-*.parquet")))
     assert 3 <= committed < n_units, "the kill must land mid-stage"
 
