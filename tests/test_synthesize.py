@@ -285,10 +285,11 @@ def test_synthesize_then_validate_on_the_fault_server(tmp_path, gsm8k_train):
         run_pipeline(build_config(tree))
         assert sum(server.completions.values()) == asked
         tree["questions"]["synthesize"]["augment"]["kinds"] = ["harder"]
+        tree["questions"]["synthesize"]["skill_pair"]["questions"] = 3
         run_pipeline(build_config(tree))
-        # The whole stage is recomputed: 20 harder variants instead of 40 rewrites, and everything
-        # else asked again (the persona questions, concept lists, walks and pairs).
-        assert sum(server.completions.values()) == asked + 90 - 20
+        # The whole stage is recomputed: 20 harder variants instead of 40 rewrites, 3 pairs instead
+        # of 4, and everything else asked again (persona questions, concept lists, walks).
+        assert sum(server.completions.values()) == asked + 90 - 20 - 1
         again = read_records(run / "synthesize")
         assert {r["variant"] for r in again if r["method"] == "augment"} == {"harder"}
         # Persona questions keep their ids (their method's settings did not change), so `generate`

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from distill.config import ConfigError, RunConfig, fingerprint, output_fields
 from distill.curate.synthesis import (
-    GRAPH_METHODS, PlanContext, SynthTask, build_graph, persona_rows, plan_tasks, read_personas,
+    GRAPH_METHODS, METHODS, PlanContext, SynthTask, build_graph, persona_rows, plan_tasks, read_personas,
 )
 from distill.progress import Progress, format_counter
 from distill.stages import ActorAsk, Stage
@@ -153,7 +153,9 @@ def run(cfg: RunConfig, run_dir: Path):
     sc, gen = STAGE.config(cfg), cfg.generate
     personas, bad_personas, persona_hash = _load_personas(sc) if "persona" in sc.methods else ([], [], "")
     teacher = {"engine": gen.engine, "model": output_fields(gen.engine_config())}
-    shared = {k: v for k, v in output_fields(sc).items() if k not in ("methods", "keep_seeds", "augment", "persona")}
+    # A method's hash (in its questions' keys and ids) covers its own section and the sampling
+    # settings, not the other methods' sections: changing one method leaves the others' ids alone.
+    shared = {k: v for k, v in output_fields(sc).items() if k not in ("methods", "keep_seeds", *METHODS)}
     hashes = {m: fingerprint({"method": m, "settings": output_fields(getattr(sc, m)), "shared": shared,
                               "teacher": teacher, "personas": persona_hash if m == "persona" else None})
               for m in sc.methods}
