@@ -3,19 +3,25 @@
 Pure parts first (prompts, reply parsing with malformed replies, stable ids, persona-file
 quarantine), then real runs on the fault server's deterministic synthesis replies: the number and
 provenance of the questions, rejected replies with reasons, `validate` reading the synthesized
-questions, a rerun that asks nothing, lost shards asked again exactly once, and a changed method
-that recomputes this stage and what follows, not the source.
+questions, a rerun that asks nothing, lost shards asked again exactly once, a changed method that
+recomputes this stage and what follows, not the source, and `kill -9` of the driver mid-stage.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
+from conftest import distill_cmd
 from distill.curate.synthesis import (
     METHODS, SYNTH_MARKER, PersonaConfig, PlanContext, ReplyError, SynthesizeConfig, build_graph, parse_concepts,
     parse_reply, persona_rows, plan_tasks, random_walk, read_personas, reply_record, skill_pairs,
@@ -307,3 +313,45 @@ def test_synthesize_then_validate_on_the_fault_server(tmp_path, gsm8k_train):
         run_pipeline(build_config(tree))
         assert sum(server.completions.values()) == asked
         assert sorted(r["id"] for r in read_records(tmp_path / "bare" / "synthesize")) == sorted(seed_by_id)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_resume_makes_each_question_once(tmp_path, gsm8k_train):
+    """The driver is killed mid-stage; the resumed run (in this process, whose Ray is usually up
+    already: one Ray start-up fewer) asks only what was not committed."""
+    from distill.config import build_config
+    from distill.pipeline import run_pipeline
+
+    rows, seeds, personas = _inputs(tmp_path, gsm8k_train, 24)
+    with FaultServer(latency_s=0.1) as server:
+        tree = _config(tmp_path, server, seeds, personas, shard_size=4, methods=["augment", "persona"])
+        tree["run"]["stages"] = ["synthesize"]
+        tree["generate"]["openai"]["concurrency"] = 2
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(yaml.safe_dump(tree))
+        synth_dir = tmp_path / "run" / "synthesize"
+        driver = subprocess.Popen(distill_cmd("run", str(cfg)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while len(list(synth_dir.glob("part-*.parquet"))) < 5:
+                assert driver.poll() is None, driver.stdout.read()
+                assert time.monotonic() < deadline, "no progress"
+                time.sleep(0.05)
+        finally:
+            os.kill(driver.pid, signal.SIGKILL)  # the driver only: Ray's own processes must cope
+            driver.wait()
+        committed = len(list(synth_dir.glob("part-*.parquet")))
+        # 1 quarantine shard + (24 seeds + 72 questions) / 4 = 25 shards in all.
+        assert 5 <= committed < 25 and Manifest.read(synth_dir).status == "running"
+        before = sum(server.completions.values())
+        run_pipeline(build_config(tree))
+        # A unit is one seed's 4 tasks (3 asked): the rerun asks exactly the uncommitted ones. Up to
+        # the 2 units the dead driver had queued on its replica may still be answered meanwhile
+        # (Ray's processes outlive a killed driver for a moment), never committed.
+        todo = 72 - (committed - 1) * 3
+        assert todo <= sum(server.completions.values()) - before <= todo + 6
+    kept, rejected = read_records(synth_dir), read_records(synth_dir, rejected=True)
+    keys = Counter(r["key"] for r in kept + rejected)
+    assert set(keys.values()) == {1} and len(keys) == 24 + 72 + 2
+    assert Manifest.read(synth_dir).status == "complete"
