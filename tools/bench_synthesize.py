@@ -13,7 +13,7 @@ concept-extraction prompts deterministically. Rows:
    runs them;
 4. the concept-extraction pass (`extract_unit`) the same way.
 
-    python tools/bench_synthesize.py                      # ~1 minute on 2 CPU cores
+    python tools/bench_synthesize.py                      # ~15 s on 2 CPU cores
     python tools/bench_synthesize.py --latency 0.2 --concurrency 128
 """
 
