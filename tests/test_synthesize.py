@@ -23,8 +23,8 @@ import yaml
 
 from conftest import distill_cmd
 from distill.curate.synthesis import (
-    METHODS, SYNTH_MARKER, PersonaConfig, PlanContext, ReplyError, SynthesizeConfig, build_graph, parse_concepts,
-    parse_reply, persona_rows, plan_tasks, random_walk, read_personas, reply_record, skill_pairs,
+    METHODS, SYNTH_MARKER, PersonaConfig, PlanContext, ReplyError, SynthesizeConfig, build_graph, draw_personas,
+    parse_concepts, parse_reply, persona_rows, plan_tasks, random_walk, read_personas, reply_record, skill_pairs,
 )
 from distill.fsio import iter_jsonl
 from distill.store import Manifest, read_records
@@ -63,6 +63,14 @@ def test_tasks_and_ids_are_fixed_by_method_seeds_variant_index_and_settings():
     # More personas per seed: distinct personas while the list lasts.
     many = list(plan_tasks([SEED], _ctx(persona=PersonaConfig(per_seed=3))))
     assert sorted(t.persona for t in many if t.method == "persona") == ["a baker", "a nurse", "a pilot"]
+
+
+def test_persona_draws_are_fixed_by_seed_and_question_and_repeat_only_when_the_list_runs_out():
+    for n, size in ((1, 30), (5, 200_000), (15, 30), (20, 30), (30, 30)):  # (15, 30): hashed draws that collide
+        draw = draw_personas("q1", n, size, 0)
+        assert draw == draw_personas("q1", n, size, 0) and len(set(draw)) == n and all(0 <= j < size for j in draw)
+    assert sorted(draw_personas("q1", 5, 3, 0)[:3]) == [0, 1, 2]
+    assert len({tuple(draw_personas(f"q{i}", 2, 30, 0)) for i in range(50)}) > 40  # seeds differ
 
 
 def test_prompts_open_with_the_marker_and_carry_the_seed_and_persona():

@@ -16,6 +16,7 @@ fields in no usable shape, is a rejected row with its reason (`no_question`, `un
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -222,12 +223,21 @@ def augment_tasks(q: dict, ctx: PlanContext) -> Iterator[SynthTask]:
 
 def draw_personas(qid: str, n: int, n_personas: int, seed: int | None) -> list[int]:
     """`n` persona indices for seed `qid`, fixed by (seed, qid), without repeats while the list
-    lasts: a seeded shuffle's prefix, found by sorting indices by a hash (n_personas hashes a
-    seed; PersonaHub's 200k make that ~0.2 s a seed, so a larger list wants a cheaper draw)."""
+    lasts. Few of many (the usual case, e.g. 1 of PersonaHub's 200k): hashed draws, a repeat
+    drawn again, O(n) a seed. Many of few: a seeded shuffle's prefix, `n_personas` hashes a seed."""
     if n_personas == 0:
         return []
-    order = sorted(range(n_personas), key=lambda j: _unit("persona", seed, qid, j))
-    return [order[i % n_personas] for i in range(n)]
+    if 2 * n > n_personas:
+        order = sorted(range(n_personas), key=lambda j: _unit("persona", seed, qid, j))
+        return [order[i % n_personas] for i in range(n)]
+    picked: list[int] = []
+    for attempt in itertools.count():
+        if len(picked) == n:
+            return picked
+        j = int(_unit("persona", seed, qid, attempt) * n_personas)
+        if j not in picked:
+            picked.append(j)
+    return picked
 
 
 def persona_tasks(q: dict, ctx: PlanContext) -> Iterator[SynthTask]:
