@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from distill.config import STAGES
+from distill.config import QUESTION_STAGES, STAGES
 from distill.fsio import read_jsonl
 from distill.stages import get_stage
 from distill.store import MANIFEST, REJECTED, Manifest, reason_code
@@ -102,12 +102,11 @@ def build_report(run_dir: Path) -> dict:
     if "difficulty" in stages:
         report["difficulty"] = difficulty_summary(run_dir / "difficulty", report["stages"]["difficulty"])
     if "import" in stages:
-        # Each set's samples kept at each stage: where a set's yield goes (one column per shard).
-        report["imported_yield"] = {}
-        for s in stages[stages.index("import"):]:
-            for origin, n in Counter(_columns(run_dir / s, ["origin"])["origin"]).items():
-                if origin is not None:
-                    report["imported_yield"].setdefault(origin, {})[s] = n
+        report["imported_yield"] = yield_by(run_dir, stages[stages.index("import"):], "origin")
+    if "synthesize" in stages:
+        # Through the question stages only: generate's samples do not carry the method.
+        question_stages = [s for s in stages[stages.index("synthesize"):] if s in QUESTION_STAGES]
+        report["synthesized_yield"] = yield_by(run_dir, question_stages, "method")
     last = stages[-1] if stages[-1] != "sft" else (stages[-2] if len(stages) > 1 else "sft")
     kept_lengths = [t for t in _columns(run_dir / last, ["n_tokens"])["n_tokens"] if t is not None]
     rejected_lengths = [t for s in stages if s not in ("source", "sft")
@@ -312,6 +311,17 @@ def eval_rows(results: dict) -> list[dict]:
     return rows
 
 
+def yield_by(run_dir: Path, stages: list[str], column: str) -> dict[str, dict[str, int]]:
+    """{value of `column`: {stage: rows kept}} over `stages` (which keep the column): where each
+    imported set's (`origin`) or synthesis method's (`method`) rows go. One column per shard read."""
+    out: dict[str, dict[str, int]] = {}
+    for s in stages:
+        for value, n in Counter(_columns(run_dir / s, [column])[column]).items():
+            if value is not None:
+                out.setdefault(value, {})[s] = n
+    return out
+
+
 def flag_agreement(origins: list, flags: list, verdicts: list) -> dict[str, dict]:
     """Per imported set: how its own correctness flags compare with distill's verifier. Samples
     without a flag (or without a verdict) are counted apart, never as agreement. Pure."""
@@ -353,6 +363,8 @@ def _summary_lines(report: dict) -> list[str]:
                    + "; shards " + (", ".join(f"{k}={v}" for k, v in g["shard_retries"].items()) or "-"))
     for origin, kept in (report.get("imported_yield") or {}).items():
         out.append(f"import {origin}: " + " -> ".join(f"{s} {n}" for s, n in kept.items()))
+    for method, kept in (report.get("synthesized_yield") or {}).items():
+        out.append(f"synthesize {method}: " + " -> ".join(f"{s} {n}" for s, n in kept.items()))
     for origin, f in (report.get("imported_flags") or {}).items():
         if not f["flagged"]:
             out.append(f"import {origin}: the set carries no correctness flags to compare with the verifier")
@@ -669,6 +681,12 @@ def _imported_section(flags: dict | None) -> str:
     return _section("sec-imported", "Imported sets: their flags vs the verifier", _table(head, rows, "imported-table"))
 
 
+def _yield_section(sec_id: str, title: str, yields: dict[str, dict[str, int]]) -> str:
+    stages = list(dict.fromkeys(s for kept in yields.values() for s in kept))
+    rows = [[_esc(k), *(kept.get(s, 0) for s in stages)] for k, kept in yields.items()]
+    return _section(sec_id, title, _table(["", *stages], rows, f"{sec_id}-table"))
+
+
 def _train_sections(train: dict) -> list[str]:
     out = []
     curves = train.get("curves")
@@ -785,6 +803,9 @@ def render_html(report: dict) -> str:
     sections.insert(1, _generation_section(report.get("generation")))
     if report.get("imported_flags") is not None:
         sections.insert(2, _imported_section(report["imported_flags"]))
+    if report.get("synthesized_yield"):
+        sections.insert(2, _yield_section("sec-synthesized", "Synthesized questions kept, by method",
+                                          report["synthesized_yield"]))
     sections += _train_sections(report.get("train") or {})
     sections.append(_eval_section(report.get("eval")))
     sections.append(_provenance_section(report))

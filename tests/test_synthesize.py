@@ -279,6 +279,13 @@ def test_synthesize_then_validate_on_the_fault_server(tmp_path, gsm8k_train):
         validated = read_records(run / "validate") + read_records(run / "validate", rejected=True)
         assert sorted(r["id"] for r in validated) == sorted(r["id"] for r in kept)
         assert {r["method"] for r in validated} == {"seed", "augment", "persona", "concept_graph", "skill_pair"}
+        # The report follows each method's questions through the question stages.
+        from distill.report import build_report
+
+        by_method = build_report(run)["synthesized_yield"]
+        assert by_method == {m: {"synthesize": sum(r["method"] == m for r in kept),
+                                 "validate": sum(r["method"] == m for r in read_records(run / "validate"))}
+                             for m in {r["method"] for r in kept}}
 
         # Two committed shards lost (as if never committed): the rerun asks exactly their tasks again.
         lost = sorted((run / "synthesize").glob("part-*.parquet"))[-2:]
