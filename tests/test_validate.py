@@ -60,6 +60,17 @@ def test_judge_replies_are_parsed_or_rejected_as_unparsable():
         "too_short", "ambiguous", "judge_failed"]
 
 
+def _expected(problem: str) -> str | None:
+    """The reason code validate must give (None: kept): the rules', else the server's verdict."""
+    reason = rule_problem(problem, CFG)
+    if reason is None:
+        try:
+            reason = parse_judge_verdict(judge_reply(problem))[0]
+        except ValueError as e:
+            reason = str(e)
+    return reason.split(":")[0] if reason else None
+
+
 @pytest.mark.slow
 def test_validate_then_generate_answers_only_the_kept_questions(tmp_path, gsm8k_train):
     from distill.pipeline import run_pipeline
@@ -78,16 +89,7 @@ def test_validate_then_generate_answers_only_the_kept_questions(tmp_path, gsm8k_
                          "sampling": {"temperature": 0.0, "max_new_tokens": 40, "seed": 1},
                          "openai": {"base_url": server.base_url, "model": "teacher", "concurrency": 8}}})
         run_pipeline(cfg)
-    expected: dict[str, str | None] = {}
-    for r in rows:
-        reason = rule_problem(r["problem"], CFG)
-        if reason is None:
-            try:
-                code, _ = parse_judge_verdict(judge_reply(r["problem"]))
-                reason = code
-            except ValueError as e:
-                reason = str(e)
-        expected[r["id"]] = reason.split(":")[0] if reason else None
+    expected = {r["id"]: _expected(r["problem"]) for r in rows}
     read = lambda p: [x for f in sorted(p.glob("part-*.parquet")) for x in pq.read_table(f).to_pylist()]  # noqa: E731
     kept = {r["id"] for r in read(run / "validate")}
     rejected = {r["id"]: r["reason"].split(":")[0] for r in read(run / "validate" / "rejected")}
@@ -131,3 +133,41 @@ def test_questions_deduplicated_and_decontaminated_before_generation(tmp_path, g
     generated = {r["id"] for r in read(run / "generate")}
     assert generated == {r["id"] for r in rows} - {"copy", "test-0", "test-1"}
     assert len(asked) == len(generated)  # the removed questions never reached the teacher
+
+
+@pytest.mark.slow
+def test_validate_killed_mid_stage_resumes_with_each_question_decided_once(tmp_path, gsm8k_train):
+    """`kill -9` of the driver's process group once validate committed a partition, then the same
+    run again (in-process): every question is decided exactly once, as the rules and the server's
+    verdicts say, and the chain after it (question_dedup) completes."""
+    import yaml
+
+    from conftest import distill_cmd, kill_group_when
+    from distill.pipeline import run_pipeline
+
+    rows = [json.loads(line) for line in gsm8k_train.open().readlines()[:30]]
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({k: r[k] for k in ("id", "problem", "answer")}) + "\n" for r in rows))
+    run = tmp_path / "run"
+    with FaultServer(latency_s=0.3) as server:
+        tree = {"run": {"dir": str(run), "stages": ["validate", "question_dedup"], "progress": False},
+                "ray": {"num_cpus": 2}, "source": {"path": str(seeds)},
+                "curate": {"workers": 1, "shard_size": 5},
+                "questions": {"validation": {"judge": {"enabled": True}}},
+                "generate": {"engine": "openai", "openai": {"base_url": server.base_url, "model": "teacher",
+                                                            "concurrency": 2}}}
+        cfg_file = tmp_path / "cfg.yaml"
+        cfg_file.write_text(yaml.safe_dump(tree))
+        parts = run / "validate"
+        kill_group_when(distill_cmd("run", str(cfg_file)), lambda: bool(list(parts.glob("part-*.parquet"))), "validate")
+        n_parts = json.loads((parts / "_manifest.json").read_text())["partitions"]
+        committed = len(list(parts.glob("part-*.parquet")))
+        assert 1 <= committed < n_parts, "the kill must land mid-stage"
+        run_pipeline(build_config(tree))
+    read = lambda p: [x for f in sorted(p.glob("part-*.parquet")) for x in pq.read_table(f).to_pylist()]  # noqa: E731
+    decided = read(parts) + read(parts / "rejected")
+    assert sorted(r["id"] for r in decided) == sorted(r["id"] for r in rows)  # each exactly once
+    assert {r["id"]: r.get("reason", "").split(":")[0] or None for r in decided} == {
+        r["id"]: _expected(r["problem"]) for r in rows}
+    assert json.loads((run / "question_dedup" / "_manifest.json").read_text())["status"] == "complete"
+    assert len(read(run / "question_dedup")) + len(read(run / "question_dedup" / "rejected")) == len(read(parts))
