@@ -42,6 +42,17 @@ def distill_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "distill.cli", *args]
 
 
+@pytest.fixture
+def ray_shutdown_after():
+    """For tests that run stages in this process (`run_pipeline` connects an embedded Ray and keeps
+    it): shut it down afterwards, so a later test starts from no Ray connection."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def kill_group_when(cmd: list[str], ready, what: str, timeout_s: float = 300) -> None:
     """Start `cmd` in its own session (so the kill reaches the driver and the Ray processes it
     starts), wait until `ready()` is true, then SIGKILL the whole process group: a `kill -9` of a

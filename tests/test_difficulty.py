@@ -23,6 +23,9 @@ from conftest import DATA, distill_cmd, kill_group_when
 from distill.curate.difficulty import DifficultyConfig, Outcome, assess_questions, coverage_curve, decide, pass_at_k
 from distill.curate.verify import Verifier, VerifyConfig, majority_vote
 
+# Stages run in this process connect an embedded Ray; each test leaves none behind.
+pytestmark = pytest.mark.usefixtures("ray_shutdown_after")
+
 
 def test_pass_at_k_equals_brute_force_over_subsets():
     for n in range(1, 8):

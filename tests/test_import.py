@@ -26,6 +26,9 @@ from distill.config import ConfigError, TraceSource, build_config
 from distill.mixing import MixError, mix_hash, quotas, threshold
 from distill.traces import UNKNOWN_FINISH, Origin, row_samples
 
+# Stages run in this process connect an embedded Ray; each test leaves none behind.
+pytestmark = pytest.mark.usefixtures("ray_shutdown_after")
+
 ORIGIN = Origin("set", "/data/set.jsonl", "v1", "abc", "r1", "h")
 
 

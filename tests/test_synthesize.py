@@ -30,6 +30,9 @@ from distill.fsio import iter_jsonl
 from distill.store import Manifest, read_records
 from distill.testing.fault_server import FaultServer, synthesis_reply
 
+# Stages run in this process connect an embedded Ray; each test leaves none behind.
+pytestmark = pytest.mark.usefixtures("ray_shutdown_after")
+
 SEED = {"id": "s1", "problem": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "7",
         "source": "gsm8k"}
 

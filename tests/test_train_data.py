@@ -394,6 +394,8 @@ def test_ray_tasks_build_the_same_cache(tmp_path, smollm_dir):
 
     from distill.train.launch import _chunk_map
 
+    if ray.is_initialized():  # a connection an earlier test left behind is not this test's subject
+        ray.shutdown()
     files, _ = mixed_inputs(tmp_path)
     serial = build_token_cache(files, smollm_dir, max_len=256, out_dir=tmp_path / "serial")
     assert _chunk_map(None).__qualname__ == "local_chunk_map.<locals>.run"  # not connected: a local pool

@@ -19,6 +19,9 @@ from distill.config import build_config
 from distill.curate.questions import ValidateConfig, parse_judge_verdict, rule_problem, validate_questions
 from distill.testing.fault_server import FaultServer, judge_reply
 
+# Stages run in this process connect an embedded Ray; each test leaves none behind.
+pytestmark = pytest.mark.usefixtures("ray_shutdown_after")
+
 CFG = ValidateConfig()
 BAD = {
     "too_short": "Compute.",
