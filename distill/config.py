@@ -144,10 +144,13 @@ class SourceConfig(Section):
     Malformed lines are quarantined in `source/rejected/` with file:line and a reason either way."""
 
     name: str | None = None
-    """The source's name in the questions' `source` column (default: the file or dataset name)."""
+    """The source's name (default: the file or dataset name): the questions' `source` column when
+    the rows name none; under `traces.sources`, the set's name in sample keys, provenance and the
+    report. Names must differ between the sources of one mix."""
 
     weight: float | None = Field(default=None, gt=0)
-    """In a `mix`: this source's share of the questions (weights are normalised)."""
+    """In a `mix` or `traces.sources`: this source's share of the questions or imported samples
+    (weights are normalised). Unset on every source: all of each is kept."""
 
     @model_validator(mode="after")
     def _check(self) -> "SourceConfig":
@@ -253,16 +256,8 @@ class TraceSource(SourceConfig):
     limit: int | None = Field(default=None, ge=1)
     """Read only the first N input rows (JSONL: lines) of this set (quickstarts, smoke tests)."""
 
-    name: str | None = None
-    """The set's name in sample keys, provenance and the report (default: the file or dataset name).
-    Names must differ between sources."""
-
     teacher: str = "unknown"
     """Who wrote the traces (e.g. `deepseek-r1`), stored in the `teacher` column."""
-
-    weight: float | None = Field(default=None, gt=0)
-    """This source's share of the imported samples (weights are normalised). Unset on every source:
-    everything is imported. See `traces.total`."""
 
     columns: TraceColumns = Field(default_factory=TraceColumns)
     """Which columns hold the problem, reference answer, id, completion(s), flags and finish reasons."""
